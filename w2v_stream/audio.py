@@ -1,0 +1,110 @@
+"""Audio bytes in, audio facts out: probing, checking and converting to 16 kHz mono FLAC.
+
+Owns every call into soundfile and soxr made while building shards, so the rules for what
+counts as good audio live in one place.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+SAMPLE_RATE = 16_000
+# Samples decoded at the end of a file to prove it is not truncated (about one FLAC frame).
+TAIL_CHECK_SAMPLES = 4_096
+
+
+class AudioError(ValueError):
+    """The bytes are not audio that can be used (empty, truncated, garbage)."""
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    format: str  # soundfile's container name: "FLAC", "WAV", ...
+    sample_rate: int
+    channels: int
+    num_samples: int  # per channel
+
+    @property
+    def is_target(self) -> bool:
+        """True when the bytes can be stored as they are (16 kHz mono FLAC)."""
+        return self.format == "FLAC" and self.sample_rate == SAMPLE_RATE and self.channels == 1
+
+
+def probe(data: bytes, full_decode: bool = False) -> AudioInfo:
+    """Read the header and prove the audio decodes to its end.
+
+    By default only the last ``TAIL_CHECK_SAMPLES`` are decoded: that catches truncated and
+    empty files at a tiny fraction of a full decode. ``full_decode`` decodes everything (and
+    checks the FLAC frame CRCs on the way).
+    """
+    if not data:
+        raise AudioError("empty file")
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            info = AudioInfo(f.format, f.samplerate, f.channels, f.frames)
+            if full_decode or info.num_samples <= 0:
+                # A FLAC written by a streaming encoder may not know its length: count it.
+                decoded = f.read(dtype="int16", always_2d=True).shape[0]
+                if info.num_samples > 0 and decoded != info.num_samples:
+                    raise AudioError(f"decoded {decoded} of {info.num_samples} samples: truncated")
+                info = AudioInfo(info.format, info.sample_rate, info.channels, decoded)
+            else:
+                start = max(0, info.num_samples - TAIL_CHECK_SAMPLES)
+                f.seek(start)
+                tail = f.read(dtype="int16", always_2d=True).shape[0]
+                if tail != info.num_samples - start:
+                    raise AudioError(
+                        f"decoded {start + tail} of {info.num_samples} samples: truncated")
+    except AudioError:
+        raise
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+        raise AudioError(f"truncated or corrupt: {_short(exc)}") from None
+    if info.num_samples <= 0:
+        raise AudioError("no samples")
+    return info
+
+
+def to_target_flac(data: bytes) -> tuple[bytes, int]:
+    """Decode any audio soundfile reads, mix to mono, resample to 16 kHz, encode 16-bit FLAC.
+
+    Returns the FLAC bytes and their number of samples. Deterministic for the same input.
+    """
+    samples, rate = decode(data)
+    if samples.shape[0] == 0:
+        raise AudioError("no samples")
+    mono = samples.mean(axis=1)
+    if rate != SAMPLE_RATE:
+        mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ")
+    return encode_flac(mono), int(mono.shape[0])
+
+
+def encode_flac(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
+    """Mono float samples in [-1, 1] (clipped) or int16 → 16-bit FLAC bytes."""
+    if samples.dtype != np.int16:
+        samples = np.clip(samples, -1.0, 1.0).astype(np.float32)
+    buf = io.BytesIO()
+    sf.write(buf, samples, sample_rate, format="FLAC", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def decode(data: bytes) -> tuple[np.ndarray, int]:
+    """Decode audio bytes to float32 samples (frames, channels) and their sample rate."""
+    try:
+        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+        raise AudioError(_short(exc)) from None
+    return samples, rate
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = re.sub(r"^Error opening <[^>]*>: ", "", text)
+    if "Format not recognised" in text or "unknown format" in text.lower():
+        return "not a readable audio file"
+    return text[:200]

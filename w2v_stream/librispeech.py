@@ -1,0 +1,266 @@
+"""Finding LibriSpeech utterances in the three layouts users have.
+
+1. An OpenSLR split folder (``.../LibriSpeech/train-clean-100``) or the ``LibriSpeech`` root.
+2. An OpenSLR split archive (``train-clean-100.tar.gz``), read as a stream: nothing is
+   extracted, only one member is in memory at a time.
+3. The Hugging Face ``librispeech_asr`` parquet layout (columns ``file``, ``audio``
+   {``bytes``, ``path``}, ``text``, ``speaker_id``, ``chapter_id``, ``id``), a file or a folder.
+
+Every source yields the same three kinds of event (``AudioFound``, ``TranscriptFound``,
+``Problem``) in a deterministic order; joining transcripts to audio is the caller's job, since
+in an archive a chapter's transcript may come before or after its audio.
+"""
+
+from __future__ import annotations
+
+import re
+import tarfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Iterator, Protocol
+
+from .shards import ShardFormatError, check_id
+
+AUDIO_SUFFIXES = (".flac", ".wav", ".ogg", ".mp3")
+TRANSCRIPT_SUFFIX = ".trans.txt"
+_LIBRISPEECH_ID = re.compile(r"(\d+)-(\d+)-(\d+)")
+# Hugging Face split names (file names like "train.clean.100-00000-of-00014.parquet", or
+# folders "clean/train.100/") to the OpenSLR ones used in ids and metadata.
+_HF_SPLITS = {
+    "train.clean.100": "train-clean-100", "train.clean.360": "train-clean-360",
+    "train.other.500": "train-other-500", "validation.clean": "dev-clean",
+    "validation.other": "dev-other", "test.clean": "test-clean", "test.other": "test-other",
+    "clean/train.100": "train-clean-100", "clean/train.360": "train-clean-360",
+    "other/train.500": "train-other-500", "clean/validation": "dev-clean",
+    "other/validation": "dev-other", "clean/test": "test-clean", "other/test": "test-other",
+}
+
+
+@dataclass(frozen=True)
+class AudioFound:
+    utt_id: str
+    speaker_id: int
+    chapter_id: int
+    split: str
+    location: str  # human-readable: a path, "archive.tar.gz:member", "file.parquet#row"
+    path: Path | None = None  # set when the audio can be re-read at random (a plain file)
+    data: bytes | None = None  # set when the audio came from a stream
+    text: str | None = None  # set when the layout keeps text beside the audio (parquet)
+
+
+@dataclass(frozen=True)
+class TranscriptFound:
+    utt_id: str
+    text: str
+    location: str
+
+
+@dataclass(frozen=True)
+class Problem:
+    reason: str  # a short stable key: "unreadable_audio", "broken_archive", ...
+    utt_id: str | None
+    location: str
+    detail: str
+
+
+Event = AudioFound | TranscriptFound | Problem
+
+
+class Source(Protocol):
+    """One input: yields events; ``streamed`` sources must be re-read to get audio again."""
+
+    location: str
+    streamed: bool
+
+    def events(self) -> Iterator[Event]: ...
+
+
+def parse_utterance_name(stem: str, location: str) -> tuple[str, int, int] | Problem:
+    """``"103-1240-0000"`` → (id, speaker, chapter), or a Problem for anything else."""
+    match = _LIBRISPEECH_ID.fullmatch(stem)
+    if not match:
+        return Problem("unrecognised_name", None, location,
+                       f"{stem!r} is not <speaker>-<chapter>-<utterance>")
+    return stem, int(match.group(1)), int(match.group(2))
+
+
+def parse_transcript(text: str, location: str) -> Iterator[TranscriptFound | Problem]:
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        utt_id, _, words = line.strip().partition(" ")
+        if not _LIBRISPEECH_ID.fullmatch(utt_id):
+            yield Problem("bad_transcript_line", None, f"{location}:{number}",
+                          f"line does not start with an utterance id: {line[:60]!r}")
+            continue
+        yield TranscriptFound(utt_id, words.strip(), f"{location}:{number}")
+
+
+def _audio_from_name(name: str, split: str, location: str, **where) -> AudioFound | Problem:
+    parsed = parse_utterance_name(PurePosixPath(name).stem, location)
+    if isinstance(parsed, Problem):
+        return parsed
+    utt_id, speaker, chapter = parsed
+    return AudioFound(utt_id, speaker, chapter, split, location, **where)
+
+
+class FolderSource:
+    """An OpenSLR split folder: ``<split>/<speaker>/<chapter>/<id>.flac`` + ``.trans.txt``."""
+
+    streamed = False
+
+    def __init__(self, split_dir: Path):
+        self.split_dir = Path(split_dir)
+        self.location = str(self.split_dir)
+        self.split = self.split_dir.name
+
+    def events(self) -> Iterator[Event]:
+        for path in sorted(p for p in self.split_dir.rglob("*") if p.is_file()):
+            name = path.name
+            if name.endswith(TRANSCRIPT_SUFFIX):
+                yield from parse_transcript(path.read_text(encoding="utf-8", errors="replace"),
+                                            str(path))
+            elif path.suffix.lower() in AUDIO_SUFFIXES:
+                yield _audio_from_name(name, self.split, str(path), path=path)
+
+
+class ArchiveSource:
+    """An OpenSLR archive (``.tar.gz``/``.tgz``/``.tar``) read once, front to back."""
+
+    streamed = True
+
+    def __init__(self, archive: Path, splits: tuple[str, ...] = ()):
+        self.archive = Path(archive)
+        self.location = str(self.archive)
+        self.splits = splits
+
+    def events(self) -> Iterator[Event]:
+        try:
+            with tarfile.open(self.archive, mode="r|*") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    parts = PurePosixPath(member.name).parts
+                    is_audio = PurePosixPath(member.name).suffix.lower() in AUDIO_SUFFIXES
+                    if not (is_audio or member.name.endswith(TRANSCRIPT_SUFFIX)):
+                        continue
+                    # <...>/<split>/<speaker>/<chapter>/<file>
+                    split = parts[-4] if len(parts) >= 4 else self.archive.name.split(".")[0]
+                    if self.splits and split not in self.splits:
+                        continue
+                    location = f"{self.archive}:{member.name}"
+                    data = tar.extractfile(member).read()
+                    if is_audio:
+                        yield _audio_from_name(member.name, split, location, data=data)
+                    else:
+                        yield from parse_transcript(data.decode("utf-8", errors="replace"),
+                                                    location)
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+            yield Problem("broken_archive", None, self.location,
+                          f"archive unreadable past this point ({exc}); what came before "
+                          f"it was kept")
+
+
+class ParquetSource:
+    """A Hugging Face ``librispeech_asr`` parquet file, read in small row batches."""
+
+    streamed = True
+    COLUMNS = ("id", "speaker_id", "chapter_id", "text", "audio")
+    BATCH_ROWS = 32
+
+    def __init__(self, path: Path, split: str | None = None):
+        self.path = Path(path)
+        self.location = str(self.path)
+        self.split = split or split_from_parquet_path(self.path)
+
+    def events(self) -> Iterator[Event]:
+        import pyarrow.parquet as pq  # only parquet inputs need pyarrow
+
+        try:
+            reader = pq.ParquetFile(self.path)
+            missing = [c for c in self.COLUMNS if c not in reader.schema_arrow.names]
+            if missing:
+                yield Problem("bad_parquet", None, self.location,
+                              f"missing columns {missing}; expected the librispeech_asr layout")
+                return
+            row = 0
+            for batch in reader.iter_batches(batch_size=self.BATCH_ROWS,
+                                             columns=list(self.COLUMNS)):
+                for record in batch.to_pylist():
+                    yield self._event(record, f"{self.location}#{row}")
+                    row += 1
+        except (OSError, ValueError) as exc:  # pyarrow's errors derive from these
+            yield Problem("bad_parquet", None, self.location, f"unreadable parquet ({exc})")
+
+    def _event(self, record: dict, location: str) -> Event:
+        utt_id = str(record.get("id") or "")
+        try:
+            check_id(utt_id)
+        except ShardFormatError as exc:
+            return Problem("unsafe_id", None, location, str(exc))
+        audio = record.get("audio") or {}
+        data = audio.get("bytes") if isinstance(audio, dict) else None
+        if not data:
+            return Problem("missing_audio", utt_id, location, "row has no audio bytes")
+        try:
+            speaker, chapter = int(record["speaker_id"]), int(record["chapter_id"])
+        except (TypeError, ValueError, KeyError):
+            return Problem("bad_metadata", utt_id, location, "speaker_id/chapter_id not integers")
+        text = record.get("text")
+        return AudioFound(utt_id, speaker, chapter, self.split, location, data=bytes(data),
+                          text=None if text is None else str(text))
+
+
+def split_from_parquet_path(path: Path) -> str:
+    """The OpenSLR split name from a Hugging Face parquet path, or the file's stem."""
+    posix = Path(path).as_posix()
+    stem = Path(path).name.split("-")[0]
+    if stem in _HF_SPLITS:
+        return _HF_SPLITS[stem]
+    for hf, split in _HF_SPLITS.items():
+        if "/" in hf and f"/{hf}/" in f"/{posix}":
+            return split
+    return stem.split(".")[0]
+
+
+def is_split_folder(path: Path) -> bool:
+    """True for ``<split>/`` holding ``<speaker>/<chapter>/`` folders of digits."""
+    return any(p.is_dir() and p.name.isdigit() for p in path.iterdir())
+
+
+def open_sources(inputs: list[str], splits: tuple[str, ...] = (),
+                 split_name: str | None = None) -> list[Source]:
+    """Turn command-line inputs into sources; raise ValueError for an input we can't use."""
+    sources: list[Source] = []
+    for raw in inputs:
+        path = Path(raw)
+        name = path.name.lower()
+        if not path.exists():
+            raise ValueError(f"{raw}: no such file or folder")
+        if path.is_file() and name.endswith((".tar.gz", ".tgz", ".tar")):
+            sources.append(ArchiveSource(path, splits))
+        elif path.is_file() and name.endswith(".parquet"):
+            sources.append(ParquetSource(path, split_name))
+        elif path.is_dir() and any(path.rglob("*.parquet")):
+            files = sorted(path.rglob("*.parquet"))
+            sources.extend(ParquetSource(f, split_name) for f in files)
+        elif path.is_dir() and is_split_folder(path):
+            sources.append(FolderSource(path))
+        elif path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_dir() and is_split_folder(p))
+            if splits:
+                absent = [s for s in splits if not (path / s).is_dir()]
+                if absent:
+                    raise ValueError(f"{raw}: no split folder(s) {absent} inside")
+                found = [path / s for s in splits]
+            if not found:
+                raise ValueError(f"{raw}: neither a LibriSpeech split folder, a root holding "
+                                 f"split folders, an archive nor parquet")
+            sources.extend(FolderSource(p) for p in found)
+        else:
+            raise ValueError(f"{raw}: not a folder, .tar.gz/.tgz/.tar archive or .parquet file")
+    if splits:  # parquet files name their split; keep the asked-for ones
+        sources = [s for s in sources
+                   if not isinstance(s, ParquetSource) or s.split in splits]
+    return sources

@@ -1,0 +1,182 @@
+"""The on-disk shard format: one owner for writer, reader and index.
+
+A shard is a plain POSIX tar (ustar) holding, per utterance, ``<id>.flac`` (16 kHz mono FLAC)
+followed by ``<id>.json`` (metadata, UTF-8, sorted keys). Tar headers carry no time, owner or
+host, so the same samples always give the same bytes. ``index.json`` beside the shards lists
+every shard with its sha256 and the ``num_samples`` of each sample in order, so a loader can
+plan batch shapes without decoding audio.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+FORMAT_NAME = "w2v_stream.shards"
+FORMAT_VERSION = 1
+INDEX_NAME = "index.json"
+AUDIO_EXT = "flac"
+META_EXT = "json"
+REQUIRED_META = ("id", "speaker_id", "chapter_id", "split", "text", "sample_rate",
+                 "num_samples", "duration")
+BLOCK = tarfile.BLOCKSIZE  # 512
+RECORD = tarfile.RECORDSIZE  # 10240: tarfile pads archives to whole records
+
+# Ids become member names and a WebDataset key (the part before the first dot), so: no dot,
+# no slash, no NUL, no leading dash, short enough for a plain ustar name.
+_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,79}")
+
+
+class ShardFormatError(ValueError):
+    """A shard or index does not follow this format."""
+
+
+def check_id(utt_id: str) -> str:
+    """Return ``utt_id`` if it is safe as a member name and WebDataset key, else raise."""
+    if not isinstance(utt_id, str) or not _SAFE_ID.fullmatch(utt_id):
+        raise ShardFormatError(
+            f"unsafe utterance id {utt_id!r}: ids must match {_SAFE_ID.pattern}")
+    return utt_id
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def encode_metadata(meta: dict) -> bytes:
+    """Canonical JSON bytes: sorted keys, no spaces, UTF-8; byte-stable across runs."""
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise ShardFormatError(f"metadata for {meta.get('id')!r} lacks {missing}")
+    return json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def member_bytes(size: int) -> int:
+    """Bytes one tar member of ``size`` data bytes takes: header plus padded data."""
+    return BLOCK + -(-size // BLOCK) * BLOCK
+
+
+def shard_bytes(member_sizes: list[int]) -> int:
+    """Exact size of a shard whose members hold ``member_sizes`` bytes each."""
+    body = sum(member_bytes(s) for s in member_sizes) + 2 * BLOCK
+    return -(-body // RECORD) * RECORD
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mode = 0o644
+    info.mtime = 0
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """What the index says of one shard."""
+
+    file: str
+    num_utterances: int
+    seconds: float
+    bytes: int
+    sha256: str
+    num_samples: list[int]
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "num_utterances": self.num_utterances,
+                "seconds": round(self.seconds, 3), "bytes": self.bytes,
+                "sha256": self.sha256, "num_samples": self.num_samples}
+
+
+def write_shard(path: Path, samples: Iterator[tuple[str, bytes, bytes]],
+                sample_rate: int) -> ShardRecord:
+    """Write ``(id, flac_bytes, json_bytes)`` samples to ``path`` atomically.
+
+    The tar goes to ``<path>.tmp`` and is renamed only once complete and flushed, so a killed
+    run never leaves a shard that looks finished.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    num_samples: list[int] = []
+    with open(tmp, "wb") as raw:
+        with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for utt_id, flac, meta in samples:
+                check_id(utt_id)
+                tar.addfile(_tarinfo(f"{utt_id}.{AUDIO_EXT}", len(flac)), io.BytesIO(flac))
+                tar.addfile(_tarinfo(f"{utt_id}.{META_EXT}", len(meta)), io.BytesIO(meta))
+                num_samples.append(int(json.loads(meta)["num_samples"]))
+        raw.flush()
+        os.fsync(raw.fileno())
+    os.replace(tmp, path)
+    return record_for(path, num_samples, sample_rate)
+
+
+def record_for(path: Path, num_samples: list[int], sample_rate: int) -> ShardRecord:
+    return ShardRecord(path.name, len(num_samples), sum(num_samples) / sample_rate,
+                       path.stat().st_size, file_sha256(path), num_samples)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def iter_samples(fileobj: BinaryIO, name: str = "<shard>") -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield ``(id, {ext: bytes})`` per sample from a shard read as a stream.
+
+    Members of one sample are adjacent; a member with an unsafe name raises ShardFormatError
+    (nothing from a shard is ever written to disk by name, executed or unpickled).
+    """
+    current: str | None = None
+    parts: dict[str, bytes] = {}
+    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, ext = member.name.partition(".")
+            check_id(key)
+            if key != current:
+                if current is not None:
+                    yield current, parts
+                current, parts = key, {}
+            reader = tar.extractfile(member)
+            parts[ext] = reader.read() if reader else b""
+    if current is not None:
+        yield current, parts
+
+
+def write_index(output_dir: Path, index: dict) -> None:
+    """Write ``index.json`` atomically (temp file, fsync, rename)."""
+    path = output_dir / INDEX_NAME
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=1, sort_keys=True, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_index(output_dir: Path) -> dict:
+    path = Path(output_dir) / INDEX_NAME
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ShardFormatError(f"{path}: no index; run tools/make_shards.py first") from None
+    except json.JSONDecodeError as exc:
+        raise ShardFormatError(f"{path}: not valid JSON ({exc})") from None
+    if index.get("format") != FORMAT_NAME or index.get("format_version") != FORMAT_VERSION:
+        raise ShardFormatError(
+            f"{path}: format {index.get('format')!r} v{index.get('format_version')!r}, "
+            f"expected {FORMAT_NAME!r} v{FORMAT_VERSION}")
+    return index
