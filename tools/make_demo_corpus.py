@@ -32,10 +32,13 @@ def main(argv=None) -> int:
     p.add_argument("--hours", type=float, default=None,
                    help="about this much audio: sets --utterances_per_chapter")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_workers", type=int, default=2,
+                   help="processes speaking; the corpus does not depend on it")
     p.add_argument("--archive", type=Path, default=None, help="also write this .tar.gz")
     p.add_argument("--parquet_dir", type=Path, default=None, help="also write HF parquet here")
     args = p.parse_args(argv)
-    for name in ("num_speakers", "chapters_per_speaker", "utterances_per_chapter"):
+    for name in ("num_speakers", "chapters_per_speaker", "utterances_per_chapter",
+                 "num_workers"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
     if args.hours is not None:
@@ -45,7 +48,8 @@ def main(argv=None) -> int:
         args.utterances_per_chapter = math.ceil(args.hours * 3600 / MEAN_UTTERANCE_SECONDS
                                                 / chapters)
     paths = make_demo_corpus(args.output_dir, args.split, args.num_speakers,
-                             args.chapters_per_speaker, args.utterances_per_chapter, args.seed)
+                             args.chapters_per_speaker, args.utterances_per_chapter, args.seed,
+                             args.num_workers)
     print(f"wrote {len(paths)} utterances under {args.output_dir / args.split}")
     if args.archive:
         write_openslr_archive(args.output_dir, args.split, args.archive)

@@ -11,6 +11,7 @@ that fits ``max_buffer_bytes``, so memory stays bounded whatever the corpus size
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import random
@@ -71,6 +72,7 @@ class Planned:
     path: Path | None
     convert: bool
     flac_size: int
+    flac_digest: str  # blake2b of the FLAC bytes as stored: proves a kept shard is intact
     num_samples: int
     meta: bytes  # canonical JSON
 
@@ -91,19 +93,23 @@ class ConversionSummary:
 
 # ---------------------------------------------------------------- worker functions (picklable)
 
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
 def _probe_job(job: tuple[Path | None, bytes | None, bool]) -> tuple:
-    """(info, convert, flac_size, num_samples, error) for one utterance's audio."""
+    """(info, convert, flac_size, flac_digest, num_samples, error) for one utterance."""
     path, data, full_decode = job
     try:
         if data is None:
             data = path.read_bytes()
         info = audio.probe(data, full_decode=full_decode)
         if info.is_target:
-            return info, False, len(data), info.num_samples, None
+            return info, False, len(data), _digest(data), info.num_samples, None
         flac, num_samples = audio.to_target_flac(data)
-        return info, True, len(flac), num_samples, None
+        return info, True, len(flac), _digest(flac), num_samples, None
     except (audio.AudioError, OSError) as exc:
-        return None, False, 0, 0, str(exc)
+        return None, False, 0, "", 0, str(exc)
 
 
 def _write_job(job: tuple[Path, list[tuple[Planned, bytes | None]]]) -> ShardRecord:
@@ -125,12 +131,13 @@ def _check_job(job: tuple[Path, list[Planned]]) -> ShardRecord | None:
     path, items = job
     try:
         with open(path, "rb") as f:
-            got = [(key, len(parts.get("flac", b"")), parts.get("json"))
+            got = [(key, _digest(parts.get("flac", b"")), parts.get("json"))
                    for key, parts in iter_samples(f, path.name)]
     except Exception:  # any damage (truncated tar, bad name, I/O) means: write it again
         return None
-    expected = [(p.utt_id, p.flac_size, p.meta) for p in items]
-    if got != expected:
+    expected = [(p.utt_id, p.flac_digest, p.meta) for p in items]
+    size = shard_bytes([n for p in items for n in (p.flac_size, len(p.meta))])
+    if got != expected or path.stat().st_size != size:  # content, then trailer and padding
         return None
     return record_for(path, [p.num_samples for p in items], audio.SAMPLE_RATE)
 
@@ -171,7 +178,7 @@ def _scan(sources: Sequence[Source], options: ShardOptions, mapper: _Mapper,
                 found.append((index, AudioFound(event.utt_id, event.speaker_id,
                                                 event.chapter_id, event.split, event.location,
                                                 path=event.path, text=event.text), result))
-                progress(1, result[3])
+                progress(1, result[4])
             batch.clear()
 
         for event in source.events():
@@ -195,7 +202,7 @@ def _select(found, transcripts, options: ShardOptions,
     planned: list[Planned] = []
     seen: set[str] = set()
     lo, hi = options.min_duration_in_seconds, options.max_duration_in_seconds
-    for source, event, (info, convert, flac_size, num_samples, error) in found:
+    for source, event, (info, convert, flac_size, digest, num_samples, error) in found:
         utt_id = event.utt_id
         try:
             check_id(utt_id)
@@ -234,7 +241,7 @@ def _select(found, transcripts, options: ShardOptions,
                                     f"{info.format} {info.sample_rate} Hz {info.channels} ch "
                                     f"→ FLAC 16000 Hz mono"))
         planned.append(Planned(utt_id, source, event.location, event.path, convert, flac_size,
-                               num_samples, encode_metadata(meta)))
+                               digest, num_samples, encode_metadata(meta)))
     for utt_id in sorted(set(transcripts) - seen):
         problems.append(Problem("transcript_without_audio", utt_id, "", "no audio file found"))
     return planned

@@ -11,7 +11,7 @@ Hugging Face ``librispeech_asr`` parquet, so the three input kinds can be compar
 from __future__ import annotations
 
 import ctypes
-import io
+import multiprocessing
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +37,12 @@ _VARIANTS = ("m1", "m2", "m3", "m4", "f1", "f2", "f3", "f4", "klatt", "Andy", "A
 
 
 class SpeechSynthesizer:
-    """eSpeak NG through ctypes, synchronous, one process-wide engine."""
+    """eSpeak NG through ctypes, synchronous, one process-wide engine.
+
+    The engine keeps state between utterances that no call resets (its output depends on
+    what it said before), so ``make_demo_corpus`` speaks each utterance in a freshly forked
+    process: same seed, same bytes.
+    """
 
     _instance: "SpeechSynthesizer | None" = None
 
@@ -100,12 +105,13 @@ def sample_duration(rng: np.random.Generator) -> float:
 
 
 def synthesize_utterance(speaker: Speaker, seconds: float,
-                         rng: np.random.Generator) -> tuple[np.ndarray, str]:
+                         seed: int) -> tuple[np.ndarray, str]:
     """Speech close to ``seconds`` long (never longer), 16 kHz float32, and its transcript.
 
     Words are drawn until the speech fills the target; the rest is quiet room noise split
     between the start and the end, as in read speech.
     """
+    rng = np.random.default_rng(seed)
     engine = SpeechSynthesizer.get()
     target = int(seconds * SAMPLE_RATE)
     words = max(1, round(seconds * speaker.words_per_minute / 60 * 0.85))
@@ -124,13 +130,22 @@ def synthesize_utterance(speaker: Speaker, seconds: float,
     return noise, text.upper()
 
 
+def _speak_job(job: tuple[Speaker, float, int, Path]) -> str:
+    speaker, seconds, seed, path = job
+    samples, text = synthesize_utterance(speaker, seconds, seed)
+    path.write_bytes(encode_flac(samples))
+    return text
+
+
 def make_demo_corpus(root: Path, split: str = "dev-clean", num_speakers: int = 4,
                      chapters_per_speaker: int = 2, utterances_per_chapter: int = 5,
-                     seed: int = 0) -> list[Path]:
+                     seed: int = 0, num_workers: int = 2) -> list[Path]:
     """Write a LibriSpeech-layout split under ``root/split``; returns the FLAC paths."""
     rng = np.random.default_rng(seed)
     split_dir = Path(root) / split
     paths: list[Path] = []
+    jobs: list[tuple[Speaker, float, int, Path]] = []
+    chapters: list[tuple[Path, list[str]]] = []
     for s in range(num_speakers):
         speaker = Speaker(speaker_id=100 + 37 * s + int(rng.integers(0, 30)),
                           voice=f"{_VOICES[s % len(_VOICES)]}+{_VARIANTS[s % len(_VARIANTS)]}",
@@ -140,16 +155,18 @@ def make_demo_corpus(root: Path, split: str = "dev-clean", num_speakers: int = 4
             chapter_id = 1000 + 113 * c + int(rng.integers(0, 100))
             chapter_dir = split_dir / str(speaker.speaker_id) / str(chapter_id)
             chapter_dir.mkdir(parents=True, exist_ok=True)
-            lines = []
-            for u in range(utterances_per_chapter):
-                utt_id = f"{speaker.speaker_id}-{chapter_id}-{u:04d}"
-                samples, text = synthesize_utterance(speaker, sample_duration(rng), rng)
-                path = chapter_dir / f"{utt_id}.flac"
-                path.write_bytes(encode_flac(samples))
-                paths.append(path)
-                lines.append(f"{utt_id} {text}\n")
-            (chapter_dir / f"{speaker.speaker_id}-{chapter_id}.trans.txt").write_text(
-                "".join(lines), encoding="utf-8")
+            ids = [f"{speaker.speaker_id}-{chapter_id}-{u:04d}"
+                   for u in range(utterances_per_chapter)]
+            chapters.append((chapter_dir / f"{speaker.speaker_id}-{chapter_id}.trans.txt", ids))
+            for utt_id in ids:
+                paths.append(chapter_dir / f"{utt_id}.flac")
+                jobs.append((speaker, sample_duration(rng), int(rng.integers(2**31)), paths[-1]))
+    # One fresh process per utterance (maxtasksperchild=1): the engine starts clean each time.
+    with multiprocessing.get_context("fork").Pool(num_workers, maxtasksperchild=1) as pool:
+        texts = dict(zip(paths, pool.imap(_speak_job, jobs, chunksize=1)))
+    for trans, ids in chapters:
+        trans.write_text("".join(f"{i} {texts[trans.parent / f'{i}.flac']}\n" for i in ids),
+                         encoding="utf-8")
     return paths
 
 

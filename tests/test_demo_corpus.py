@@ -1,0 +1,49 @@
+"""The synthetic LibriSpeech: layout, real speech, seeded, LibriSpeech-like lengths."""
+
+from __future__ import annotations
+
+import numpy as np
+import soundfile as sf
+
+from conftest import SPLIT
+from w2v_stream.demo_corpus import make_demo_corpus, sample_duration
+
+
+def test_layout_and_audio(corpus):
+    flacs = sorted((corpus / SPLIT).rglob("*.flac"))
+    assert len(flacs) == 12
+    for path in flacs:
+        speaker, chapter, _ = path.stem.split("-")
+        assert path.parent.name == chapter and path.parent.parent.name == speaker
+        info = sf.info(str(path))
+        assert (info.samplerate, info.channels, info.format) == (16000, 1, "FLAC")
+        assert 1.0 <= info.duration <= 30.0
+    trans = sorted((corpus / SPLIT).rglob("*.trans.txt"))
+    assert len(trans) == 4
+    ids = [line.split(" ")[0] for t in trans for line in t.read_text().splitlines()]
+    assert sorted(ids) == [p.stem for p in flacs]
+
+
+def test_it_is_speech_not_noise(corpus):
+    samples, _ = sf.read(str(sorted((corpus / SPLIT).rglob("*.flac"))[0]))
+    frames = samples[: len(samples) // 400 * 400].reshape(-1, 400)
+    energy = (frames ** 2).mean(axis=1)
+    # Speech has loud voiced frames and near-silent gaps: a wide dynamic range.
+    assert energy.max() > 1000 * np.median(energy[energy < np.quantile(energy, 0.2)])
+    assert (energy > 1e-3).mean() > 0.3
+
+
+def test_seeded(tmp_path):
+    a = make_demo_corpus(tmp_path / "a", "x", 1, 1, 2, seed=5)
+    b = make_demo_corpus(tmp_path / "b", "x", 1, 1, 2, seed=5)
+    c = make_demo_corpus(tmp_path / "c", "x", 1, 1, 2, seed=6)
+    assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
+    assert [p.read_bytes() for p in a] != [p.read_bytes() for p in c]
+
+
+def test_duration_mix_is_librispeech_like():
+    rng = np.random.default_rng(0)
+    d = np.array([sample_duration(rng) for _ in range(5000)])
+    assert 1.0 <= d.min() and d.max() <= 30.0
+    assert 0.75 < ((d >= 10) & (d <= 17)).mean() < 0.85
+    assert (d < 5).mean() > 0.03 and (d > 20).mean() > 0.01

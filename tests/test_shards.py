@@ -1,0 +1,85 @@
+"""The shard format: names, sizes, byte-stable tars, readers (ours, tarfile, webdataset)."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import pytest
+import webdataset as wds
+
+from w2v_stream import shards
+
+
+def _meta(utt_id: str, n: int) -> bytes:
+    return shards.encode_metadata({"id": utt_id, "speaker_id": 1, "chapter_id": 2,
+                                   "split": "dev-clean", "text": "HI", "sample_rate": 16000,
+                                   "num_samples": n, "duration": n / 16000})
+
+
+SAMPLES = [("1-2-0000", b"x" * 1000, _meta("1-2-0000", 10)),
+           ("1-2-0001", b"y" * 513, _meta("1-2-0001", 20))]
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "a.b", "", "a\0b", "-rf", "x" * 81, ".."])
+def test_unsafe_ids_are_refused(bad):
+    with pytest.raises(shards.ShardFormatError, match="unsafe utterance id"):
+        shards.check_id(bad)
+
+
+def test_metadata_needs_required_keys():
+    with pytest.raises(shards.ShardFormatError, match="lacks"):
+        shards.encode_metadata({"id": "x"})
+
+
+def test_write_is_byte_stable_and_size_is_predicted(tmp_path):
+    a = shards.write_shard(tmp_path / "a.tar", iter(SAMPLES), 16000)
+    b = shards.write_shard(tmp_path / "b.tar", iter(SAMPLES), 16000)
+    assert (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()
+    assert a.sha256 == b.sha256 and a.num_samples == [10, 20]
+    sizes = [len(x) for _, flac, meta in SAMPLES for x in (flac, meta)]
+    assert a.bytes == shards.shard_bytes(sizes) == (tmp_path / "a.tar").stat().st_size
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_plain_tarfile_and_our_reader_agree(tmp_path):
+    shards.write_shard(tmp_path / "s.tar", iter(SAMPLES), 16000)
+    with tarfile.open(tmp_path / "s.tar") as tar:
+        members = tar.getmembers()
+        assert [m.name for m in members] == ["1-2-0000.flac", "1-2-0000.json",
+                                             "1-2-0001.flac", "1-2-0001.json"]
+        assert all(m.mtime == 0 and m.uname == "" and m.mode == 0o644 for m in members)
+    with open(tmp_path / "s.tar", "rb") as f:
+        got = list(shards.iter_samples(f))
+    assert [(k, p["flac"], p["json"]) for k, p in got] == SAMPLES
+
+
+def test_webdataset_reads_keys_and_metadata(tmp_path):
+    shards.write_shard(tmp_path / "s.tar", iter(SAMPLES), 16000)
+    got = list(wds.WebDataset(str(tmp_path / "s.tar"), shardshuffle=False))
+    assert [s["__key__"] for s in got] == ["1-2-0000", "1-2-0001"]
+    assert json.loads(got[1]["json"])["num_samples"] == 20
+    assert got[0]["flac"] == b"x" * 1000
+
+
+def test_reader_refuses_path_traversal_members():
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("../../etc/passwd.flac")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    buf.seek(0)
+    with pytest.raises(shards.ShardFormatError, match="unsafe"):
+        list(shards.iter_samples(buf))
+
+
+def test_index_round_trip_and_version_check(tmp_path):
+    shards.write_index(tmp_path, {"format": shards.FORMAT_NAME,
+                                  "format_version": shards.FORMAT_VERSION, "shards": []})
+    assert shards.read_index(tmp_path)["shards"] == []
+    (tmp_path / shards.INDEX_NAME).write_text('{"format": "other", "format_version": 9}')
+    with pytest.raises(shards.ShardFormatError, match="expected"):
+        shards.read_index(tmp_path)
+    with pytest.raises(shards.ShardFormatError, match="no index"):
+        shards.read_index(tmp_path / "missing")
