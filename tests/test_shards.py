@@ -18,8 +18,8 @@ def _meta(utt_id: str, n: int) -> bytes:
                                    "num_samples": n, "duration": n / 16000})
 
 
-SAMPLES = [("1-2-0000", b"x" * 1000, _meta("1-2-0000", 10)),
-           ("1-2-0001", b"y" * 513, _meta("1-2-0001", 20))]
+SAMPLES = [("1-2-0000", b"x" * 1000, _meta("1-2-0000", 10), 10),
+           ("1-2-0001", b"y" * 513, _meta("1-2-0001", 20), 20)]
 
 
 @pytest.mark.parametrize("bad", ["../x", "a/b", "a.b", "", "a\0b", "-rf", "x" * 81, ".."])
@@ -38,7 +38,7 @@ def test_write_is_byte_stable_and_size_is_predicted(tmp_path):
     b = shards.write_shard(tmp_path / "b.tar", iter(SAMPLES), 16000)
     assert (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()
     assert a.sha256 == b.sha256 and a.num_samples == [10, 20]
-    sizes = [len(x) for _, flac, meta in SAMPLES for x in (flac, meta)]
+    sizes = [len(x) for _, flac, meta, _ in SAMPLES for x in (flac, meta)]
     assert a.bytes == shards.shard_bytes(sizes) == (tmp_path / "a.tar").stat().st_size
     assert not list(tmp_path.glob("*.tmp"))
 
@@ -52,7 +52,7 @@ def test_plain_tarfile_and_our_reader_agree(tmp_path):
         assert all(m.mtime == 0 and m.uname == "" and m.mode == 0o644 for m in members)
     with open(tmp_path / "s.tar", "rb") as f:
         got = list(shards.iter_samples(f))
-    assert [(k, p["flac"], p["json"]) for k, p in got] == SAMPLES
+    assert [(k, p["flac"], p["json"]) for k, p in got] == [s[:3] for s in SAMPLES]
 
 
 def test_webdataset_reads_keys_and_metadata(tmp_path):
@@ -83,3 +83,12 @@ def test_index_round_trip_and_version_check(tmp_path):
         shards.read_index(tmp_path)
     with pytest.raises(shards.ShardFormatError, match="no index"):
         shards.read_index(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("name,size", [("1-2-0000.flac", 12345), ("x.json", 0),
+                                       ("a" * 80 + ".flac", 8 ** 11 - 1)])
+def test_direct_header_is_what_tarfile_writes(name, size):
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime, info.uid, info.gid = size, 0o644, 0, 0, 0
+    info.uname = info.gname = ""
+    assert shards.tar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")

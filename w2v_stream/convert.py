@@ -11,7 +11,6 @@ that fits ``max_buffer_bytes``, so memory stays bounded whatever the corpus size
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing
 import random
@@ -23,13 +22,17 @@ from typing import Callable, Iterable, Iterator, Sequence
 from . import __version__, audio
 from .librispeech import AudioFound, Problem, Source, TranscriptFound
 from .shards import (FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, ShardFormatError, ShardRecord,
-                     check_id, encode_metadata, file_sha256, iter_samples, read_index,
-                     record_for, shard_bytes, shard_name, write_index, write_shard)
+                     archive_bytes, check_id, encode_metadata, file_sha256, iter_samples,
+                     member_bytes, read_index, record_for, shard_name, write_index, write_shard)
 
 # Problems that mean an utterance was left out (the rest are notes on utterances kept).
 NOTE_REASONS = ("converted", "no_transcript")
 MAX_LISTED = 1000  # ids listed per reason in index.json; counts are always complete
 SCAN_BATCH_BYTES = 64 << 20  # audio bytes handed to the workers at once while scanning
+SCAN_BATCH_ITEMS = 4096  # utterances handed to the workers at once while scanning
+# Shards finished by a run that has not yet written index.json, with their sha256: a rerun
+# keeps a shard only if its bytes still hash to what was written.
+JOURNAL_NAME = ".make_shards.journal"
 
 
 class NothingUsable(RuntimeError):
@@ -72,7 +75,6 @@ class Planned:
     path: Path | None
     convert: bool
     flac_size: int
-    flac_digest: str  # blake2b of the FLAC bytes as stored: proves a kept shard is intact
     num_samples: int
     meta: bytes  # canonical JSON
 
@@ -93,23 +95,18 @@ class ConversionSummary:
 
 # ---------------------------------------------------------------- worker functions (picklable)
 
-def _digest(data: bytes) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
 def _probe_job(job: tuple[Path | None, bytes | None, bool]) -> tuple:
-    """(info, convert, flac_size, flac_digest, num_samples, error) for one utterance."""
+    """(info, convert, flac_size, num_samples, error) for one utterance's audio."""
     path, data, full_decode = job
     try:
-        if data is None:
-            data = path.read_bytes()
-        info = audio.probe(data, full_decode=full_decode)
+        info = audio.probe(path if data is None else data, full_decode=full_decode)
         if info.is_target:
-            return info, False, len(data), _digest(data), info.num_samples, None
-        flac, num_samples = audio.to_target_flac(data)
-        return info, True, len(flac), _digest(flac), num_samples, None
+            size = path.stat().st_size if data is None else len(data)
+            return info, False, size, info.num_samples, None
+        flac, num_samples = audio.to_target_flac(path.read_bytes() if data is None else data)
+        return info, True, len(flac), num_samples, None
     except (audio.AudioError, OSError) as exc:
-        return None, False, 0, "", 0, str(exc)
+        return None, False, 0, 0, str(exc)
 
 
 def _write_job(job: tuple[Path, list[tuple[Planned, bytes | None]]]) -> ShardRecord:
@@ -121,23 +118,27 @@ def _write_job(job: tuple[Path, list[tuple[Planned, bytes | None]]]) -> ShardRec
                 data = item.path.read_bytes()
             if item.convert:
                 data, _ = audio.to_target_flac(data)
-            yield item.utt_id, data, item.meta
+            yield item.utt_id, data, item.meta, item.num_samples
 
     return write_shard(path, samples(), audio.SAMPLE_RATE)
 
 
-def _check_job(job: tuple[Path, list[Planned]]) -> ShardRecord | None:
-    """The record of an existing shard that holds exactly the planned samples, else None."""
-    path, items = job
+def _check_job(job: tuple[Path, list[Planned], str | None]) -> ShardRecord | None:
+    """The record of an existing shard that is intact and holds the planned samples, else None.
+
+    Intact: its sha256 is the one recorded when it was written (journal or index). Planned:
+    the same ids in the same order, the same metadata bytes and FLAC sizes.
+    """
+    path, items, written_sha256 = job
+    if written_sha256 is None or file_sha256(path) != written_sha256:
+        return None
     try:
         with open(path, "rb") as f:
-            got = [(key, _digest(parts.get("flac", b"")), parts.get("json"))
+            got = [(key, len(parts.get("flac", b"")), parts.get("json"))
                    for key, parts in iter_samples(f, path.name)]
-    except Exception:  # any damage (truncated tar, bad name, I/O) means: write it again
+    except Exception:  # any damage (bad tar, bad name, I/O) means: write it again
         return None
-    expected = [(p.utt_id, p.flac_digest, p.meta) for p in items]
-    size = shard_bytes([n for p in items for n in (p.flac_size, len(p.meta))])
-    if got != expected or path.stat().st_size != size:  # content, then trailer and padding
+    if got != [(p.utt_id, p.flac_size, p.meta) for p in items]:
         return None
     return record_for(path, [p.num_samples for p in items], audio.SAMPLE_RATE)
 
@@ -146,13 +147,16 @@ class _Mapper:
     """Ordered map over a process pool (or in-process for one worker)."""
 
     def __init__(self, num_workers: int):
+        self.num_workers = num_workers
         self.pool = (multiprocessing.get_context("fork").Pool(num_workers)
                      if num_workers > 1 else None)
 
     def map(self, fn: Callable, jobs: Sequence) -> Iterator:
         if self.pool is None:
             return map(fn, jobs)
-        return self.pool.imap(fn, jobs, chunksize=1)
+        # Few big chunks: per-chunk round trips, not the work, limit small jobs (probes).
+        chunksize = max(1, len(jobs) // (4 * self.num_workers))
+        return self.pool.imap(fn, jobs, chunksize=chunksize)
 
     def close(self):
         if self.pool is not None:
@@ -178,14 +182,14 @@ def _scan(sources: Sequence[Source], options: ShardOptions, mapper: _Mapper,
                 found.append((index, AudioFound(event.utt_id, event.speaker_id,
                                                 event.chapter_id, event.split, event.location,
                                                 path=event.path, text=event.text), result))
-                progress(1, result[4])
+                progress(1, result[3])
             batch.clear()
 
         for event in source.events():
             if isinstance(event, AudioFound):
                 batch.append(event)
                 batch_bytes += len(event.data or b"")
-                if batch_bytes >= SCAN_BATCH_BYTES or len(batch) >= 512:
+                if batch_bytes >= SCAN_BATCH_BYTES or len(batch) >= SCAN_BATCH_ITEMS:
                     flush()
                     batch_bytes = 0
             elif isinstance(event, TranscriptFound):
@@ -202,7 +206,7 @@ def _select(found, transcripts, options: ShardOptions,
     planned: list[Planned] = []
     seen: set[str] = set()
     lo, hi = options.min_duration_in_seconds, options.max_duration_in_seconds
-    for source, event, (info, convert, flac_size, digest, num_samples, error) in found:
+    for source, event, (info, convert, flac_size, num_samples, error) in found:
         utt_id = event.utt_id
         try:
             check_id(utt_id)
@@ -241,7 +245,7 @@ def _select(found, transcripts, options: ShardOptions,
                                     f"{info.format} {info.sample_rate} Hz {info.channels} ch "
                                     f"→ FLAC 16000 Hz mono"))
         planned.append(Planned(utt_id, source, event.location, event.path, convert, flac_size,
-                               digest, num_samples, encode_metadata(meta)))
+                               num_samples, encode_metadata(meta)))
     for utt_id in sorted(set(transcripts) - seen):
         problems.append(Problem("transcript_without_audio", utt_id, "", "no audio file found"))
     return planned
@@ -253,18 +257,18 @@ def plan_shards(planned: list[Planned], options: ShardOptions) -> list[list[Plan
     if options.shuffle:
         random.Random(options.seed).shuffle(ordered)
     shards: list[list[Planned]] = []
-    sizes: list[int] = []
+    used = 0  # bytes of the members in the last shard
     for item in ordered:
-        member_sizes = [item.flac_size, len(item.meta)]
+        size = member_bytes(item.flac_size) + member_bytes(len(item.meta))
         full = shards and (
             (options.samples_per_shard and len(shards[-1]) >= options.samples_per_shard)
             or (options.max_shard_bytes
-                and shard_bytes(sizes + member_sizes) > options.max_shard_bytes))
+                and archive_bytes(used + size) > options.max_shard_bytes))
         if not shards or full:
             shards.append([])
-            sizes = []
+            used = 0
         shards[-1].append(item)
-        sizes += member_sizes
+        used += size
     return shards
 
 
@@ -325,6 +329,29 @@ def _prepare_output(output_dir: Path, names: set[str], overwrite: bool) -> None:
         (output_dir / name).unlink()
 
 
+def _journal(journal, record: ShardRecord) -> None:
+    journal.write(json.dumps({"file": record.file, "sha256": record.sha256}) + "\n")
+    journal.flush()
+
+
+def _written_hashes(output_dir: Path) -> dict[str, str]:
+    """sha256 of each shard as written, from index.json and an unfinished run's journal."""
+    known: dict[str, str] = {}
+    try:
+        known.update((e["file"], e["sha256"]) for e in read_index(output_dir)["shards"])
+    except (ShardFormatError, KeyError, TypeError):
+        pass  # no usable index: only the journal can vouch for shards
+    journal = output_dir / JOURNAL_NAME
+    if journal.exists():
+        for line in journal.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+                known[entry["file"]] = entry["sha256"]
+            except (ValueError, KeyError, TypeError):
+                continue  # a line torn by the kill
+    return known
+
+
 def convert(sources: Sequence[Source], output_dir: Path, options: ShardOptions,
             num_workers: int = 1, overwrite: bool = False,
             progress: Callable | None = None) -> ConversionSummary:
@@ -350,22 +377,30 @@ def convert(sources: Sequence[Source], output_dir: Path, options: ShardOptions,
         _prepare_output(output_dir, {p.name for p in paths}, overwrite)
 
         records: list[ShardRecord | None] = [None] * len(shards)
+        written = _written_hashes(output_dir)
         existing = [i for i, p in enumerate(paths) if p.exists()]
-        checks = mapper.map(_check_job, [(paths[i], shards[i]) for i in existing])
+        checks = mapper.map(_check_job, [(paths[i], shards[i], written.get(paths[i].name))
+                                         for i in existing])
         for i, record in zip(existing, checks):
             records[i] = record
             if record:
                 report("write", len(shards[i]), record.seconds)
         todo = [i for i, r in enumerate(records) if r is None]
-        if todo:
-            (output_dir / INDEX_NAME).unlink(missing_ok=True)  # never beside changing shards
-        for window in _windows(todo, shards, sources, options.max_buffer_bytes):
-            fetched = _fetch((p for i in window for p in shards[i]), sources)
-            jobs = [(paths[i], [(p, fetched.pop(p.utt_id, None)) for p in shards[i]])
-                    for i in window]
-            for i, record in zip(window, mapper.map(_write_job, jobs)):
-                records[i] = record
-                report("write", record.num_utterances, record.seconds)
+        journal_path = output_dir / JOURNAL_NAME
+        with open(journal_path, "w", encoding="utf-8") as journal:
+            for record in records:
+                if record:
+                    _journal(journal, record)
+            if todo:
+                (output_dir / INDEX_NAME).unlink(missing_ok=True)  # never beside new shards
+            for window in _windows(todo, shards, sources, options.max_buffer_bytes):
+                fetched = _fetch((p for i in window for p in shards[i]), sources)
+                jobs = [(paths[i], [(p, fetched.pop(p.utt_id, None)) for p in shards[i]])
+                        for i in window]
+                for i, record in zip(window, mapper.map(_write_job, jobs)):
+                    records[i] = record
+                    _journal(journal, record)
+                    report("write", record.num_utterances, record.seconds)
     finally:
         mapper.close()
 
@@ -373,6 +408,7 @@ def convert(sources: Sequence[Source], output_dir: Path, options: ShardOptions,
     for problem in problems:
         by_reason.setdefault(problem.reason, []).append(problem)
     write_index(output_dir, build_index(records, shards, by_reason, options))
+    journal_path.unlink()
     return ConversionSummary(
         output_dir, shards_written=len(todo), shards_kept=len(shards) - len(todo),
         utterances=sum(r.num_utterances for r in records),

@@ -13,6 +13,7 @@ in an archive a chapter's transcript may come before or after its audio.
 
 from __future__ import annotations
 
+import os
 import re
 import tarfile
 import zlib
@@ -116,7 +117,8 @@ class FolderSource:
         self.split = self.split_dir.name
 
     def events(self) -> Iterator[Event]:
-        for path in sorted(p for p in self.split_dir.rglob("*") if p.is_file()):
+        files = [Path(top, name) for top, _, names in os.walk(self.split_dir) for name in names]
+        for path in sorted(files):
             name = path.name
             if name.endswith(TRANSCRIPT_SUFFIX):
                 yield from parse_transcript(path.read_text(encoding="utf-8", errors="replace"),

@@ -1,0 +1,103 @@
+#!/usr/bin/env python
+"""Benchmark: shard conversion throughput against the raw-copy limit, in one run.
+
+    python tools/bench_make_shards.py --hours 1 --work_dir exp/bench_shards
+
+Makes (once, cached) a synthetic LibriSpeech split of at least --hours of audio, then times:
+the raw-copy limit (read each FLAC, write one tar with Python's tarfile, no checks) and
+make_shards' conversion from the folder with 1 and 2 workers (and from the .tar.gz). Prints a
+Markdown table: audio hours converted per minute of wall time, per worker, and % of the limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import os
+import shutil
+import tarfile
+import time
+from pathlib import Path
+
+from w2v_stream import convert
+from w2v_stream.demo_corpus import make_demo_corpus, write_openslr_archive
+from w2v_stream.librispeech import open_sources
+
+SPLIT = "train-clean-100"
+# 10 MB shards: 8 for the 1-hour corpus, as LibriSpeech 960 h makes ~600 of the default 100 MB.
+SHARD_BYTES = 10_000_000
+
+
+def ensure_corpus(work: Path, hours: float) -> Path:
+    root = work / "LibriSpeech"
+    done = work / f".corpus-{hours}.done"
+    if not done.exists():
+        shutil.rmtree(root, ignore_errors=True)
+        per_chapter = math.ceil(hours * 3600 / 13.0 / 16)  # 8 speakers x 2 chapters
+        make_demo_corpus(root, SPLIT, num_speakers=8, chapters_per_speaker=2,
+                         utterances_per_chapter=per_chapter, seed=0, num_workers=2)
+        write_openslr_archive(root, SPLIT, work / f"{SPLIT}.tar.gz")
+        done.touch()
+    return root / SPLIT
+
+
+def raw_copy(files: list[Path], out: Path) -> float:
+    start = time.perf_counter()
+    with tarfile.open(out, "w") as tar:
+        for path in files:
+            data = path.read_bytes()
+            info = tarfile.TarInfo(path.name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return time.perf_counter() - start
+
+
+def timed_convert(inputs: list[str], out: Path, workers: int) -> tuple[float, float]:
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    options = convert.ShardOptions(max_shard_bytes=SHARD_BYTES)
+    summary = convert.convert(open_sources(inputs), out, options, workers)
+    return time.perf_counter() - start, summary.seconds
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--hours", type=float, default=1.0)
+    p.add_argument("--work_dir", type=Path, default=Path("exp/bench_shards"))
+    p.add_argument("--repeats", type=int, default=3, help="best of this many runs each")
+    args = p.parse_args()
+    split_dir = ensure_corpus(args.work_dir, args.hours)
+    files = sorted(split_dir.rglob("*.flac"))
+    for path in files:  # warm the page cache so every contender reads from memory
+        path.read_bytes()
+    out = args.work_dir / "out"
+    best_raw = min(raw_copy(files, args.work_dir / "raw.tar") for _ in range(args.repeats))
+    (args.work_dir / "raw.tar").unlink()
+    rows = []
+    audio_hours = None
+    for label, inputs, workers in [("make_shards, folder", [str(split_dir)], 1),
+                                   ("make_shards, folder", [str(split_dir)], 2),
+                                   ("make_shards, .tar.gz", [str(args.work_dir /
+                                                                 f"{SPLIT}.tar.gz")], 1)]:
+        runs = [timed_convert(inputs, out, workers) for _ in range(args.repeats)]
+        wall = min(r[0] for r in runs)
+        audio_hours = runs[0][1] / 3600
+        rows.append((label, workers, wall))
+    shutil.rmtree(out, ignore_errors=True)
+    size = sum(f.stat().st_size for f in files) / 1e6
+    print(f"corpus: {len(files)} utterances, {audio_hours:.2f} h, {size:.0f} MB FLAC; "
+          f"{os.cpu_count()} cores; best of {args.repeats}")
+    print("| run | workers | wall s | audio h/min | h/min per worker | % of raw-copy limit |")
+    print("|---|---|---|---|---|---|")
+    raw_rate = audio_hours / (best_raw / 60)
+    print(f"| raw copy (read FLAC, tarfile) | 1 | {best_raw:.2f} | {raw_rate:.0f} | "
+          f"{raw_rate:.0f} | 100 % |")
+    for label, workers, wall in rows:
+        rate = audio_hours / (wall / 60)
+        print(f"| {label} | {workers} | {wall:.2f} | {rate:.0f} | {rate / workers:.0f} | "
+              f"{100 * rate / raw_rate:.0f} % |")
+
+
+if __name__ == "__main__":
+    main()
