@@ -1,0 +1,223 @@
+"""The shape plan: which padded lengths (buckets) exist and how many rows each batch has.
+
+Computed from utterance lengths alone (``index.json``), never from audio. Three policies:
+
+- ``pad``: each utterance goes to the smallest bucket that holds it and is zero-padded to the
+  bucket's top. Tops are chosen by dynamic programming to minimise padded samples for the
+  real length histogram (exact on a grid of ``quantum`` samples, one frame hop by default).
+- ``crop``: each utterance goes to the largest bucket whose floor it reaches and is randomly
+  cropped to that floor (fairseq style): no padding, some audio left out.
+- ``pack``: utterances are concatenated into rows of one fixed length: one shape per run.
+
+Batch sizes come from a budget of samples per batch (``max_tokens``, as in fairseq), so short
+buckets get more rows and memory is flat across buckets.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+
+POLICIES = ("pad", "crop", "pack")
+# The default Wav2Vec2 feature encoder (transformers' conv_kernel / conv_stride).
+DEFAULT_CONV_KERNEL = (10, 3, 3, 3, 3, 2, 2)
+DEFAULT_CONV_STRIDE = (5, 2, 2, 2, 2, 2, 2)
+
+
+def frames_for_samples(num_samples: int, conv_kernel: Sequence[int] = DEFAULT_CONV_KERNEL,
+                       conv_stride: Sequence[int] = DEFAULT_CONV_STRIDE) -> int:
+    """Frames the conv feature encoder makes from ``num_samples`` (transformers' formula)."""
+    length = num_samples
+    for kernel, stride in zip(conv_kernel, conv_stride):
+        length = (length - kernel) // stride + 1
+    return max(length, 0)
+
+
+@dataclass(frozen=True)
+class ShapePlan:
+    policy: str
+    lengths: tuple[int, ...]  # padded samples per bucket, ascending
+    frames: tuple[int, ...]  # encoder frames per bucket
+    batch_sizes: tuple[int, ...]  # rows per batch per bucket
+    min_samples: int  # shorter utterances are dropped
+    max_samples: int  # longer ones are cropped to this (pad, pack) or to a floor (crop)
+    sample_rate: int = 16_000
+
+    @property
+    def num_buckets(self) -> int:
+        return len(self.lengths)
+
+    def shapes(self) -> list[tuple[int, int]]:
+        """Every (batch size, padded samples) a batch can have."""
+        return list(zip(self.batch_sizes, self.lengths))
+
+    def bucket_for(self, num_samples: int) -> int | None:
+        """Bucket index for an utterance of ``num_samples``; None if it is dropped."""
+        if num_samples < self.min_samples:
+            return None
+        n = min(num_samples, self.max_samples)
+        if self.policy == "pack":
+            return 0
+        if self.policy == "pad":
+            return int(np.searchsorted(self.lengths, n, side="left"))
+        k = int(np.searchsorted(self.lengths, n, side="right")) - 1  # crop: largest floor <= n
+        return k if k >= 0 else None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ShapePlan":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def _optimal_tops(hist: np.ndarray, num_buckets: int, cost_top: bool) -> list[int]:
+    """Bin indices of bucket edges minimising padding (``cost_top``) or cropping.
+
+    ``hist[j]`` counts utterances in grid bin j (length in (j-1, j] quanta). For pad, a bucket
+    covering bins (i, j] costs ``count * j`` (everything padded to j); for crop, a bucket
+    covering bins [i, j) costs ``lost = sum(len) - count * i`` with i its floor; both are
+    solved exactly by dynamic programming over the bins that hold utterances.
+    """
+    bins = np.flatnonzero(hist)
+    counts = hist[bins].astype(np.float64)
+    n = len(bins)
+    k = min(num_buckets, n)
+    csum = np.concatenate([[0.0], np.cumsum(counts)])
+    lsum = np.concatenate([[0.0], np.cumsum(counts * bins)])
+    inf = float("inf")
+    # best[m][j]: min cost of covering the first j occupied bins with m buckets.
+    best = np.full((k + 1, n + 1), inf)
+    best[0][0] = 0.0
+    choice = np.zeros((k + 1, n + 1), dtype=np.int64)
+    for m in range(1, k + 1):
+        for j in range(1, n + 1):
+            i = np.arange(0, j)  # the bucket covers occupied bins i..j-1
+            if cost_top:
+                cost = (csum[j] - csum[i]) * bins[j - 1] - (lsum[j] - lsum[i])
+            else:
+                cost = (lsum[j] - lsum[i]) - (csum[j] - csum[i]) * bins[i]
+            total = best[m - 1][i] + cost
+            choice[m][j] = int(np.argmin(total))
+            best[m][j] = total[choice[m][j]]
+    m = int(np.argmin(best[:, n]))
+    edges = []
+    j = n
+    while m > 0:
+        i = choice[m][j]
+        edges.append(int(bins[j - 1]) if cost_top else int(bins[i]))
+        j, m = i, m - 1
+    return sorted(edges)
+
+
+def make_plan(lengths: Sequence[int], policy: str = "pad", num_buckets: int = 8,
+              max_tokens: int | None = None, batch_size: int = 8,
+              min_samples: int = 0, max_samples: int | None = None, quantum: int = 320,
+              batch_multiple: int = 1, sample_rate: int = 16_000,
+              conv_kernel: Sequence[int] = DEFAULT_CONV_KERNEL,
+              conv_stride: Sequence[int] = DEFAULT_CONV_STRIDE) -> ShapePlan:
+    """The shape plan for utterances of ``lengths`` samples.
+
+    ``max_tokens`` is the budget of padded samples per batch; by default ``batch_size`` rows of
+    the longest bucket. ``batch_multiple`` rounds every batch size down to a multiple (for
+    replicas x accumulation x device iterations on an IPU).
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"length policy {policy!r}: choose one of {POLICIES}")
+    if num_buckets < 1:
+        raise ValueError(f"num_buckets must be >= 1, got {num_buckets}")
+    arr = np.asarray(lengths, dtype=np.int64)
+    longest = int(arr.max()) if arr.size else 0
+    max_samples = int(max_samples or longest)
+    kept = np.minimum(arr[arr >= min_samples], max_samples)
+    if kept.size == 0:
+        raise ValueError("no utterance is within the duration limits: nothing to plan")
+    if max_samples < quantum or frames_for_samples(max_samples, conv_kernel, conv_stride) < 2:
+        raise ValueError(f"max length {max_samples} samples is shorter than the feature "
+                         f"encoder's receptive field")
+    top = -(-max_samples // quantum)  # grid bins: length in quanta, rounded up
+    if policy == "pack":
+        edges = [max_samples // quantum * quantum or max_samples]
+    else:
+        grid = -(-kept // quantum) if policy == "pad" else kept // quantum
+        hist = np.bincount(grid, minlength=top + 1)
+        edges_q = _optimal_tops(hist, num_buckets, cost_top=(policy == "pad"))
+        edges = [max(e * quantum, 1) for e in edges_q]
+        if policy == "crop":
+            edges = [max(e, frames_to_min_samples(2, conv_kernel, conv_stride)) for e in edges]
+        edges = sorted(set(min(e, max_samples) if policy == "crop" else e for e in edges))
+    tokens = max_tokens or batch_size * max(edges)
+    sizes = []
+    for length in edges:
+        rows = max(1, tokens // length)
+        rows = max(batch_multiple, rows // batch_multiple * batch_multiple)
+        sizes.append(rows)
+    frames = [frames_for_samples(e, conv_kernel, conv_stride) for e in edges]
+    return ShapePlan(policy, tuple(edges), tuple(frames), tuple(sizes), int(min_samples),
+                     max_samples, sample_rate)
+
+
+def frames_to_min_samples(frames: int, conv_kernel: Sequence[int] = DEFAULT_CONV_KERNEL,
+                          conv_stride: Sequence[int] = DEFAULT_CONV_STRIDE) -> int:
+    """Fewest samples that give ``frames`` encoder frames."""
+    length = frames
+    for kernel, stride in reversed(list(zip(conv_kernel, conv_stride))):
+        length = (length - 1) * stride + kernel
+    return length
+
+
+def padded_efficiency(plan: ShapePlan, lengths: Sequence[int]) -> dict:
+    """Real audio samples / samples in the padded batches of one pass over ``lengths``.
+
+    Counts partial-batch filler rows (the last batch of each bucket is filled to full size)
+    and, for pack, the gaps at row ends (rows packed first-fit decreasing). Also returns the
+    share of utterances per bucket and the audio kept (crop leaves some out).
+    """
+    arr = np.asarray(lengths, dtype=np.int64)
+    kept = arr[arr >= plan.min_samples]
+    dropped = int(arr.size - kept.size)
+    used = np.minimum(kept, plan.max_samples)
+    if plan.policy == "pack":
+        rows = len(pack_rows(used.tolist(), plan.lengths[0]))
+        per_bucket_counts = [rows]
+        audio = int(used.sum())
+        batches = [math.ceil(rows / plan.batch_sizes[0])]
+    else:
+        buckets = np.array([plan.bucket_for(int(n)) for n in used])
+        valid = buckets >= 0 if plan.policy == "pad" else np.array(
+            [b is not None for b in buckets])
+        buckets = buckets[valid].astype(np.int64)
+        used = used[valid]
+        per_bucket_counts = np.bincount(buckets, minlength=plan.num_buckets).tolist()
+        if plan.policy == "crop":
+            used = np.asarray(plan.lengths)[buckets]
+        audio = int(used.sum())
+        batches = [math.ceil(c / b) for c, b in zip(per_bucket_counts, plan.batch_sizes)]
+    padded = sum(n * b * length for n, b, length in zip(batches, plan.batch_sizes,
+                                                         plan.lengths))
+    total = max(int(arr.size - dropped), 1)
+    return {"efficiency": audio / padded if padded else 0.0,
+            "audio_kept": audio / max(int(np.minimum(kept, plan.max_samples).sum()), 1),
+            "dropped": dropped, "batches": batches,
+            "share": [c / total for c in per_bucket_counts] if plan.policy != "pack" else [1.0]}
+
+
+def pack_rows(lengths: Sequence[int], row_length: int) -> list[list[int]]:
+    """First-fit-decreasing packing of utterance indices into rows of ``row_length`` samples."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        need = min(lengths[i], row_length)
+        for r, space in enumerate(free):
+            if space >= need:
+                rows[r].append(i)
+                free[r] -= need
+                break
+        else:
+            rows.append([i])
+            free.append(row_length - need)
+    return rows

@@ -1,0 +1,174 @@
+"""Which utterances make which batch, for every stream, in every epoch: a pure function.
+
+A *stream* is one loader worker on one rank (``world_size * num_workers`` streams in all).
+Everything here works on utterance lengths from ``index.json``; no audio is read. Per epoch:
+
+1. The shards are permuted (seeded by epoch). If there are fewer shards than streams, each
+   shard is split into ``m`` interleaved virtual shards (samples ``p % m == j``), so every
+   stream gets data. Virtual shards go to streams round robin; each stream reads its own.
+2. Each stream passes its utterances through a shuffle buffer bounded in audio samples.
+3. Streams advance in lock step, ``round_items`` utterances per round. Per round and bucket,
+   every stream emits the same number of batches (the fewest full batches any stream has,
+   unless some stream holds ``PENDING_CAP`` batches' worth, then the most, the others filling
+   with dummy rows), in one shared shuffled bucket order. So all streams yield the same
+   number of batches with the same shape at the same step: DDP and IPU replicas never wait
+   for a shape or a batch that does not come. At the epoch's end the rest is flushed.
+
+The result fixes the whole epoch, so loading is deterministic and resuming is a matter of
+skipping to a batch index; memory is what a stream has read but not emitted, which the
+shuffle buffer and the pending cap bound.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .buckets import ShapePlan, pack_rows
+
+PENDING_CAP = 3  # batches' worth of one bucket a stream may hold before others must fill
+PACK_MIN_FILL = 0.9  # packed rows fuller than this are emitted; the rest wait a round
+
+
+@dataclass(frozen=True)
+class Item:
+    shard: int  # index in the shard list
+    pos: int  # sample position within the shard
+    length: int  # samples, as in the index
+
+
+Row = tuple[Item, ...]  # the utterances of one row: one, or several when packing; () is filler
+
+
+@dataclass(frozen=True)
+class Batch:
+    bucket: int
+    rows: tuple[Row, ...]
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    streams: tuple[tuple[Batch, ...], ...]  # per stream, its batches in order
+    reads: tuple[tuple[tuple[int, int, int], ...], ...]  # per stream: (shard, j, m) in order
+    dropped: int  # utterances under the minimum length
+
+    @property
+    def batches_per_stream(self) -> int:
+        return len(self.streams[0]) if self.streams else 0
+
+
+def _rng(seed: int, epoch: int, purpose: int, stream: int = 0) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, purpose, stream])
+
+
+def assign_shards(num_shards: int, num_streams: int, epoch: int,
+                  seed: int) -> list[list[tuple[int, int, int]]]:
+    """Per stream, the (shard, j, m) virtual shards it reads this epoch, in order."""
+    if num_shards < 1:
+        raise ValueError("no shards to read")
+    order = _rng(seed, epoch, 0).permutation(num_shards)
+    m = math.ceil(num_streams / num_shards)
+    virtual = [(int(s), j, m) for s in order for j in range(m)]
+    streams: list[list[tuple[int, int, int]]] = [[] for _ in range(num_streams)]
+    for v, entry in enumerate(virtual):
+        streams[v % num_streams].append(entry)
+    return streams
+
+
+def _shuffled(items: list[Item], capacity: int, rng: np.random.Generator) -> list[Item]:
+    """A shuffle buffer holding at most ``capacity`` samples of audio (at least one item)."""
+    buffer: list[Item] = []
+    held = 0
+    out: list[Item] = []
+    for item in items:
+        buffer.append(item)
+        held += item.length
+        while held > capacity and len(buffer) > 1:
+            i = int(rng.integers(len(buffer)))
+            buffer[i], buffer[-1] = buffer[-1], buffer[i]
+            out.append(buffer.pop())
+            held -= out[-1].length
+    while buffer:
+        i = int(rng.integers(len(buffer)))
+        buffer[i], buffer[-1] = buffer[-1], buffer[i]
+        out.append(buffer.pop())
+    return out
+
+
+def plan_epoch(shard_lengths: Sequence[Sequence[int]], plan: ShapePlan, num_streams: int,
+               epoch: int, seed: int, shuffle_samples: int,
+               round_items: int = 256) -> EpochPlan:
+    """The batches of every stream for ``epoch`` (see the module docstring)."""
+    reads = assign_shards(len(shard_lengths), num_streams, epoch, seed)
+    dropped = 0
+    queues: list[list[Item]] = []
+    for s, virtual in enumerate(reads):
+        items = []
+        for shard, j, m in virtual:
+            for pos in range(j, len(shard_lengths[shard]), m):
+                length = int(shard_lengths[shard][pos])
+                if plan.bucket_for(length) is None:
+                    dropped += 1
+                else:
+                    items.append(Item(shard, pos, length))
+        queues.append(_shuffled(items, shuffle_samples, _rng(seed, epoch, 1, s)))
+
+    k_count = plan.num_buckets
+    pending = [[deque() for _ in range(k_count)] for _ in range(num_streams)]
+    carry: list[list[Item]] = [[] for _ in range(num_streams)]
+    cursor = [0] * num_streams
+    out: list[list[Batch]] = [[] for _ in range(num_streams)]
+    order_rng = _rng(seed, epoch, 2)
+    while True:
+        for s in range(num_streams):
+            taken = queues[s][cursor[s]:cursor[s] + round_items]
+            cursor[s] += len(taken)
+            last = cursor[s] >= len(queues[s])
+            if plan.policy == "pack":
+                for row in _pack(carry[s] + taken, plan.lengths[0], last, carry, s):
+                    pending[s][0].append(row)
+            else:
+                for item in taken:
+                    pending[s][plan.bucket_for(item.length)].append((item,))
+        done = all(cursor[s] >= len(queues[s]) and not carry[s] for s in range(num_streams))
+        order: list[int] = []
+        for k in range(k_count):
+            size = plan.batch_sizes[k]
+            held = [len(pending[s][k]) for s in range(num_streams)]
+            if done:
+                n = max(math.ceil(h / size) for h in held)
+            elif max(held) >= PENDING_CAP * size:
+                n = max(h // size for h in held)
+            else:
+                n = min(h // size for h in held)
+            order += [k] * n
+        order_rng.shuffle(order)
+        for s in range(num_streams):
+            for k in order:
+                queue = pending[s][k]
+                rows = tuple(queue.popleft() if queue else () for _ in range(plan.batch_sizes[k]))
+                out[s].append(Batch(k, rows))
+        if done:
+            break
+    return EpochPlan(tuple(tuple(b) for b in out), tuple(tuple(r) for r in reads), dropped)
+
+
+def _pack(items: list[Item], row_length: int, last: bool, carry: list[list[Item]],
+          stream: int) -> list[Row]:
+    """Pack ``items`` into rows; rows below PACK_MIN_FILL wait for the next round."""
+    lengths = [min(i.length, row_length) for i in items]
+    rows = []
+    carry[stream] = []
+    for row in pack_rows(lengths, row_length):
+        fill = sum(lengths[i] for i in row) / row_length
+        if fill >= PACK_MIN_FILL or last:
+            rows.append(tuple(items[i] for i in sorted(row)))
+        else:
+            carry[stream] += [items[i] for i in row]
+    if last and not rows and carry[stream]:
+        rows, carry[stream] = [tuple(carry[stream])], []
+    return rows

@@ -1,0 +1,132 @@
+"""The loader the trainer holds: a torch DataLoader over the shard stream, with a position.
+
+It counts the batches the trainer has consumed, so ``state_dict()`` says exactly where to
+restart; ``StreamingLoader(config, state=...)`` then yields the batches that would have come
+next, reading only the shards still needed and decoding nothing already consumed. It also
+keeps the counters a trainer logs and enforces the bad-data budget.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .stream import ErrorBudgetExceeded, StreamConfig, stream_batches
+
+STATE_VERSION = 1
+
+
+class ShardStream(IterableDataset):
+    """One rank's batches; each DataLoader worker runs one stream of the plan."""
+
+    def __init__(self, config: StreamConfig, num_workers: int, epoch: int, position: int):
+        self.config = config
+        self.num_workers = num_workers
+        self.epoch = epoch
+        self.position = position
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker = info.id if info else 0
+        torch.set_num_threads(1)
+        for batch in stream_batches(self.config, self.num_workers, worker, self.epoch,
+                                    self.position):
+            yield {k: torch.from_numpy(v) if hasattr(v, "dtype") and hasattr(v, "shape")
+                   else v for k, v in batch.items()}
+
+
+@dataclass
+class Counters:
+    batches: int = 0
+    utterances: int = 0
+    audio_samples: int = 0
+    padded_samples: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    def padding_efficiency(self) -> float:
+        return self.audio_samples / self.padded_samples if self.padded_samples else 0.0
+
+    def to_json(self) -> dict:
+        return {"batches": self.batches, "utterances": self.utterances,
+                "audio_samples": self.audio_samples, "padded_samples": self.padded_samples,
+                "skipped": dict(self.skipped)}
+
+
+class StreamingLoader:
+    """Endless fixed-shape batches for one rank; ``max_train_steps`` is the trainer's stop."""
+
+    def __init__(self, config: StreamConfig, num_workers: int = 2, prefetch_factor: int = 2,
+                 max_bad_fraction: float = 0.01, min_for_budget: int = 200,
+                 state: dict | None = None):
+        self.config = config
+        self.num_workers = num_workers
+        self.prefetch_factor = prefetch_factor
+        self.max_bad_fraction = max_bad_fraction
+        self.min_for_budget = min_for_budget
+        self.epoch = 0
+        self.position = 0
+        self.counters = Counters()
+        if state:
+            self.load_state_dict(state)
+        self._epoch_length = None
+
+    def _batches_in_epoch(self) -> int:
+        if self._epoch_length is None or self._epoch_length[0] != self.epoch:
+            n = self.config.epoch_plan(self.epoch, self.num_workers).batches_per_stream
+            self._epoch_length = (self.epoch, n * max(self.num_workers, 1))
+        return self._epoch_length[1]
+
+    def __iter__(self) -> Iterator[dict]:
+        dataset = ShardStream(self.config, self.num_workers, self.epoch, self.position)
+        extra = ({"prefetch_factor": self.prefetch_factor, "multiprocessing_context": "fork"}
+                 if self.num_workers else {})
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, **extra)
+        for batch in loader:
+            self._count(batch)
+            self.position += 1
+            if self.position >= self._batches_in_epoch():
+                self.epoch += 1
+                self.position = 0
+            yield batch
+
+    def _count(self, batch: dict) -> None:
+        c = self.counters
+        c.batches += 1
+        c.utterances += int(batch["num_utterances"])
+        c.audio_samples += int(batch["audio_samples"])
+        c.padded_samples += int(batch["padded_samples"])
+        c.skipped.update(batch["skipped"])
+        bad = sum(c.skipped.values())
+        seen = bad + c.utterances
+        if seen >= self.min_for_budget and bad > self.max_bad_fraction * seen:
+            reasons = ", ".join(f"{k}: {v}" for k, v in c.skipped.most_common())
+            raise ErrorBudgetExceeded(
+                f"{bad} of {seen} utterances were bad ({reasons}), over the budget of "
+                f"{self.max_bad_fraction:.1%}; check the shards with tools/make_shards.py "
+                f"--verify or raise --max_bad_fraction")
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "epoch": self.epoch, "position": self.position,
+                "seed": self.config.seed, "world_size": self.config.world_size,
+                "num_workers": self.num_workers, "plan": self.config.plan.to_json(),
+                "num_shards": len(self.config.shards.urls), "counters": self.counters.to_json()}
+
+    def load_state_dict(self, state: dict) -> None:
+        expect = {"version": STATE_VERSION, "seed": self.config.seed,
+                  "world_size": self.config.world_size, "num_workers": self.num_workers,
+                  "plan": self.config.plan.to_json(), "num_shards": len(self.config.shards.urls)}
+        for key, value in expect.items():
+            if state.get(key) != value:
+                raise ValueError(f"loader state has {key}={state.get(key)!r} but this run has "
+                                 f"{value!r}: an exact resume needs the same seed, world size, "
+                                 f"worker count, shape plan and shards")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        counters = state.get("counters", {})
+        self.counters = Counters(counters.get("batches", 0), counters.get("utterances", 0),
+                                 counters.get("audio_samples", 0),
+                                 counters.get("padded_samples", 0),
+                                 Counter(counters.get("skipped", {})))

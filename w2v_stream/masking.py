@@ -1,0 +1,82 @@
+"""Mask spans and negative indices for Wav2Vec2 pre-training, in fixed shapes, on the host.
+
+The algorithms are transformers' ``_compute_mask_indices`` and ``_sample_negative_indices``
+(transformers 5.23.0) made deterministic: they draw from a ``numpy.random.RandomState`` the
+caller seeds per batch instead of numpy's global state, in the same order, so for the same
+seed they give the same arrays (tests/test_masking.py checks this against transformers).
+Two deliberate differences, both about padding: a row with no valid frames gets no mask at
+all (transformers masks its last, padded, frame as a placeholder), and a row with a single
+masked frame is unmasked (transformers fails: there is no other frame to draw a negative
+from). Masks never touch padding; a negative is never the positive.
+
+Segments: a row may hold several utterances (the ``pack`` policy). Each segment is masked on
+its own and draws negatives only from its own masked frames.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+Segment = tuple[int, int]  # [start, end) frames of one utterance within a row
+
+
+def compute_mask(segments: Sequence[Sequence[Segment]], num_frames: int, mask_prob: float,
+                 mask_length: int, min_masks: int, rs: np.random.RandomState) -> np.ndarray:
+    """(B, T) bool: spans of ``mask_length`` covering about ``mask_prob`` of each segment."""
+    if mask_length < 1:
+        raise ValueError("mask_length must be >= 1")
+    if mask_length > num_frames:
+        raise ValueError(f"mask_length {mask_length} > {num_frames} frames")
+    mask = np.zeros((len(segments), num_frames), dtype=bool)
+    epsilon = rs.rand(1).item()  # one probabilistic rounding for the whole batch
+
+    def spans_for(length: int) -> int:
+        count = max(int(mask_prob * length / mask_length + epsilon), min_masks)
+        if count * mask_length > num_frames:
+            count = num_frames // mask_length
+        if length - (mask_length - 1) < count:
+            count = max(length - (mask_length - 1), 0)
+        return count
+
+    if spans_for(num_frames) == 0:
+        return mask
+    for row, row_segments in enumerate(segments):
+        for start, end in row_segments:
+            length = end - start
+            count = spans_for(length)
+            starts = rs.choice(np.arange(length - (mask_length - 1)), count, replace=False)
+            if count == 0:
+                continue
+            idx = (starts[:, None] + np.arange(mask_length)[None, :]).reshape(-1)
+            mask[row, start + np.minimum(idx, length - 1)] = True
+    return mask
+
+
+def sample_negatives(mask: np.ndarray, segments: Sequence[Sequence[Segment]],
+                     num_negatives: int, rs: np.random.RandomState) -> np.ndarray:
+    """(B, T, K) int32 indices into the flattened (B*T) features, batch offset included.
+
+    For each masked frame, ``num_negatives`` other masked frames of the same segment, drawn
+    uniformly with replacement, never the frame itself. Unmasked frames point at their row's
+    first frame (they are not used). Segments with a single masked frame are unmasked in
+    ``mask`` (in place).
+    """
+    batch, frames = mask.shape
+    out = np.zeros((batch, frames, num_negatives), dtype=np.int32)
+    for row, row_segments in enumerate(segments):
+        for start, end in row_segments:
+            masked = np.flatnonzero(mask[row, start:end]) + start
+            if masked.size == 1:
+                mask[row, masked] = False
+                continue
+            if masked.size == 0:
+                continue
+            high = masked.size - 1
+            positive = np.broadcast_to(np.arange(high + 1)[:, None], (high + 1, num_negatives))
+            drawn = rs.randint(0, high, size=(high + 1, num_negatives))
+            drawn[drawn >= positive] += 1  # skip the positive, keep the draw uniform
+            out[row, masked] = masked[drawn]
+        out[row] += row * frames
+    return out

@@ -1,0 +1,250 @@
+"""The streaming pipeline: shards in, fixed-shape pre-training batches out.
+
+Stages, each a small function: ``read_stream`` (a stream's virtual shards → held samples,
+skipping what the plan does not need without decoding it), ``decode_utterance`` (FLAC bytes →
+checked float32 audio), ``assemble`` (rows of audio → a padded batch with masks and
+negatives). ``ShardStream`` is the torch IterableDataset that runs them in each loader
+worker; ``StreamingLoader`` wraps the DataLoader, counts consumed batches and so knows the
+exact position to resume from.
+
+Bad data (a truncated or missing shard, corrupt FLAC, missing or wrong metadata) becomes a
+dummy row in its batch, never a new shape, and is counted by reason; the loader raises
+``ErrorBudgetExceeded`` when the share of bad utterances passes ``max_bad_fraction``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import soundfile as sf
+
+from .buckets import ShapePlan, frames_to_min_samples
+from .epochs import Batch, EpochPlan, plan_epoch
+from .masking import compute_mask, sample_negatives
+from .shards import ShardFormatError, iter_samples
+from .sources import ShardList, SourceError, open_url
+
+NORM_EPS = 1e-7  # as transformers' Wav2Vec2FeatureExtractor zero_mean_unit_var_norm
+
+
+class ErrorBudgetExceeded(RuntimeError):
+    """More bad utterances than the configured budget allows."""
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Everything a loader worker needs; plain values so it pickles into workers."""
+
+    shards: ShardList
+    plan: ShapePlan
+    seed: int = 0
+    world_size: int = 1
+    rank: int = 0
+    shuffle_seconds: float = 600.0  # audio held by each stream's shuffle buffer
+    round_items: int = 256
+    mask_time_prob: float = 0.65
+    mask_time_length: int = 10
+    mask_time_min_masks: int = 2
+    num_negatives: int = 100
+    conv_kernel: tuple[int, ...] = (10, 3, 3, 3, 3, 2, 2)
+    conv_stride: tuple[int, ...] = (5, 2, 2, 2, 2, 2, 2)
+    allow_pipe: bool = False
+    s3_endpoint_url: str | None = None
+
+    def epoch_plan(self, epoch: int, num_workers: int) -> EpochPlan:
+        return plan_epoch(self.shards.lengths, self.plan, self.world_size * max(num_workers, 1),
+                          epoch, self.seed, int(self.shuffle_seconds * self.plan.sample_rate),
+                          self.round_items)
+
+
+class BadUtterance(ValueError):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def decode_utterance(parts: dict[str, bytes] | None, expected_samples: int,
+                     sample_rate: int) -> np.ndarray:
+    """FLAC + JSON members → float32 mono audio, or BadUtterance saying why not."""
+    if parts is None:
+        raise BadUtterance("missing_sample", "not found where the index puts it")
+    if "json" not in parts or "flac" not in parts:
+        raise BadUtterance("missing_member", f"members {sorted(parts)}, need flac and json")
+    try:
+        meta = json.loads(parts["json"])
+    except ValueError as exc:
+        raise BadUtterance("bad_metadata", str(exc)) from None
+    if meta.get("num_samples") != expected_samples:
+        raise BadUtterance("index_mismatch", f"metadata says {meta.get('num_samples')} "
+                           f"samples, index.json {expected_samples}; re-run make_shards")
+    try:
+        audio, rate = sf.read(io.BytesIO(parts["flac"]), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+        raise BadUtterance("corrupt_audio", str(exc)[:200]) from None
+    if rate != sample_rate or audio.shape[1] != 1:
+        raise BadUtterance("wrong_format", f"{rate} Hz, {audio.shape[1]} channels; expected "
+                           f"{sample_rate} Hz mono")
+    if audio.shape[0] != expected_samples:
+        raise BadUtterance("corrupt_audio", f"decoded {audio.shape[0]} of {expected_samples}")
+    return audio[:, 0]
+
+
+def normalise(audio: np.ndarray) -> np.ndarray:
+    """Zero mean, unit variance over the samples given (only valid ones: padding comes later)."""
+    return (audio - audio.mean()) / np.sqrt(audio.var() + NORM_EPS)
+
+
+def read_stream(config: StreamConfig, reads, needed: set[tuple[int, int]]
+                ) -> Iterator[tuple[tuple[int, int], dict[str, bytes] | BadUtterance]]:
+    """Yield ``((shard, pos), parts)`` once for each needed sample of these virtual shards.
+
+    Samples the plan does not need are stepped over without decoding; a shard holding no
+    needed sample is not opened. A sample that cannot be had (shard unreachable, truncated,
+    shorter than its index says) comes as a BadUtterance instead of its parts.
+    """
+    by_shard: dict[int, set[int]] = {}
+    for shard, pos in needed:
+        by_shard.setdefault(shard, set()).add(pos)
+    for shard, j, m in reads:
+        want = {p for p in by_shard.get(shard, ()) if p % m == j}
+        if not want:
+            continue
+        url = config.shards.urls[shard]
+        got: set[int] = set()
+        error = None
+        try:
+            with open_url(url, config.allow_pipe, config.s3_endpoint_url) as f:
+                for pos, (_, parts) in enumerate(iter_samples(f, url)):
+                    if pos in want:
+                        got.add(pos)
+                        yield (shard, pos), parts
+                        if len(got) == len(want):
+                            break
+        except SourceError as exc:
+            error = BadUtterance("unreadable_shard", str(exc))
+        except (ShardFormatError, tarfile.TarError, OSError, EOFError) as exc:
+            error = BadUtterance("broken_shard", f"{url}: {exc}")
+        for pos in sorted(want - got):
+            yield (shard, pos), error or BadUtterance("missing_sample",
+                                                      f"{url} has no sample #{pos}")
+
+
+def _crop(audio: np.ndarray, length: int, rs: np.random.RandomState) -> np.ndarray:
+    if audio.shape[0] <= length:
+        return audio
+    start = rs.randint(0, audio.shape[0] - length + 1)
+    return audio[start:start + length]
+
+
+def assemble(config: StreamConfig, batch: Batch, rows: list[list[np.ndarray]],
+             rs: np.random.RandomState) -> dict:
+    """Rows of utterance audio → the fixed-shape arrays of one batch.
+
+    ``rows[i]`` holds the utterances of row i (empty for a dummy row). Each is cropped as the
+    policy says, normalised over its own samples and placed at the row's next free sample;
+    the rest is exact zeros. Masks and negatives stay inside each utterance's frames.
+    """
+    plan = config.plan
+    k = batch.bucket
+    size, length, frames = plan.batch_sizes[k], plan.lengths[k], plan.frames[k]
+    stride = int(np.prod(config.conv_stride))
+    field = frames_to_min_samples(1, config.conv_kernel, config.conv_stride)
+    values = np.zeros((size, length), dtype=np.float32)
+    attention = np.zeros((size, length), dtype=np.int64)
+    segments: list[list[tuple[int, int]]] = []
+    audio_samples = utterances = 0
+    for i, pieces in enumerate(rows):
+        offset = 0
+        row_segments = []
+        for audio in pieces:
+            target = length if plan.policy == "crop" else length - offset
+            piece = normalise(_crop(audio, target, rs))
+            end = offset + piece.shape[0]
+            values[i, offset:end] = piece
+            attention[i, offset:end] = 1
+            first = -(-offset // stride)
+            last = (end - field) // stride + 1 if end >= field else 0
+            if last > first:
+                row_segments.append((first, min(last, frames)))
+            offset = end
+            audio_samples += piece.shape[0]
+            utterances += 1
+        segments.append(row_segments)
+    mask = compute_mask(segments, frames, config.mask_time_prob, config.mask_time_length,
+                        config.mask_time_min_masks, rs)
+    negatives = sample_negatives(mask, segments, config.num_negatives, rs)
+    frame_mask = np.zeros((size, frames), dtype=bool)
+    for i, row_segments in enumerate(segments):
+        for first, last in row_segments:
+            frame_mask[i, first:last] = True
+    return {"input_values": values, "attention_mask": attention,
+            "mask_time_indices": mask, "sampled_negative_indices": negatives.astype(np.int64),
+            "frame_mask": frame_mask, "bucket": k, "num_utterances": utterances,
+            "audio_samples": audio_samples, "padded_samples": size * length}
+
+
+def batch_seed(seed: int, epoch: int, stream: int, index: int) -> np.ndarray:
+    return np.random.SeedSequence([seed, epoch, stream, index]).generate_state(4)
+
+
+def stream_batches(config: StreamConfig, num_workers: int, worker: int, start_epoch: int,
+                   start_position: int) -> Iterator[dict]:
+    """The endless batch stream of one loader worker.
+
+    Rank-level position p (batches this rank has yielded in the epoch) comes from worker
+    ``p % W``, its batch ``p // W``; a loader restarted at ``start_position`` gives worker w
+    the stream role ``(start_position + w) % W`` so the sequence continues exactly.
+    """
+    workers = max(num_workers, 1)
+    role = (start_position + worker) % workers
+    index = (start_position + worker) // workers
+    stream = config.rank * workers + role
+    epoch = start_epoch
+    while True:
+        eplan = config.epoch_plan(epoch, num_workers)
+        batches = eplan.streams[stream]
+        if not batches:
+            raise ValueError("the plan has no batch for this epoch: no usable utterance")
+        if index >= len(batches):
+            index -= len(batches)
+            epoch += 1
+            continue
+        yield from _epoch_batches(config, eplan, stream, epoch, index)
+        epoch += 1
+        index = 0
+
+
+def _epoch_batches(config: StreamConfig, eplan: EpochPlan, stream: int, epoch: int,
+                   first: int) -> Iterator[dict]:
+    batches = eplan.streams[stream][first:]
+    needed = {(it.shard, it.pos) for b in batches for row in b.rows for it in row}
+    reader = read_stream(config, eplan.reads[stream], needed)
+    held: dict[tuple[int, int], dict | BadUtterance] = {}
+    for index, batch in enumerate(batches, start=first):
+        skipped: Counter = Counter()
+        rows: list[list[np.ndarray]] = []
+        for row in batch.rows:
+            pieces = []
+            for item in row:
+                key = (item.shard, item.pos)
+                while key not in held:
+                    got_key, parts = next(reader)
+                    held[got_key] = parts
+                parts = held.pop(key)
+                try:
+                    if isinstance(parts, BadUtterance):
+                        raise parts
+                    pieces.append(decode_utterance(parts, item.length, config.plan.sample_rate))
+                except BadUtterance as bad:
+                    skipped[bad.reason] += 1
+            rows.append(pieces)
+        rs = np.random.RandomState(batch_seed(config.seed, epoch, stream, index))
+        out = assemble(config, batch, rows, rs)
+        out.update(epoch=epoch, skipped=dict(skipped))
+        yield out
