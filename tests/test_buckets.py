@@ -1,0 +1,80 @@
+"""The shape plan: frame formula, optimal boundaries, batch sizes, efficiency."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from transformers import Wav2Vec2Config
+from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2Model
+
+from w2v_stream import buckets
+
+
+
+def dev_clean_lengths():
+    from conftest import REPO
+    path = REPO.parent / "shared/data/librispeech-dev-clean.num_samples.tsv"
+    return [int(line.split()[1]) for line in path.read_text().splitlines()]
+
+
+def test_frames_match_transformers():
+    model = Wav2Vec2Model(Wav2Vec2Config(hidden_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, intermediate_size=32,
+                                         conv_dim=(8,) * 7))
+    for n in (400, 401, 719, 720, 16000, 249_600, 320_000):
+        expected = int(model._get_feat_extract_output_lengths(n))
+        assert buckets.frames_for_samples(n) == expected == (n - 400) // 320 + 1
+        assert buckets.frames_for_samples(buckets.frames_to_min_samples(expected)) == expected
+
+
+def _padded(tops, lengths):
+    tops = sorted(tops)
+    return sum(min(t for t in tops if t >= n) for n in lengths)
+
+
+def test_pad_boundaries_are_optimal_against_brute_force():
+    rng = np.random.default_rng(0)
+    lengths = (rng.integers(10, 60, size=300) * 320).tolist()
+    grid = sorted(set(lengths))
+    for k in (2, 3):
+        plan = buckets.make_plan(lengths, "pad", num_buckets=k)
+        best = min(_padded(list(c) + [max(grid)], lengths)
+                   for c in itertools.combinations(grid[:-1], k - 1))
+        assert _padded(plan.lengths, lengths) == best
+
+
+def test_bucket_rules_and_flat_memory():
+    lengths = dev_clean_lengths()
+    plan = buckets.make_plan(lengths, "pad", 8, batch_size=8, min_samples=32_000,
+                             max_samples=320_000)
+    assert plan.lengths[-1] == 320_000 and len(plan.lengths) == 8
+    budget = 8 * 320_000
+    for rows, length in plan.shapes():
+        assert rows * length <= budget and (rows + 1) * length > budget
+    assert plan.bucket_for(31_999) is None
+    assert plan.bucket_for(10 ** 7) == 7  # over-long: cropped into the last bucket
+    assert plan.lengths[plan.bucket_for(100_000)] >= 100_000
+    crop = buckets.make_plan(lengths, "crop", 8, min_samples=32_000, max_samples=320_000)
+    k = crop.bucket_for(100_000)
+    assert crop.lengths[k] <= 100_000 < (crop.lengths[k + 1] if k + 1 < 8 else 10 ** 9)
+    assert buckets.ShapePlan.from_json(plan.to_json()) == plan
+
+
+def test_efficiency_on_dev_clean():
+    lengths = dev_clean_lengths()
+    common = dict(batch_size=8, min_samples=32_000, max_samples=320_000)
+    pad8 = buckets.padded_efficiency(buckets.make_plan(lengths, "pad", 8, **common), lengths)
+    pad16 = buckets.padded_efficiency(buckets.make_plan(lengths, "pad", 16, **common), lengths)
+    pack = buckets.padded_efficiency(buckets.make_plan(lengths, "pack", 1, **common), lengths)
+    assert 0.85 < pad8["efficiency"] < pad16["efficiency"] < 0.95
+    assert pack["efficiency"] >= 0.98 and pack["audio_kept"] == 1.0
+    assert pad8["dropped"] == sum(n < 32_000 for n in lengths)
+
+
+def test_bad_arguments_say_what_is_wrong():
+    with pytest.raises(ValueError, match="length policy"):
+        buckets.make_plan([16000], "bucket")
+    with pytest.raises(ValueError, match="nothing to plan"):
+        buckets.make_plan([1000], "pad", min_samples=16000)

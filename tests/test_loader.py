@@ -1,0 +1,202 @@
+"""The streaming loader: shapes from the plan, clean masks, splits, determinism, resume,
+remote sources and bad shards."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from w2v_stream import buckets, convert, epochs, sources
+from w2v_stream.librispeech import open_sources
+from w2v_stream.loader import StreamingLoader
+from w2v_stream.stream import ErrorBudgetExceeded, StreamConfig
+
+MASK = dict(mask_time_prob=0.65, mask_time_length=10, mask_time_min_masks=2, num_negatives=20)
+
+
+@pytest.fixture(scope="session")
+def shard_dir(corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    convert.convert(open_sources([str(corpus)]), out, convert.ShardOptions(samples_per_shard=2))
+    return out
+
+
+def make_config(spec, policy="pad", num_buckets=3, **kw) -> StreamConfig:
+    shard_list = sources.resolve(str(spec), s3_endpoint_url=kw.get("s3_endpoint_url"))
+    lengths = [n for shard in shard_list.lengths for n in shard]
+    plan = buckets.make_plan(lengths, policy, num_buckets, batch_size=2, min_samples=16_000,
+                             max_samples=16_000 * 16)
+    return StreamConfig(shard_list, plan, shuffle_seconds=30.0, round_items=4, **MASK, **kw)
+
+
+def take(loader, n):
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == n:
+            break
+    return out
+
+
+def same(a, b) -> bool:
+    keys = ("input_values", "attention_mask", "mask_time_indices", "sampled_negative_indices")
+    return all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in keys) and len(a) == len(b)
+
+
+@pytest.mark.parametrize("policy", ["pad", "crop", "pack"])
+def test_shapes_masks_negatives_and_normalisation(shard_dir, policy):
+    config = make_config(shard_dir, policy)
+    plan = config.plan
+    batches = take(StreamingLoader(config, num_workers=2), 30)  # several epochs
+    assert {tuple(b["input_values"].shape) for b in batches} <= set(plan.shapes())
+    for b in batches:
+        k = b["bucket"]
+        rows, frames = plan.batch_sizes[k], plan.frames[k]
+        assert b["mask_time_indices"].shape == b["frame_mask"].shape == (rows, frames)
+        assert b["sampled_negative_indices"].shape == (rows, frames, 20)
+        mask, valid = b["mask_time_indices"].numpy(), b["frame_mask"].numpy()
+        assert not (mask & ~valid).any(), "mask on padding"
+        values, attention = b["input_values"].numpy(), b["attention_mask"].numpy()
+        assert (values[attention == 0] == 0).all(), "padding must be exact zeros"
+        neg = b["sampled_negative_indices"].numpy()
+        for row in range(rows):
+            for t in np.flatnonzero(mask[row]):
+                targets = neg[row, t] - row * frames
+                assert (targets != t).all() and mask[row, targets].all()
+            n = int(attention[row].sum())
+            if n and policy != "pack":  # one utterance per row: normalised over it alone
+                assert abs(values[row, :n].mean()) < 1e-3
+                assert abs(values[row, :n].std() - 1) < 1e-2
+    stats = [b["num_utterances"] for b in batches]
+    assert sum(stats) > 0 and any(not b["attention_mask"].any(-1).all() for b in batches)
+
+
+def test_splits_are_disjoint_and_complete_with_uneven_and_few_shards():
+    plan = buckets.make_plan([32_000, 64_000, 160_000], "pad", 3, batch_size=2)
+    uneven = [[32_000] * 7, [64_000] * 2, [160_000, 32_000, 64_000], [64_000] * 11]
+    for shard_lengths, streams in [(uneven, 4), (uneven, 6), (uneven[:2], 5), (uneven, 1)]:
+        ep = epochs.plan_epoch(shard_lengths, plan, streams, epoch=3, seed=1,
+                               shuffle_samples=400_000, round_items=3)
+        seen = [(i.shard, i.pos) for s in ep.streams for b in s for r in b.rows for i in r]
+        expected = [(s, p) for s, lens in enumerate(shard_lengths) for p in range(len(lens))]
+        assert sorted(seen) == sorted(expected), "an utterance is lost or read twice"
+        counts = {len(s) for s in ep.streams}
+        assert len(counts) == 1, "streams must yield the same number of batches"
+        for step in zip(*ep.streams):
+            assert len({b.bucket for b in step}) == 1, "same shape at the same step"
+        for s, stream_batches in enumerate(ep.streams):  # a stream only reads its shards
+            mine = {(shard, j, m) for shard, j, m in ep.reads[s]}
+            for b in stream_batches:
+                for row in b.rows:
+                    for i in row:
+                        assert any(i.shard == sh and i.pos % m == j for sh, j, m in mine)
+
+
+def test_ranks_agree_on_shapes_and_differ_in_data(shard_dir):
+    runs = [take(StreamingLoader(make_config(shard_dir, world_size=2, rank=r), num_workers=2),
+                 12) for r in (0, 1)]
+    assert [b["input_values"].shape for b in runs[0]] == [b["input_values"].shape
+                                                          for b in runs[1]]
+    assert not same(runs[0], runs[1])
+
+
+def test_deterministic_and_exact_resume_across_epochs(shard_dir):
+    config = make_config(shard_dir)
+    whole = take(StreamingLoader(config, num_workers=2), 25)
+    assert same(whole, take(StreamingLoader(config, num_workers=2), 25))
+    first = StreamingLoader(config, num_workers=2)
+    head = take(first, 11)  # 11 is odd: the restart must rotate the workers' roles
+    state = first.state_dict()
+    assert state["epoch"] >= 1, "the test should cross an epoch boundary"
+    resumed = StreamingLoader(config, num_workers=2, state=state)
+    assert same(head + take(resumed, 14), whole)
+    with pytest.raises(ValueError, match="same seed"):
+        StreamingLoader(make_config(shard_dir, seed=5), num_workers=2, state=state)
+
+
+def _serve(folder: Path):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_http_stream_equals_local(shard_dir):
+    server = _serve(shard_dir)
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        remote = take(StreamingLoader(make_config(url), num_workers=2), 8)
+        pattern = f"{url}/shard-{{000000..000005}}.tar"
+        assert sources.resolve(pattern).urls[-1] == f"{url}/shard-000005.tar"
+    finally:
+        server.shutdown()
+    assert same(remote, take(StreamingLoader(make_config(shard_dir), num_workers=2), 8))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_s3_stream_equals_local(shard_dir, monkeypatch):
+    boto3 = pytest.importorskip("boto3")
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    for name, value in [("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"),
+                        ("AWS_DEFAULT_REGION", "us-east-1")]:
+        monkeypatch.setenv(name, value)
+    try:
+        client = boto3.client("s3", endpoint_url=endpoint)
+        for _ in range(100):
+            try:
+                client.create_bucket(Bucket="speech")
+                break
+            except Exception:
+                time.sleep(0.1)
+        for path in shard_dir.iterdir():
+            client.upload_file(str(path), "speech", f"ls/{path.name}")
+        config = make_config("s3://speech/ls", s3_endpoint_url=endpoint)
+        remote = take(StreamingLoader(config, num_workers=2), 8)
+    finally:
+        server.terminate()
+        server.wait()
+    assert same(remote, take(StreamingLoader(make_config(shard_dir), num_workers=2), 8))
+
+
+def test_pipe_urls_need_an_explicit_opt_in(shard_dir):
+    with pytest.raises(sources.SourceError, match="refused"):
+        sources.open_url(f"pipe:cat {shard_dir}/shard-000000.tar")
+    with sources.open_url(f"pipe:cat {shard_dir}/shard-000000.tar", allow_pipe=True) as f:
+        assert f.read() == (shard_dir / "shard-000000.tar").read_bytes()
+
+
+def test_corrupt_shards_are_skipped_counted_and_budgeted(shard_dir, tmp_path):
+    broken = tmp_path / "shards"
+    shutil.copytree(shard_dir, broken)
+    data = (broken / "shard-000001.tar").read_bytes()
+    (broken / "shard-000001.tar").write_bytes(data[:1500])  # truncated mid-sample
+    (broken / "shard-000003.tar").unlink()  # gone
+    config = make_config(broken)
+    loader = StreamingLoader(config, num_workers=2, max_bad_fraction=0.9, min_for_budget=1)
+    batches = take(loader, 20)
+    assert {tuple(b["input_values"].shape) for b in batches} <= set(config.plan.shapes())
+    skipped = loader.counters.skipped
+    assert skipped["broken_shard"] > 0 and skipped["unreadable_shard"] > 0
+    strict = StreamingLoader(config, num_workers=0, max_bad_fraction=0.01, min_for_budget=1)
+    with pytest.raises(ErrorBudgetExceeded, match="over the budget"):
+        take(strict, 20)
