@@ -77,9 +77,11 @@ def test_shapes_masks_negatives_and_normalisation(shard_dir, policy):
             n = int(attention[row].sum())
             if n and policy != "pack":  # one utterance per row: normalised over it alone
                 assert abs(values[row, :n].mean()) < 1e-3
-                assert abs(values[row, :n].std() - 1) < 1e-2
-    stats = [b["num_utterances"] for b in batches]
-    assert sum(stats) > 0 and any(not b["attention_mask"].any(-1).all() for b in batches)
+                assert 0.95 < values[row, :n].std() < 1.001  # below 1 only for near silence
+    assert sum(b["num_utterances"] for b in batches) > 0
+    for b in batches:  # dummy rows (no audio) carry no mask and no valid frame
+        dummy = ~b["attention_mask"].bool().any(-1)
+        assert not b["mask_time_indices"][dummy].any() and not b["frame_mask"][dummy].any()
 
 
 def test_splits_are_disjoint_and_complete_with_uneven_and_few_shards():

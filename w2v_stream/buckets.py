@@ -173,36 +173,33 @@ def padded_efficiency(plan: ShapePlan, lengths: Sequence[int]) -> dict:
     """Real audio samples / samples in the padded batches of one pass over ``lengths``.
 
     Counts partial-batch filler rows (the last batch of each bucket is filled to full size)
-    and, for pack, the gaps at row ends (rows packed first-fit decreasing). Also returns the
-    share of utterances per bucket and the audio kept (crop leaves some out).
+    and, for pack, the gaps at row ends (rows packed first-fit decreasing). Also gives, per
+    bucket, the share of utterances, batches and efficiency, and the audio kept (crop leaves
+    some out; pad and pack crop only what exceeds the maximum).
     """
     arr = np.asarray(lengths, dtype=np.int64)
     kept = arr[arr >= plan.min_samples]
-    dropped = int(arr.size - kept.size)
-    used = np.minimum(kept, plan.max_samples)
+    capped = np.minimum(kept, plan.max_samples)
+    buckets = np.array([plan.bucket_for(int(n)) for n in capped], dtype=object)
+    valid = np.array([b is not None for b in buckets], dtype=bool)
+    used = capped[valid]
     if plan.policy == "pack":
-        rows = len(pack_rows(used.tolist(), plan.lengths[0]))
-        per_bucket_counts = [rows]
-        audio = int(used.sum())
-        batches = [math.ceil(rows / plan.batch_sizes[0])]
+        counts = [len(pack_rows(used.tolist(), plan.lengths[0]))]
+        audio = [int(used.sum())]
     else:
-        buckets = np.array([plan.bucket_for(int(n)) for n in used])
-        valid = buckets >= 0 if plan.policy == "pad" else np.array(
-            [b is not None for b in buckets])
-        buckets = buckets[valid].astype(np.int64)
-        used = used[valid]
-        per_bucket_counts = np.bincount(buckets, minlength=plan.num_buckets).tolist()
+        index = buckets[valid].astype(np.int64)
+        counts = np.bincount(index, minlength=plan.num_buckets).tolist()
         if plan.policy == "crop":
-            used = np.asarray(plan.lengths)[buckets]
-        audio = int(used.sum())
-        batches = [math.ceil(c / b) for c, b in zip(per_bucket_counts, plan.batch_sizes)]
-    padded = sum(n * b * length for n, b, length in zip(batches, plan.batch_sizes,
-                                                         plan.lengths))
-    total = max(int(arr.size - dropped), 1)
-    return {"efficiency": audio / padded if padded else 0.0,
-            "audio_kept": audio / max(int(np.minimum(kept, plan.max_samples).sum()), 1),
-            "dropped": dropped, "batches": batches,
-            "share": [c / total for c in per_bucket_counts] if plan.policy != "pack" else [1.0]}
+            used = np.asarray(plan.lengths)[index]
+        audio = np.bincount(index, weights=used, minlength=plan.num_buckets).tolist()
+    batches = [math.ceil(c / b) for c, b in zip(counts, plan.batch_sizes)]
+    padded = [n * b * length for n, b, length in zip(batches, plan.batch_sizes, plan.lengths)]
+    utterances = max(int(valid.sum()), 1)
+    return {"efficiency": sum(audio) / sum(padded) if sum(padded) else 0.0,
+            "audio_kept": sum(audio) / max(int(capped.sum()), 1),
+            "dropped": int(arr.size - valid.sum()), "batches": batches,
+            "bucket_efficiency": [a / p if p else 0.0 for a, p in zip(audio, padded)],
+            "share": ([1.0] if plan.policy == "pack" else [c / utterances for c in counts])}
 
 
 def pack_rows(lengths: Sequence[int], row_length: int) -> list[list[int]]:

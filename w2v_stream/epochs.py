@@ -9,8 +9,10 @@ Everything here works on utterance lengths from ``index.json``; no audio is read
 2. Each stream passes its utterances through a shuffle buffer bounded in audio samples.
 3. Streams advance in lock step, ``round_items`` utterances per round. Per round and bucket,
    every stream emits the same number of batches (the fewest full batches any stream has,
-   unless some stream holds ``PENDING_CAP`` batches' worth, then the most, the others filling
-   with dummy rows), in one shared shuffled bucket order. So all streams yield the same
+   unless some stream holds ``PENDING_CAP`` batches' worth, then the most), in one shared
+   shuffled bucket order. A stream short of utterances for a batch borrows from other
+   buckets (pad: shorter ones, padded further; crop: longer ones, cropped down) before it
+   falls back to dummy rows. So all streams yield the same
    number of batches with the same shape at the same step: DDP and IPU replicas never wait
    for a shape or a batch that does not come. At the epoch's end the rest is flushed.
 
@@ -135,8 +137,11 @@ def plan_epoch(shard_lengths: Sequence[Sequence[int]], plan: ShapePlan, num_stre
                 for item in taken:
                     pending[s][plan.bucket_for(item.length)].append((item,))
         done = all(cursor[s] >= len(queues[s]) and not carry[s] for s in range(num_streams))
-        order: list[int] = []
-        for k in range(k_count):
+        # Longest buckets first for pad (their batches may borrow shorter utterances), shortest
+        # first for crop (theirs may borrow longer ones, cropped down).
+        kinds = range(k_count - 1, -1, -1) if plan.policy != "crop" else range(k_count)
+        made: list[list[Batch]] = [[] for _ in range(num_streams)]
+        for k in kinds:
             size = plan.batch_sizes[k]
             held = [len(pending[s][k]) for s in range(num_streams)]
             if done:
@@ -145,16 +150,26 @@ def plan_epoch(shard_lengths: Sequence[Sequence[int]], plan: ShapePlan, num_stre
                 n = max(h // size for h in held)
             else:
                 n = min(h // size for h in held)
-            order += [k] * n
-        order_rng.shuffle(order)
+            donors = [j for j in kinds if (j < k if plan.policy != "crop" else j > k)]
+            for s in range(num_streams):
+                for _ in range(n):
+                    made[s].append(Batch(k, tuple(_take(pending[s], k, donors)
+                                                  for _ in range(size))))
+        order = order_rng.permutation(len(made[0])) if made[0] else []
         for s in range(num_streams):
-            for k in order:
-                queue = pending[s][k]
-                rows = tuple(queue.popleft() if queue else () for _ in range(plan.batch_sizes[k]))
-                out[s].append(Batch(k, rows))
+            out[s] += [made[s][i] for i in order]
         if done:
             break
     return EpochPlan(tuple(tuple(b) for b in out), tuple(tuple(r) for r in reads), dropped)
+
+
+def _take(pending: list[deque], k: int, donors: Sequence[int]) -> Row:
+    """The next row for a batch of bucket k: its own utterances first, then a donor's (a
+    shorter one padded further, or for crop a longer one cropped), else a dummy row."""
+    for j in (k, *donors):
+        if pending[j]:
+            return pending[j].popleft()
+    return ()
 
 
 def _pack(items: list[Item], row_length: int, last: bool, carry: list[list[Item]],

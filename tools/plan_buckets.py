@@ -1,0 +1,91 @@
+#!/usr/bin/env python
+"""Print the shape plan (duration buckets, batch sizes, padding efficiency) for a corpus.
+
+    python tools/plan_buckets.py shards/train-clean-100 --num_buckets 8
+    python tools/plan_buckets.py ../shared/data/librispeech-dev-clean.num_samples.tsv \\
+        --min_duration_in_seconds 2 --max_duration_in_seconds 20 --length_policy pack
+
+SOURCE is a shard folder or URL holding index.json, or a text file of `id<TAB>num_samples`
+lines. Nothing is decoded. The last line is `padding efficiency: X.XXX`: real audio samples
+over the samples in the padded batches of one pass, counting partial-batch filler rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from w2v_stream import buckets, sources
+
+
+def read_lengths(source: str) -> tuple[list[int], int]:
+    path = Path(source)
+    if path.is_file() and not source.endswith(".json"):
+        lengths = []
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    lengths.append(int(line.split("\t")[-1].split()[-1]))
+                except ValueError:
+                    raise ValueError(f"{source}:{number}: expected id<TAB>num_samples, got "
+                                     f"{line[:60]!r}") from None
+        return lengths, 16_000
+    shard_list = sources.resolve(source)
+    return [n for shard in shard_list.lengths for n in shard], shard_list.sample_rate
+
+
+def add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num_buckets", type=int, default=8)
+    p.add_argument("--length_policy", choices=buckets.POLICIES, default="pad")
+    p.add_argument("--min_duration_in_seconds", type=float, default=2.0)
+    p.add_argument("--max_duration_in_seconds", type=float, default=20.0)
+    p.add_argument("--per_device_train_batch_size", type=int, default=8,
+                   help="rows of the longest bucket; sets the per-batch sample budget")
+    p.add_argument("--max_tokens", type=int, default=None,
+                   help="samples per batch (overrides per_device_train_batch_size)")
+
+
+def plan_from_args(args, lengths: list[int], sample_rate: int) -> buckets.ShapePlan:
+    return buckets.make_plan(
+        lengths, args.length_policy, args.num_buckets, max_tokens=args.max_tokens,
+        batch_size=args.per_device_train_batch_size,
+        min_samples=int(args.min_duration_in_seconds * sample_rate),
+        max_samples=int(args.max_duration_in_seconds * sample_rate), sample_rate=sample_rate)
+
+
+def format_plan(plan: buckets.ShapePlan, stats: dict) -> str:
+    rate = plan.sample_rate
+    lines = [f"policy {plan.policy}: {plan.num_buckets} shape(s), "
+             f"{plan.min_samples / rate:.1f}-{plan.max_samples / rate:.1f} s, "
+             f"{stats['dropped']} utterances dropped as too short",
+             f"{'bucket':>6} {'padded s':>9} {'frames':>7} {'batch':>6} {'share':>7} "
+             f"{'batches':>8} {'efficiency':>10}"]
+    for k in range(plan.num_buckets):
+        lines.append(f"{k:>6} {plan.lengths[k] / rate:>9.2f} {plan.frames[k]:>7} "
+                     f"{plan.batch_sizes[k]:>6} {stats['share'][k]:>7.1%} "
+                     f"{stats['batches'][k]:>8} {stats['bucket_efficiency'][k]:>10.3f}")
+    if plan.policy != "pad":
+        lines.append(f"audio kept: {stats['audio_kept']:.3f}")
+    lines.append(f"padding efficiency: {stats['efficiency']:.3f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("source", help="shard folder/URL with index.json, or an id<TAB>num_samples file")
+    add_plan_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        lengths, rate = read_lengths(args.source)
+        plan = plan_from_args(args, lengths, rate)
+    except (ValueError, OSError) as exc:
+        print(f"plan_buckets: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_plan(plan, buckets.padded_efficiency(plan, lengths)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
