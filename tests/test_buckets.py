@@ -29,20 +29,25 @@ def test_frames_match_transformers():
         assert buckets.frames_for_samples(buckets.frames_to_min_samples(expected)) == expected
 
 
-def _padded(tops, lengths):
+def _padded(tops, lengths, tokens):
+    """Samples in the batches of one pass: each bucket's count rounded up to whole batches."""
     tops = sorted(tops)
-    return sum(min(t for t in tops if t >= n) for n in lengths)
+    counts = {t: 0 for t in tops}
+    for n in lengths:
+        counts[min(t for t in tops if t >= n)] += 1
+    return sum(-(-c // (tokens // t)) * (tokens // t) * t for t, c in counts.items())
 
 
 def test_pad_boundaries_are_optimal_against_brute_force():
     rng = np.random.default_rng(0)
     lengths = (rng.integers(10, 60, size=300) * 320).tolist()
     grid = sorted(set(lengths))
+    tokens = 8 * max(grid)
     for k in (2, 3):
-        plan = buckets.make_plan(lengths, "pad", num_buckets=k)
-        best = min(_padded(list(c) + [max(grid)], lengths)
+        plan = buckets.make_plan(lengths, "pad", num_buckets=k, batch_size=8)
+        best = min(_padded(list(c) + [max(grid)], lengths, tokens)
                    for c in itertools.combinations(grid[:-1], k - 1))
-        assert _padded(plan.lengths, lengths) == best
+        assert _padded(plan.lengths, lengths, tokens) == best
 
 
 def test_bucket_rules_and_flat_memory():

@@ -37,6 +37,7 @@ def make_config(spec, policy="pad", num_buckets=3, **kw) -> StreamConfig:
     lengths = [n for shard in shard_list.lengths for n in shard]
     plan = buckets.make_plan(lengths, policy, num_buckets, batch_size=2, min_samples=16_000,
                              max_samples=16_000 * 16)
+    kw.setdefault("passes_per_epoch", 1)  # short epochs: the tests cross their boundaries
     return StreamConfig(shard_list, plan, shuffle_seconds=30.0, round_items=4, **MASK, **kw)
 
 
@@ -87,22 +88,23 @@ def test_shapes_masks_negatives_and_normalisation(shard_dir, policy):
 def test_splits_are_disjoint_and_complete_with_uneven_and_few_shards():
     plan = buckets.make_plan([32_000, 64_000, 160_000], "pad", 3, batch_size=2)
     uneven = [[32_000] * 7, [64_000] * 2, [160_000, 32_000, 64_000], [64_000] * 11]
-    for shard_lengths, streams in [(uneven, 4), (uneven, 6), (uneven[:2], 5), (uneven, 1)]:
+    cases = [(uneven, 4, 1), (uneven, 6, 2), (uneven[:2], 5, 3), (uneven, 1, 1)]
+    for shard_lengths, streams, passes in cases:
         ep = epochs.plan_epoch(shard_lengths, plan, streams, epoch=3, seed=1,
-                               shuffle_samples=400_000, round_items=3)
+                               shuffle_samples=400_000, round_items=3, passes=passes)
         seen = [(i.shard, i.pos) for s in ep.streams for b in s for r in b.rows for i in r]
         expected = [(s, p) for s, lens in enumerate(shard_lengths) for p in range(len(lens))]
-        assert sorted(seen) == sorted(expected), "an utterance is lost or read twice"
+        assert sorted(seen) == sorted(expected * passes), "an utterance lost or read twice"
         counts = {len(s) for s in ep.streams}
         assert len(counts) == 1, "streams must yield the same number of batches"
         for step in zip(*ep.streams):
             assert len({b.bucket for b in step}) == 1, "same shape at the same step"
         for s, stream_batches in enumerate(ep.streams):  # a stream only reads its shards
-            mine = {(shard, j, m) for shard, j, m in ep.reads[s]}
             for b in stream_batches:
                 for row in b.rows:
                     for i in row:
-                        assert any(i.shard == sh and i.pos % m == j for sh, j, m in mine)
+                        shard, j, m = ep.reads[s][i.read]
+                        assert i.shard == shard and i.pos % m == j
 
 
 def test_ranks_agree_on_shapes_and_differ_in_data(shard_dir):
@@ -115,6 +117,7 @@ def test_ranks_agree_on_shapes_and_differ_in_data(shard_dir):
 
 def test_deterministic_and_exact_resume_across_epochs(shard_dir):
     config = make_config(shard_dir)
+    assert make_config(shard_dir, passes_per_epoch=0).passes(2) == 6  # 16 x 2 streams / 6
     whole = take(StreamingLoader(config, num_workers=2), 25)
     assert same(whole, take(StreamingLoader(config, num_workers=2), 25))
     first = StreamingLoader(config, num_workers=2)

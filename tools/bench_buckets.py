@@ -34,7 +34,8 @@ def no_filler(plan: buckets.ShapePlan, lengths: np.ndarray) -> float:
 
 def streams_efficiency(plan: buckets.ShapePlan, lengths: np.ndarray, streams: int) -> float:
     shard_lengths = [lengths[i:i + 100].tolist() for i in range(0, len(lengths), 100)]
-    ep = epochs.plan_epoch(shard_lengths, plan, streams, 0, 0, 600 * RATE)
+    passes = -(-16 * streams // len(shard_lengths))  # the loader's default (StreamConfig)
+    ep = epochs.plan_epoch(shard_lengths, plan, streams, 0, 0, 600 * RATE, passes=passes)
     real = padded = 0
     for stream in ep.streams:
         for b in stream:

@@ -74,13 +74,15 @@ class ShapePlan:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
-def _optimal_tops(hist: np.ndarray, num_buckets: int, cost_top: bool) -> list[int]:
+def _optimal_tops(hist: np.ndarray, num_buckets: int, cost_top: bool,
+                  rows_for=None) -> list[int]:
     """Bin indices of bucket edges minimising padding (``cost_top``) or cropping.
 
     ``hist[j]`` counts utterances in grid bin j (length in (j-1, j] quanta). For pad, a bucket
-    covering bins (i, j] costs ``count * j`` (everything padded to j); for crop, a bucket
-    covering bins [i, j) costs ``lost = sum(len) - count * i`` with i its floor; both are
-    solved exactly by dynamic programming over the bins that hold utterances.
+    with top j costs the samples of its batches: ``ceil(count / rows) * rows * j`` with
+    ``rows = rows_for(j)``, so the filler rows of its last batch count too; for crop, a bucket
+    with floor i costs the audio it cuts, ``sum(len) - count * i``. Both are solved exactly by
+    dynamic programming over the bins that hold utterances.
     """
     bins = np.flatnonzero(hist)
     counts = hist[bins].astype(np.float64)
@@ -97,7 +99,8 @@ def _optimal_tops(hist: np.ndarray, num_buckets: int, cost_top: bool) -> list[in
         for j in range(1, n + 1):
             i = np.arange(0, j)  # the bucket covers occupied bins i..j-1
             if cost_top:
-                cost = (csum[j] - csum[i]) * bins[j - 1] - (lsum[j] - lsum[i])
+                rows = rows_for(int(bins[j - 1]))
+                cost = np.ceil((csum[j] - csum[i]) / rows) * rows * bins[j - 1]
             else:
                 cost = (lsum[j] - lsum[i]) - (csum[j] - csum[i]) * bins[i]
             total = best[m - 1][i] + cost
@@ -139,22 +142,24 @@ def make_plan(lengths: Sequence[int], policy: str = "pad", num_buckets: int = 8,
         raise ValueError(f"max length {max_samples} samples is shorter than the feature "
                          f"encoder's receptive field")
     top = -(-max_samples // quantum)  # grid bins: length in quanta, rounded up
+    tokens = max_tokens or batch_size * top * quantum
+
+    def rows_for(length: int) -> int:
+        rows = max(1, tokens // length)
+        return max(batch_multiple, rows // batch_multiple * batch_multiple)
+
     if policy == "pack":
         edges = [max_samples // quantum * quantum or max_samples]
     else:
         grid = -(-kept // quantum) if policy == "pad" else kept // quantum
         hist = np.bincount(grid, minlength=top + 1)
-        edges_q = _optimal_tops(hist, num_buckets, cost_top=(policy == "pad"))
+        edges_q = _optimal_tops(hist, num_buckets, policy == "pad",
+                                lambda q: rows_for(q * quantum))
         edges = [max(e * quantum, 1) for e in edges_q]
         if policy == "crop":
             edges = [max(e, frames_to_min_samples(2, conv_kernel, conv_stride)) for e in edges]
         edges = sorted(set(min(e, max_samples) if policy == "crop" else e for e in edges))
-    tokens = max_tokens or batch_size * max(edges)
-    sizes = []
-    for length in edges:
-        rows = max(1, tokens // length)
-        rows = max(batch_multiple, rows // batch_multiple * batch_multiple)
-        sizes.append(rows)
+    sizes = [rows_for(length) for length in edges]
     frames = [frames_for_samples(e, conv_kernel, conv_stride) for e in edges]
     return ShapePlan(policy, tuple(edges), tuple(frames), tuple(sizes), int(min_samples),
                      max_samples, sample_rate)

@@ -3,9 +3,12 @@
 A *stream* is one loader worker on one rank (``world_size * num_workers`` streams in all).
 Everything here works on utterance lengths from ``index.json``; no audio is read. Per epoch:
 
-1. The shards are permuted (seeded by epoch). If there are fewer shards than streams, each
-   shard is split into ``m`` interleaved virtual shards (samples ``p % m == j``), so every
-   stream gets data. Virtual shards go to streams round robin; each stream reads its own.
+1. An epoch is ``passes`` passes over the data. Each pass permutes the shards (seeded). If
+   there are fewer shards than streams, each shard is split into ``m`` interleaved virtual
+   shards (samples ``p % m == j``), so every stream gets data. Virtual shards go to streams
+   round robin, the deal continuing from pass to pass, so over an epoch the streams' shares
+   differ by at most one virtual shard; each stream reads its own. More passes per epoch
+   make that difference, and the dummy rows it costs at the epoch's end, smaller.
 2. Each stream passes its utterances through a shuffle buffer bounded in audio samples.
 3. Streams advance in lock step, ``round_items`` utterances per round. Per round and bucket,
    every stream emits the same number of batches (the fewest full batches any stream has,
@@ -38,6 +41,7 @@ PACK_MIN_FILL = 0.9  # packed rows fuller than this are emitted; the rest wait a
 
 @dataclass(frozen=True)
 class Item:
+    read: int  # index in the stream's reads this epoch (a shard may be read once per pass)
     shard: int  # index in the shard list
     pos: int  # sample position within the shard
     length: int  # samples, as in the index
@@ -67,14 +71,15 @@ def _rng(seed: int, epoch: int, purpose: int, stream: int = 0) -> np.random.Gene
     return np.random.default_rng([seed, epoch, purpose, stream])
 
 
-def assign_shards(num_shards: int, num_streams: int, epoch: int,
-                  seed: int) -> list[list[tuple[int, int, int]]]:
+def assign_shards(num_shards: int, num_streams: int, epoch: int, seed: int,
+                  passes: int = 1) -> list[list[tuple[int, int, int]]]:
     """Per stream, the (shard, j, m) virtual shards it reads this epoch, in order."""
     if num_shards < 1:
         raise ValueError("no shards to read")
-    order = _rng(seed, epoch, 0).permutation(num_shards)
     m = math.ceil(num_streams / num_shards)
-    virtual = [(int(s), j, m) for s in order for j in range(m)]
+    virtual = [(int(s), j, m) for p in range(passes)
+               for s in _rng(seed, epoch * passes + p, 0).permutation(num_shards)
+               for j in range(m)]
     streams: list[list[tuple[int, int, int]]] = [[] for _ in range(num_streams)]
     for v, entry in enumerate(virtual):
         streams[v % num_streams].append(entry)
@@ -102,21 +107,21 @@ def _shuffled(items: list[Item], capacity: int, rng: np.random.Generator) -> lis
 
 
 def plan_epoch(shard_lengths: Sequence[Sequence[int]], plan: ShapePlan, num_streams: int,
-               epoch: int, seed: int, shuffle_samples: int,
-               round_items: int = 256) -> EpochPlan:
+               epoch: int, seed: int, shuffle_samples: int, round_items: int = 256,
+               passes: int = 1) -> EpochPlan:
     """The batches of every stream for ``epoch`` (see the module docstring)."""
-    reads = assign_shards(len(shard_lengths), num_streams, epoch, seed)
+    reads = assign_shards(len(shard_lengths), num_streams, epoch, seed, passes)
     dropped = 0
     queues: list[list[Item]] = []
     for s, virtual in enumerate(reads):
         items = []
-        for shard, j, m in virtual:
+        for read, (shard, j, m) in enumerate(virtual):
             for pos in range(j, len(shard_lengths[shard]), m):
                 length = int(shard_lengths[shard][pos])
                 if plan.bucket_for(length) is None:
                     dropped += 1
                 else:
-                    items.append(Item(shard, pos, length))
+                    items.append(Item(read, shard, pos, length))
         queues.append(_shuffled(items, shuffle_samples, _rng(seed, epoch, 1, s)))
 
     k_count = plan.num_buckets

@@ -12,6 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -35,8 +36,8 @@ class ShardStream(IterableDataset):
         torch.set_num_threads(1)
         for batch in stream_batches(self.config, self.num_workers, worker, self.epoch,
                                     self.position):
-            yield {k: torch.from_numpy(v) if hasattr(v, "dtype") and hasattr(v, "shape")
-                   else v for k, v in batch.items()}
+            yield {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+                   for k, v in batch.items()}
 
 
 @dataclass

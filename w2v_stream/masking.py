@@ -55,8 +55,12 @@ def compute_mask(segments: Sequence[Sequence[Segment]], num_frames: int, mask_pr
 
 
 def sample_negatives(mask: np.ndarray, segments: Sequence[Sequence[Segment]],
-                     num_negatives: int, rs: np.random.RandomState) -> np.ndarray:
+                     num_negatives: int, rs: np.random.RandomState,
+                     alloc=np.zeros) -> np.ndarray:
     """(B, T, K) int32 indices into the flattened (B*T) features, batch offset included.
+
+    int32 halves what crosses from loader workers; widen to int64 on the device for indexing.
+    ``alloc(shape, dtype)`` makes the zeroed output array.
 
     For each masked frame, ``num_negatives`` other masked frames of the same segment, drawn
     uniformly with replacement, never the frame itself. Unmasked frames point at their row's
@@ -64,8 +68,10 @@ def sample_negatives(mask: np.ndarray, segments: Sequence[Sequence[Segment]],
     ``mask`` (in place).
     """
     batch, frames = mask.shape
-    out = np.zeros((batch, frames, num_negatives), dtype=np.int32)
+    out = alloc((batch, frames, num_negatives), np.int32)
     for row, row_segments in enumerate(segments):
+        offset = row * frames
+        out[row].fill(offset)  # unmasked frames point at the row's first frame
         for start, end in row_segments:
             masked = np.flatnonzero(mask[row, start:end]) + start
             if masked.size == 1:
@@ -74,9 +80,8 @@ def sample_negatives(mask: np.ndarray, segments: Sequence[Sequence[Segment]],
             if masked.size == 0:
                 continue
             high = masked.size - 1
-            positive = np.broadcast_to(np.arange(high + 1)[:, None], (high + 1, num_negatives))
             drawn = rs.randint(0, high, size=(high + 1, num_negatives))
-            drawn[drawn >= positive] += 1  # skip the positive, keep the draw uniform
-            out[row, masked] = masked[drawn]
-        out[row] += row * frames
+            # Skip the positive (row i of drawn belongs to masked frame i), keep it uniform.
+            drawn += drawn >= np.arange(high + 1, dtype=drawn.dtype)[:, None]
+            out[row, masked] = masked[drawn] + offset
     return out

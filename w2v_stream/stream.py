@@ -48,6 +48,7 @@ class StreamConfig:
     rank: int = 0
     shuffle_seconds: float = 600.0  # audio held by each stream's shuffle buffer
     round_items: int = 256
+    passes_per_epoch: int = 0  # 0: enough that each stream reads >= 16 virtual shards
     mask_time_prob: float = 0.65
     mask_time_length: int = 10
     mask_time_min_masks: int = 2
@@ -58,9 +59,17 @@ class StreamConfig:
     s3_endpoint_url: str | None = None
 
     def epoch_plan(self, epoch: int, num_workers: int) -> EpochPlan:
-        return plan_epoch(self.shards.lengths, self.plan, self.world_size * max(num_workers, 1),
-                          epoch, self.seed, int(self.shuffle_seconds * self.plan.sample_rate),
-                          self.round_items)
+        streams = self.world_size * max(num_workers, 1)
+        return plan_epoch(self.shards.lengths, self.plan, streams, epoch, self.seed,
+                          int(self.shuffle_seconds * self.plan.sample_rate), self.round_items,
+                          self.passes(streams))
+
+    def passes(self, streams: int) -> int:
+        if self.passes_per_epoch:
+            return self.passes_per_epoch
+        shards = len(self.shards.urls)
+        virtual = shards * -(-streams // shards)
+        return -(-16 * streams // virtual)
 
 
 class BadUtterance(ValueError):
@@ -95,24 +104,33 @@ def decode_utterance(parts: dict[str, bytes] | None, expected_samples: int,
     return audio[:, 0]
 
 
-def normalise(audio: np.ndarray) -> np.ndarray:
-    """Zero mean, unit variance over the samples given (only valid ones: padding comes later)."""
-    return (audio - audio.mean()) / np.sqrt(audio.var() + NORM_EPS)
+def normalise(audio: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Zero mean, unit variance over the samples given (only valid ones: padding comes later).
+
+    Written into ``out`` when given. No np.dot: it would call a multi-threaded BLAS inside
+    every loader worker and oversubscribe the cores (two workers ran slower than one).
+    """
+    mean = audio.mean(dtype=np.float64)
+    variance = max(float(np.square(audio, dtype=np.float64).mean()) - mean * mean, 0.0)
+    out = np.subtract(audio, np.float32(mean), out=out)
+    out *= np.float32(1.0 / np.sqrt(variance + NORM_EPS))
+    return out
 
 
 def read_stream(config: StreamConfig, reads, needed: set[tuple[int, int]]
                 ) -> Iterator[tuple[tuple[int, int], dict[str, bytes] | BadUtterance]]:
-    """Yield ``((shard, pos), parts)`` once for each needed sample of these virtual shards.
+    """Yield ``((read, pos), parts)`` once for each needed sample of these virtual shards
+    (``read`` indexes ``reads``: a shard may be read once per pass).
 
     Samples the plan does not need are stepped over without decoding; a shard holding no
     needed sample is not opened. A sample that cannot be had (shard unreachable, truncated,
     shorter than its index says) comes as a BadUtterance instead of its parts.
     """
-    by_shard: dict[int, set[int]] = {}
-    for shard, pos in needed:
-        by_shard.setdefault(shard, set()).add(pos)
-    for shard, j, m in reads:
-        want = {p for p in by_shard.get(shard, ()) if p % m == j}
+    by_read: dict[int, set[int]] = {}
+    for read, pos in needed:
+        by_read.setdefault(read, set()).add(pos)
+    for read, (shard, j, m) in enumerate(reads):
+        want = by_read.get(read, set())
         if not want:
             continue
         url = config.shards.urls[shard]
@@ -123,7 +141,7 @@ def read_stream(config: StreamConfig, reads, needed: set[tuple[int, int]]
                 for pos, (_, parts) in enumerate(iter_samples(f, url)):
                     if pos in want:
                         got.add(pos)
-                        yield (shard, pos), parts
+                        yield (read, pos), parts
                         if len(got) == len(want):
                             break
         except SourceError as exc:
@@ -131,7 +149,7 @@ def read_stream(config: StreamConfig, reads, needed: set[tuple[int, int]]
         except (ShardFormatError, tarfile.TarError, OSError, EOFError) as exc:
             error = BadUtterance("broken_shard", f"{url}: {exc}")
         for pos in sorted(want - got):
-            yield (shard, pos), error or BadUtterance("missing_sample",
+            yield (read, pos), error or BadUtterance("missing_sample",
                                                       f"{url} has no sample #{pos}")
 
 
@@ -143,20 +161,22 @@ def _crop(audio: np.ndarray, length: int, rs: np.random.RandomState) -> np.ndarr
 
 
 def assemble(config: StreamConfig, batch: Batch, rows: list[list[np.ndarray]],
-             rs: np.random.RandomState) -> dict:
+             rs: np.random.RandomState, alloc=np.zeros) -> dict:
     """Rows of utterance audio → the fixed-shape arrays of one batch.
 
     ``rows[i]`` holds the utterances of row i (empty for a dummy row). Each is cropped as the
     policy says, normalised over its own samples and placed at the row's next free sample;
     the rest is exact zeros. Masks and negatives stay inside each utterance's frames.
+    ``alloc(shape, dtype)`` makes the zeroed big arrays (the loader puts them straight into
+    shared memory so nothing is copied on the way to the trainer).
     """
     plan = config.plan
     k = batch.bucket
     size, length, frames = plan.batch_sizes[k], plan.lengths[k], plan.frames[k]
     stride = int(np.prod(config.conv_stride))
     field = frames_to_min_samples(1, config.conv_kernel, config.conv_stride)
-    values = np.zeros((size, length), dtype=np.float32)
-    attention = np.zeros((size, length), dtype=np.int64)
+    values = alloc((size, length), np.float32)
+    attention = alloc((size, length), np.bool_)  # 1 byte a sample; transformers only sums it
     segments: list[list[tuple[int, int]]] = []
     audio_samples = utterances = 0
     for i, pieces in enumerate(rows):
@@ -164,10 +184,10 @@ def assemble(config: StreamConfig, batch: Batch, rows: list[list[np.ndarray]],
         row_segments = []
         for audio in pieces:
             target = length if plan.policy == "crop" else length - offset
-            piece = normalise(_crop(audio, target, rs))
+            piece = _crop(audio, target, rs)
             end = offset + piece.shape[0]
-            values[i, offset:end] = piece
-            attention[i, offset:end] = 1
+            normalise(piece, out=values[i, offset:end])
+            attention[i, offset:end] = True
             first = -(-offset // stride)
             last = (end - field) // stride + 1 if end >= field else 0
             if last > first:
@@ -178,13 +198,13 @@ def assemble(config: StreamConfig, batch: Batch, rows: list[list[np.ndarray]],
         segments.append(row_segments)
     mask = compute_mask(segments, frames, config.mask_time_prob, config.mask_time_length,
                         config.mask_time_min_masks, rs)
-    negatives = sample_negatives(mask, segments, config.num_negatives, rs)
+    negatives = sample_negatives(mask, segments, config.num_negatives, rs, alloc)
     frame_mask = np.zeros((size, frames), dtype=bool)
     for i, row_segments in enumerate(segments):
         for first, last in row_segments:
             frame_mask[i, first:last] = True
     return {"input_values": values, "attention_mask": attention,
-            "mask_time_indices": mask, "sampled_negative_indices": negatives.astype(np.int64),
+            "mask_time_indices": mask, "sampled_negative_indices": negatives,
             "frame_mask": frame_mask, "bucket": k, "num_utterances": utterances,
             "audio_samples": audio_samples, "padded_samples": size * length}
 
@@ -194,7 +214,7 @@ def batch_seed(seed: int, epoch: int, stream: int, index: int) -> np.ndarray:
 
 
 def stream_batches(config: StreamConfig, num_workers: int, worker: int, start_epoch: int,
-                   start_position: int) -> Iterator[dict]:
+                   start_position: int, alloc=np.zeros) -> Iterator[dict]:
     """The endless batch stream of one loader worker.
 
     Rank-level position p (batches this rank has yielded in the epoch) comes from worker
@@ -215,15 +235,15 @@ def stream_batches(config: StreamConfig, num_workers: int, worker: int, start_ep
             index -= len(batches)
             epoch += 1
             continue
-        yield from _epoch_batches(config, eplan, stream, epoch, index)
+        yield from _epoch_batches(config, eplan, stream, epoch, index, alloc)
         epoch += 1
         index = 0
 
 
 def _epoch_batches(config: StreamConfig, eplan: EpochPlan, stream: int, epoch: int,
-                   first: int) -> Iterator[dict]:
+                   first: int, alloc) -> Iterator[dict]:
     batches = eplan.streams[stream][first:]
-    needed = {(it.shard, it.pos) for b in batches for row in b.rows for it in row}
+    needed = {(it.read, it.pos) for b in batches for row in b.rows for it in row}
     reader = read_stream(config, eplan.reads[stream], needed)
     held: dict[tuple[int, int], dict | BadUtterance] = {}
     for index, batch in enumerate(batches, start=first):
@@ -232,7 +252,7 @@ def _epoch_batches(config: StreamConfig, eplan: EpochPlan, stream: int, epoch: i
         for row in batch.rows:
             pieces = []
             for item in row:
-                key = (item.shard, item.pos)
+                key = (item.read, item.pos)
                 while key not in held:
                     got_key, parts = next(reader)
                     held[got_key] = parts
@@ -245,6 +265,6 @@ def _epoch_batches(config: StreamConfig, eplan: EpochPlan, stream: int, epoch: i
                     skipped[bad.reason] += 1
             rows.append(pieces)
         rs = np.random.RandomState(batch_seed(config.seed, epoch, stream, index))
-        out = assemble(config, batch, rows, rs)
+        out = assemble(config, batch, rows, rs, alloc)
         out.update(epoch=epoch, skipped=dict(skipped))
         yield out

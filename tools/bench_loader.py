@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Benchmark: loader throughput against the raw decode limit, resume latency, worker memory.
+
+    python tools/bench_loader.py --hours 2 --work_dir exp/bench_loader
+
+Shards a synthetic corpus (cached), then in one run measures: the raw limit (soundfile
+decoding the same FLAC bytes in a tight loop, one process), the loader's real audio seconds
+per second with 1 and 2 workers over one epoch (pad policy, 8 buckets, 8 x 20 s budget,
+fairseq masking with 100 negatives), the time to the first batch when resuming near the end
+of the epoch against starting fresh, and the peak RSS of a loader worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import soundfile as sf
+
+from w2v_stream import buckets, convert, shards, sources
+from w2v_stream.demo_corpus import make_demo_corpus
+from w2v_stream.librispeech import open_sources
+from w2v_stream.loader import StreamingLoader
+from w2v_stream.stream import StreamConfig
+
+
+def ensure_shards(work: Path, hours: float) -> Path:
+    out = work / "shards"
+    done = work / f".shards-{hours}.done"
+    if not done.exists():
+        root = work / "LibriSpeech"
+        per_chapter = max(1, round(hours * 3600 / 13.0 / 16))
+        make_demo_corpus(root, "train-clean-100", 8, 2, per_chapter, seed=0)
+        convert.convert(open_sources([str(root / "train-clean-100")]), out,
+                        convert.ShardOptions(max_shard_bytes=10_000_000, shuffle=True), 2,
+                        overwrite=True)
+        done.touch()
+    return out
+
+
+def config_for(out: Path) -> StreamConfig:
+    shard_list = sources.resolve(str(out))
+    lengths = [n for s in shard_list.lengths for n in s]
+    plan = buckets.make_plan(lengths, "pad", 8, batch_size=8, min_samples=32_000,
+                             max_samples=320_000)
+    return StreamConfig(shard_list, plan)
+
+
+def raw_limit(out: Path) -> float:
+    blobs = []
+    for tar in sorted(out.glob("shard-*.tar")):
+        with open(tar, "rb") as f:
+            blobs += [parts["flac"] for _, parts in shards.iter_samples(f)]
+    start = time.perf_counter()
+    samples = sum(sf.read(io.BytesIO(b), dtype="float32")[0].shape[0] for b in blobs)
+    return samples / 16_000 / (time.perf_counter() - start)
+
+
+def one_epoch(config: StreamConfig, workers: int) -> tuple[float, float]:
+    loader = StreamingLoader(config, num_workers=workers)
+    start = time.perf_counter()
+    for _ in loader:
+        if loader.epoch == 1:
+            break
+    wall = time.perf_counter() - start
+    return loader.counters.audio_samples / 16_000 / wall, loader.counters.padding_efficiency()
+
+
+def first_batch_seconds(config: StreamConfig, state: dict | None) -> float:
+    start = time.perf_counter()
+    next(iter(StreamingLoader(config, num_workers=1, state=state)))
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--hours", type=float, default=2.0)
+    p.add_argument("--work_dir", type=Path, default=Path("exp/bench_loader"))
+    p.add_argument("--child", choices=["memory"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    out = ensure_shards(args.work_dir, args.hours)
+    config = config_for(out)
+    if args.child == "memory":  # a fresh process, so RUSAGE_CHILDREN sees only workers
+        one_epoch(config, 1)
+        print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+        return
+    index = shards.read_index(out)
+    print(f"corpus: {index['totals']['utterances']} utterances, {index['totals']['hours']:.2f} h"
+          f" in {len(index['shards'])} shards; plan {config.plan.shapes()}")
+    raw = raw_limit(out)
+    rows = [("raw decode limit (soundfile, 1 process)", 1, raw, None)]
+    for workers in (1, 2):
+        rate, eff = one_epoch(config, workers)
+        rows.append((f"StreamingLoader, one epoch", workers, rate, eff))
+    print("| run | workers | audio s/s | audio s/s per worker | % of raw limit | padding eff. |")
+    print("|---|---|---|---|---|---|")
+    for label, workers, rate, eff in rows:
+        print(f"| {label} | {workers} | {rate:.0f} | {rate / workers:.0f} | "
+              f"{100 * rate / workers / raw:.0f} % | {'' if eff is None else f'{eff:.3f}'} |")
+    epoch_batches = config.epoch_plan(0, 1).batches_per_stream
+    late = {"version": 1, "epoch": 0, "position": epoch_batches - 2, "seed": config.seed,
+            "world_size": 1, "num_workers": 1, "plan": config.plan.to_json(),
+            "num_shards": len(config.shards.urls)}
+    fresh = first_batch_seconds(config, None)
+    resumed = first_batch_seconds(config, late)
+    print(f"first batch: fresh {fresh:.2f} s, resumed at batch {epoch_batches - 2} of "
+          f"{epoch_batches} {resumed:.2f} s")
+    rss = subprocess.run([sys.executable, __file__, "--hours", str(args.hours), "--work_dir",
+                          str(args.work_dir), "--child", "memory"], capture_output=True,
+                         text=True, check=True).stdout.strip().splitlines()[-1]
+    print(f"peak RSS of one loader worker: {float(rss):.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
