@@ -37,6 +37,17 @@ def corpus_parquet(corpus, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def shard_dir(corpus, tmp_path_factory) -> Path:
+    """The corpus as shards of 2 utterances (6 shards), with index.json."""
+    from w2v_stream import convert
+    from w2v_stream.librispeech import open_sources
+
+    out = tmp_path_factory.mktemp("shards")
+    convert.convert(open_sources([str(corpus)]), out, convert.ShardOptions(samples_per_shard=2))
+    return out
+
+
 @pytest.fixture
 def corpus_copy(corpus, tmp_path) -> Path:
     """A private, writable copy of the corpus split folder."""

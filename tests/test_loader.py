@@ -17,19 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from w2v_stream import buckets, convert, epochs, sources
-from w2v_stream.librispeech import open_sources
+from w2v_stream import buckets, epochs, sources
 from w2v_stream.loader import StreamingLoader
 from w2v_stream.stream import ErrorBudgetExceeded, StreamConfig
 
 MASK = dict(mask_time_prob=0.65, mask_time_length=10, mask_time_min_masks=2, num_negatives=20)
-
-
-@pytest.fixture(scope="session")
-def shard_dir(corpus, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shards")
-    convert.convert(open_sources([str(corpus)]), out, convert.ShardOptions(samples_per_shard=2))
-    return out
 
 
 def make_config(spec, policy="pad", num_buckets=3, **kw) -> StreamConfig:

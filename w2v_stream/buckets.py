@@ -67,7 +67,7 @@ class ShapePlan:
         return k if k >= 0 else None
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_json(cls, data: dict) -> "ShapePlan":

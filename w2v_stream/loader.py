@@ -85,7 +85,10 @@ class StreamingLoader:
         dataset = ShardStream(self.config, self.num_workers, self.epoch, self.position)
         extra = ({"prefetch_factor": self.prefetch_factor, "multiprocessing_context": "fork"}
                  if self.num_workers else {})
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, **extra)
+        # Its own generator: a DataLoader otherwise draws its workers' base seed from the
+        # global torch RNG, and a resumed run would then see different dropout and gumbel noise.
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                            generator=torch.Generator().manual_seed(self.config.seed), **extra)
         for batch in loader:
             self._count(batch)
             self.position += 1

@@ -1,0 +1,194 @@
+"""The training command end to end: CLI, checkpoints, exact resume after SIGKILL, data
+parallel, static compilation, the model's loss, and the IPU backend's absence."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+from w2v_stream.masking import compute_mask, sample_negatives
+from w2v_stream.model import PretrainingObjective, build_model, resolve_config
+
+FAST = ["--preset", "demo", "--per_device_train_batch_size", "2", "--max_duration_in_seconds",
+        "4", "--min_duration_in_seconds", "1", "--num_buckets", "2", "--num_workers", "1",
+        "--learning_rate", "1e-3", "--num_warmup_steps", "2", "--no_tensorboard"]
+
+
+def train_cmd(shards, out, *extra) -> list[str]:
+    return [sys.executable, "-m", "w2v_stream.train", "--train_shards", str(shards),
+            "--output_dir", str(out), *FAST, *map(str, extra)]
+
+
+def run(cmd, check=True, env=None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
+    return proc
+
+
+def losses(out: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_train_eval_checkpoint_and_load_with_transformers(shard_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = run(train_cmd(shard_dir, out, "--max_train_steps", 6, "--logging_steps", 1,
+                         "--saving_steps", 3, "--save_total_limit", 1, "--eval_shards",
+                         shard_dir, "--eval_batches", 2))
+    assert re.search(r"step +6 \| loss [0-9.]+ \| contrastive", proc.stdout)
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    for key in ("contrastive_loss", "diversity_loss", "percent_masked", "code_perplexity",
+                "prob_perplexity", "lr", "temperature", "grad_norm", "padding_efficiency",
+                "audio_seconds_per_second"):
+        assert all(np.isfinite(r[key]) for r in train), key
+    assert train[0]["temperature"] == 2.0 and train[-1]["temperature"] < 2.0
+    assert 30 < train[-1]["percent_masked"] < 70
+    assert sorted(r["step"] for r in records if "eval_loss" in r) == [0, 3, 6]
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-6"]  # rotated
+    from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2ForPreTraining, Wav2Vec2Model
+    ckpt = out / "checkpoint-6"
+    assert (ckpt / "model.safetensors").exists()
+    Wav2Vec2ForPreTraining.from_pretrained(ckpt)
+    Wav2Vec2Model.from_pretrained(ckpt)
+    assert Wav2Vec2FeatureExtractor.from_pretrained(ckpt).sampling_rate == 16000
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["update"] == 6 and state["loader"]["0"]["position"] >= 0
+    config = json.loads((out / "train_config.json").read_text())
+    assert config["model"]["mask_time_prob"] == 0.65 and config["model"]["apply_spec_augment"]
+
+
+def test_sigkill_then_resume_gives_identical_losses(shard_dir, tmp_path):
+    args = ("--max_train_steps", 8, "--logging_steps", 1, "--saving_steps", 4)
+    whole = tmp_path / "whole"
+    run(train_cmd(shard_dir, whole, *args))
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(shard_dir, killed, *args), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint-4").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (killed / "checkpoint-4").exists() and not (killed / "checkpoint-8").exists()
+    run(train_cmd(shard_dir, killed, *args, "--resume_from_checkpoint", "latest"))
+    expected, got = losses(whole), losses(killed)
+    assert [got[s] for s in range(5, 9)] == [expected[s] for s in range(5, 9)]
+
+
+def test_sigterm_saves_and_exits_cleanly(shard_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(shard_dir, out, "--max_train_steps", 10_000,
+                                      "--logging_steps", 1, "--saving_steps", 10_000),
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    text, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, text[-2000:]
+    saved = list(out.glob("checkpoint-*"))
+    assert len(saved) == 1 and "checkpoint saved" in text
+
+
+def test_two_ranks_take_the_same_steps_and_end_identical(shard_dir, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29531", "-m", "w2v_stream.train", "--train_shards", str(shard_dir),
+           "--output_dir", str(out), *FAST, "--max_train_steps", 4, "--logging_steps", 1,
+           "--saving_steps", 4, "--gradient_accumulation_steps", 2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = run([str(c) for c in cmd], env=env)
+    finals = re.findall(r"rank (\d) finished at update (\d+), weights checksum (\S+)",
+                        proc.stdout)
+    assert sorted(r for r, _, _ in finals) == ["0", "1"]
+    assert {u for _, u, _ in finals} == {"4"} and len({c for _, _, c in finals}) == 1
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert set(state["loader"]) == {"0", "1"}
+
+
+def _batch(config, rows, samples, seed):
+    rs = np.random.RandomState(seed)
+    model = build_model(config)
+    frames = int(model._get_feat_extract_output_lengths(samples))
+    lengths = [frames] * (rows - 1) + [frames // 2]
+    segments = [[(0, n)] for n in lengths]
+    mask = compute_mask(segments, frames, 0.65, 10, 2, rs)
+    negatives = sample_negatives(mask, segments, config.num_negatives, rs)
+    attention = torch.ones(rows, samples, dtype=torch.bool)
+    attention[-1, samples // 2:] = False
+    return {"input_values": torch.randn(rows, samples) * attention,
+            "attention_mask": attention, "mask_time_indices": torch.from_numpy(mask),
+            "sampled_negative_indices": torch.from_numpy(negatives).long()}
+
+
+def test_objective_equals_transformers_loss():
+    for stable in (False, True):
+        config = resolve_config("demo", None, {"do_stable_layer_norm": stable,
+                                               "feat_extract_norm": "layer" if stable
+                                               else "group"})
+        torch.manual_seed(0)
+        model = build_model(config).train()
+        batch = _batch(config, 3, 32_000, seed=1)
+        model.set_gumbel_temperature(1.5)
+        torch.manual_seed(2)
+        theirs = model(**{**batch, "attention_mask": batch["attention_mask"].long()})
+        torch.manual_seed(2)
+        ours = PretrainingObjective(model, feature_grad_mult=1.0).train()(
+            **batch, temperature=torch.tensor(1.5))
+        assert torch.allclose(theirs.loss, ours["loss"], rtol=1e-5)
+        assert torch.allclose(theirs.codevector_perplexity, ours["codevector_perplexity"])
+
+
+def test_one_compilation_per_shape_and_no_graph_break():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    config = resolve_config("demo", None, {"layerdrop": 0.1})
+    objective = PretrainingObjective(build_model(config)).train()
+    compiled = torch.compile(objective, backend="aot_eager", dynamic=False, fullgraph=True)
+    shapes = [(4, 16_000), (3, 24_000), (2, 32_000)]
+    for step, temperature in enumerate([2.0, 1.9, 1.8, 1.7, 1.6, 1.5]):
+        rows, samples = shapes[step % 3]
+        out = compiled(**_batch(config, rows, samples, seed=step),
+                       temperature=torch.tensor(temperature))
+        out["loss"].backward()
+    assert counters["stats"]["unique_graphs"] == len(shapes)
+    assert sum(counters["graph_break"].values()) == 0
+
+
+def test_bad_flags_fail_before_any_work(shard_dir, tmp_path):
+    bad = run(train_cmd(shard_dir, tmp_path / "o", "--max_train_steps", 0,
+                        "--min_duration_in_seconds", 30), check=False)
+    assert bad.returncode == 2 and "--max_train_steps must be >= 1" in bad.stderr
+    assert "min_duration_in_seconds" in bad.stderr and not (tmp_path / "o").exists()
+    both = run([sys.executable, "-m", "w2v_stream.train", "--train_shards", str(shard_dir),
+                "--output_dir", str(tmp_path / "o"), "--max_train_steps", "1"], check=False)
+    assert both.returncode == 2 and "--preset" in both.stderr
+
+
+def test_ipu_backend_without_poptorch_says_how_to_get_it(shard_dir, tmp_path):
+    pytest.importorskip("transformers")
+    if __import__("importlib").util.find_spec("poptorch"):
+        pytest.skip("poptorch is installed here")
+    proc = run(train_cmd(shard_dir, tmp_path / "o", "--max_train_steps", 1, "--backend", "ipu"),
+               check=False)
+    assert proc.returncode == 1 and "Poplar SDK" in proc.stderr

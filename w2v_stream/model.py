@@ -1,0 +1,226 @@
+"""Model presets, building the model, and the pre-training objective with static shapes.
+
+``PretrainingObjective`` computes ``Wav2Vec2ForPreTraining``'s loss (transformers 5.23.0) from
+the model's own submodules, rewritten so that one graph serves every step of a shape:
+
+- the gumbel temperature is a tensor input of ``forward`` (never an attribute set per step);
+- masked frames are replaced with ``torch.where`` (no boolean assignment) and always: a config
+  with ``apply_spec_augment=False`` cannot make the context network see the answer;
+- padding is zeroed by multiplication; the attention mask is built from lengths with static
+  ops, and rows without audio attend to nothing real and add nothing to the loss;
+- negatives equal to their positive get ``-inf`` logits through ``torch.where``, with no
+  ``if ... .any()``;
+- layerdrop draws one number per layer and selects with ``torch.where`` (every layer runs);
+- no ``requires_grad`` toggling; the feature encoder's gradient is scaled by
+  ``feature_grad_mult`` (fairseq's GradMultiply) with a detach identity;
+- gumbel noise never becomes infinite (torch's can, and the step turns NaN).
+
+The loss is a SUM over masked frames, as transformers returns it: the trainer divides once per
+update by the masked frames of the whole update.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining
+
+# Pre-training values from fairseq's wav2vec2_base_librispeech recipe. transformers' defaults
+# differ (mask_time_prob 0.05 is a fine-tuning value, layerdrop 0.1, no gradient multiplier).
+_PRETRAINING = dict(
+    mask_time_prob=0.65, mask_time_length=10, mask_time_min_masks=2, num_negatives=100,
+    num_codevector_groups=2, num_codevectors_per_group=320, diversity_loss_weight=0.1,
+    contrastive_logits_temperature=0.1, layerdrop=0.05, feat_proj_dropout=0.1,
+    feat_quantizer_dropout=0.1, hidden_dropout=0.1, attention_dropout=0.1,
+    activation_dropout=0.0, apply_spec_augment=True, mask_feature_prob=0.0,
+)
+# Ours, not Wav2Vec2Config's: the fairseq feature-encoder gradient multiplier.
+DEFAULT_FEATURE_GRAD_MULT = 0.1
+
+
+def preset_demo() -> dict:
+    """Tiny: trains on 2 CPU cores in minutes; for the demo recipe and the tests."""
+    return {**_PRETRAINING, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "intermediate_size": 128, "conv_dim": (32,) * 7, "num_conv_pos_embeddings": 32,
+            "num_conv_pos_embedding_groups": 4, "num_codevectors_per_group": 32,
+            "codevector_dim": 64, "proj_codevector_dim": 64, "layerdrop": 0.0,
+            "feat_extract_norm": "group", "do_stable_layer_norm": False}
+
+
+def preset_base() -> dict:
+    """BASE (95 M parameters): 12 layers of 768, group-norm feature encoder."""
+    return {**_PRETRAINING, "hidden_size": 768, "num_hidden_layers": 12,
+            "num_attention_heads": 12, "intermediate_size": 3072, "conv_dim": (512,) * 7,
+            "codevector_dim": 256, "proj_codevector_dim": 256, "feat_extract_norm": "group",
+            "do_stable_layer_norm": False, "conv_bias": False}
+
+
+def preset_large() -> dict:
+    """LARGE (317 M parameters): 24 layers of 1024, layer-norm encoder, pre-LN transformer."""
+    return {**_PRETRAINING, "hidden_size": 1024, "num_hidden_layers": 24,
+            "num_attention_heads": 16, "intermediate_size": 4096, "conv_dim": (512,) * 7,
+            "codevector_dim": 768, "proj_codevector_dim": 768, "feat_extract_norm": "layer",
+            "do_stable_layer_norm": True, "conv_bias": True}
+
+
+PRESETS = {"demo": preset_demo, "base": preset_base, "large": preset_large}
+
+
+def resolve_config(preset: str | None, model_name_or_path: str | None,
+                   overrides: dict) -> Wav2Vec2Config:
+    """defaults < preset (or a local config.json folder) < overrides from flags."""
+    values: dict = {}
+    if model_name_or_path:
+        path = Path(model_name_or_path)
+        config_file = path / "config.json" if path.is_dir() else path
+        if not config_file.is_file():
+            raise ValueError(f"--model_name_or_path {model_name_or_path}: no config.json there "
+                             f"(nothing is downloaded; give a local folder)")
+        values = json.loads(config_file.read_text())
+        for key in ("architectures", "transformers_version", "model_type"):
+            values.pop(key, None)
+    elif preset:
+        if preset not in PRESETS:
+            raise ValueError(f"--preset {preset!r}: choose one of {sorted(PRESETS)}")
+        values = PRESETS[preset]()
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    config = Wav2Vec2Config(**values)
+    config.apply_spec_augment = True  # pre-training must replace masked frames
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def build_model(config: Wav2Vec2Config, gradient_checkpointing: bool = False
+                ) -> Wav2Vec2ForPreTraining:
+    model = Wav2Vec2ForPreTraining(config)
+    model.config.use_cache = False
+    model.gradient_checkpointing_flag = gradient_checkpointing
+    return model
+
+
+def _frames(model: Wav2Vec2ForPreTraining, samples: torch.Tensor) -> torch.Tensor:
+    for kernel, stride in zip(model.config.conv_kernel, model.config.conv_stride):
+        samples = torch.div(samples - kernel, stride, rounding_mode="floor") + 1
+    return samples.clamp(min=0)
+
+
+def _gumbel_softmax_hard(logits: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """torch's ``gumbel_softmax(hard=True)`` (same draws, same result) except that an
+    exponential draw of exactly 0, which makes torch's noise infinite and the step NaN about
+    once in a few hundred demo updates, is clamped to the smallest positive float."""
+    noise = -torch.empty_like(logits).exponential_().clamp_min(
+        torch.finfo(logits.dtype).tiny).log()
+    soft = ((logits + noise) / tau).softmax(-1)
+    hard = torch.zeros_like(logits).scatter_(-1, soft.argmax(-1, keepdim=True), 1.0)
+    return hard - soft.detach() + soft
+
+
+class PretrainingObjective(nn.Module):
+    """The contrastive + diversity loss of one micro-batch, static in shape (see above)."""
+
+    def __init__(self, model: Wav2Vec2ForPreTraining,
+                 feature_grad_mult: float = DEFAULT_FEATURE_GRAD_MULT,
+                 gradient_checkpointing: bool = False):
+        super().__init__()
+        self.model = model
+        self.feature_grad_mult = feature_grad_mult
+        self.gradient_checkpointing = gradient_checkpointing
+
+    def forward(self, input_values: torch.Tensor, attention_mask: torch.Tensor,
+                mask_time_indices: torch.Tensor, sampled_negative_indices: torch.Tensor,
+                temperature: torch.Tensor) -> dict[str, torch.Tensor]:
+        model, w2v, config = self.model, self.model.wav2vec2, self.model.config
+        # 1. Feature encoder: (B, L) -> (B, T, C), gradient scaled by feature_grad_mult.
+        hidden = input_values[:, None]
+        for conv in w2v.feature_extractor.conv_layers:
+            hidden = conv(hidden)
+        features = hidden.transpose(1, 2)
+        if self.feature_grad_mult != 1.0:
+            g = self.feature_grad_mult
+            features = features * g + features.detach() * (1.0 - g)
+        batch, frames, _ = features.shape
+        # 2. Frame-level padding mask from lengths: (B, T) bool; rows without audio: all False.
+        lengths = _frames(model, attention_mask.sum(-1))
+        valid = torch.arange(frames, device=features.device)[None, :] < lengths[:, None]
+        hidden, extract = w2v.feature_projection(features)
+        # 3. Replace masked frames by the learned mask embedding.
+        mask = mask_time_indices.bool() & valid
+        hidden = torch.where(mask[..., None], w2v.masked_spec_embed.to(hidden.dtype), hidden)
+        # 4. Context network.
+        hidden = self._encode(hidden, valid)
+        transformer_features = model.project_hid(hidden)
+        # 5. Quantize all extracted features with the gumbel temperature given as a tensor.
+        quantized, perplexity, code_perplexity = self._quantize(
+            model.dropout_features(extract), mask, temperature)
+        quantized = model.project_q(quantized.to(model.project_q.weight.dtype))
+        # 6. Contrastive logits against the positive and K negatives: (K+1, B, T).
+        size = quantized.shape[-1]
+        negatives = quantized.reshape(-1, size)[sampled_negative_indices.long().reshape(-1)]
+        negatives = negatives.view(batch, frames, -1, size).permute(2, 0, 1, 3)
+        targets = torch.cat([quantized[None], negatives], dim=0)
+        logits = torch.cosine_similarity(transformer_features.float(), targets.float(), dim=-1)
+        logits = logits / config.contrastive_logits_temperature
+        neg_is_pos = (quantized[None] == negatives).all(-1)
+        logits = torch.cat([logits[:1], torch.where(neg_is_pos, float("-inf"), logits[1:])])
+        # 7. Losses, summed over masked frames.
+        logits = logits.permute(1, 2, 0).reshape(-1, logits.shape[0])
+        target = torch.where(mask.reshape(-1), 0, -100)
+        contrastive = nn.functional.cross_entropy(logits.float(), target, reduction="sum")
+        num_masked = mask.sum()
+        codevectors = config.num_codevectors_per_group * config.num_codevector_groups
+        diversity = (codevectors - perplexity) / codevectors * num_masked
+        loss = contrastive + config.diversity_loss_weight * diversity
+        return {"loss": loss, "contrastive_loss": contrastive, "diversity_loss": diversity,
+                "codevector_perplexity": perplexity, "code_perplexity": code_perplexity,
+                "num_masked": num_masked,
+                "num_frames": valid.sum()}
+
+    def _encode(self, hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        encoder = self.model.wav2vec2.encoder
+        config = self.model.config
+        hidden = hidden * valid[..., None].to(hidden.dtype)
+        # Additive mask over keys, (B, 1, 1, T): 0 where valid, the dtype's minimum elsewhere.
+        key_mask = (~valid)[:, None, None, :].to(hidden.dtype) * torch.finfo(hidden.dtype).min
+        hidden = hidden + encoder.pos_conv_embed(hidden)
+        if not config.do_stable_layer_norm:
+            hidden = encoder.layer_norm(hidden)
+        hidden = encoder.dropout(hidden)
+        for layer in encoder.layers:
+            if self.gradient_checkpointing and self.training:
+                out = torch.utils.checkpoint.checkpoint(layer, hidden, key_mask,
+                                                        use_reentrant=False)
+            else:
+                out = layer(hidden, attention_mask=key_mask)
+            if self.training and config.layerdrop > 0.0:
+                keep = torch.rand((), device=hidden.device) >= config.layerdrop
+                out = torch.where(keep, out, hidden)
+            hidden = out
+        if config.do_stable_layer_norm:
+            hidden = encoder.layer_norm(hidden)
+        return hidden
+
+    def _quantize(self, extract: torch.Tensor, mask: torch.Tensor,
+                  temperature: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        quantizer = self.model.quantizer
+        batch, frames, _ = extract.shape
+        groups = quantizer.num_groups
+        logits = quantizer.weight_proj(extract).view(batch * frames * groups, -1)
+        if self.training:
+            probs = _gumbel_softmax_hard(logits.float(), temperature).type_as(logits)
+            soft = torch.softmax(logits.view(batch * frames, groups, -1).float(), dim=-1)
+            perplexity = quantizer._compute_perplexity(soft, mask)
+        else:
+            index = logits.argmax(dim=-1)
+            probs = torch.zeros_like(logits).scatter_(-1, index.view(-1, 1), 1.0)
+            perplexity = quantizer._compute_perplexity(
+                probs.view(batch * frames, groups, -1), mask)
+        # Perplexity of the hard code choices (fairseq's code_perplexity), for logging.
+        code = quantizer._compute_perplexity(
+            probs.detach().view(batch * frames, groups, -1).float(), mask)
+        probs = probs.view(batch * frames, -1)
+        codevectors = (probs.unsqueeze(-1) * quantizer.codevectors).view(
+            batch * frames, groups, quantizer.num_vars, -1).sum(-2)
+        return codevectors.view(batch, frames, -1), perplexity, code
