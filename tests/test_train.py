@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -110,8 +111,11 @@ def test_sigterm_saves_and_exits_cleanly(shard_dir, tmp_path):
 
 def test_two_ranks_take_the_same_steps_and_end_identical(shard_dir, tmp_path):
     out = tmp_path / "ddp"
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29531", "-m", "w2v_stream.train", "--train_shards", str(shard_dir),
+           "--master_addr", "127.0.0.1", "--master_port", port, "-m", "w2v_stream.train", "--train_shards", str(shard_dir),
            "--output_dir", str(out), *FAST, "--max_train_steps", 4, "--logging_steps", 1,
            "--saving_steps", 4, "--gradient_accumulation_steps", 2]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -189,6 +193,6 @@ def test_ipu_backend_without_poptorch_says_how_to_get_it(shard_dir, tmp_path):
     pytest.importorskip("transformers")
     if __import__("importlib").util.find_spec("poptorch"):
         pytest.skip("poptorch is installed here")
-    proc = run(train_cmd(shard_dir, tmp_path / "o", "--max_train_steps", 1, "--backend", "ipu"),
+    proc = run(train_cmd(shard_dir, tmp_path / "o", "--max_train_steps", 2, "--backend", "ipu"),
                check=False)
     assert proc.returncode == 1 and "Poplar SDK" in proc.stderr

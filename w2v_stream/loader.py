@@ -62,8 +62,11 @@ class StreamingLoader:
 
     def __init__(self, config: StreamConfig, num_workers: int = 2, prefetch_factor: int = 2,
                  max_bad_fraction: float = 0.01, min_for_budget: int = 200,
-                 state: dict | None = None):
+                 state: dict | None = None, multiprocessing_context: str = "fork"):
         self.config = config
+        # "fork" starts workers fastest; a process that already runs threads (a gloo or NCCL
+        # process group) should use "forkserver": forking it can deadlock at shutdown.
+        self.multiprocessing_context = multiprocessing_context
         self.num_workers = num_workers
         self.prefetch_factor = prefetch_factor
         self.max_bad_fraction = max_bad_fraction
@@ -83,7 +86,8 @@ class StreamingLoader:
 
     def __iter__(self) -> Iterator[dict]:
         dataset = ShardStream(self.config, self.num_workers, self.epoch, self.position)
-        extra = ({"prefetch_factor": self.prefetch_factor, "multiprocessing_context": "fork"}
+        extra = ({"prefetch_factor": self.prefetch_factor,
+                  "multiprocessing_context": self.multiprocessing_context}
                  if self.num_workers else {})
         # Its own generator: a DataLoader otherwise draws its workers' base seed from the
         # global torch RNG, and a resumed run would then see different dropout and gumbel noise.

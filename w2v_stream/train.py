@@ -244,7 +244,8 @@ def train(args: argparse.Namespace) -> dict:
         if main:
             print(f"resumed from {path} at update {update}", flush=True)
     loader = StreamingLoader(stream_config, num_workers=args.num_workers,
-                             max_bad_fraction=args.max_bad_fraction, state=loader_state)
+                             max_bad_fraction=args.max_bad_fraction, state=loader_state,
+                             multiprocessing_context="forkserver" if world > 1 else "fork")
     step_module = objective
     if world > 1:
         step_module = torch.nn.parallel.DistributedDataParallel(objective)
@@ -364,6 +365,7 @@ def train(args: argparse.Namespace) -> dict:
                 print(f"signal {stop['signal']}: checkpoint saved at update {update}, exiting",
                       flush=True)
             break
+    batches.close()  # stops the loader workers now, not at interpreter exit
     logger.close()
     # Data parallel must keep every replica identical: check, and say so.
     checksum = sum(float(p.detach().double().sum()) for p in model.parameters())

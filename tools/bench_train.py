@@ -1,0 +1,137 @@
+#!/usr/bin/env python
+"""Benchmark: training step time per real audio second, bucketed static batches against the
+HF script's way (random batches padded to the longest, eager), same model and data, one run.
+
+    python tools/bench_train.py --shards exp/demo/shards/train --steps 30 --preset demo
+
+Both sides train the same model from the same initial weights on the same utterances with the
+same per-batch row count; both run forward + backward + AdamW. "ours": StreamingLoader (pad,
+8 buckets) and PretrainingObjective. "HF way": utterances in shuffled order, batches of
+``--rows`` padded to the longest, transformers' ``_compute_mask_indices`` and
+``_sample_negative_indices``, ``Wav2Vec2ForPreTraining.forward``. Reported: seconds of
+compute per second of real audio (lower is better), measured after 3 warm-up steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import time
+
+import numpy as np
+import soundfile as sf
+import torch
+from transformers.models.wav2vec2.modeling_wav2vec2 import (_compute_mask_indices,
+                                                            _sample_negative_indices)
+
+from w2v_stream import buckets, shards as shard_format, sources
+from w2v_stream.loader import StreamingLoader
+from w2v_stream.model import PretrainingObjective, build_model, resolve_config
+from w2v_stream.stream import StreamConfig, normalise
+
+WARMUP = 3
+
+
+def hf_batches(shard_list, rows: int, max_samples: int, config, seed: int):
+    audio = []
+    for url in shard_list.urls:
+        with open(url, "rb") as f:
+            for _, parts in shard_format.iter_samples(f):
+                samples = sf.read(io.BytesIO(parts["flac"]), dtype="float32")[0]
+                if samples.shape[0] >= 32_000:
+                    audio.append(samples[:max_samples])
+    rng = np.random.default_rng(seed)
+    model = build_model(config)
+    while True:
+        order = rng.permutation(len(audio))
+        for start in range(0, len(order) - rows + 1, rows):
+            chosen = [audio[i] for i in order[start:start + rows]]
+            longest = max(a.shape[0] for a in chosen)
+            values = np.zeros((rows, longest), np.float32)
+            attention = np.zeros((rows, longest), np.int64)
+            for r, a in enumerate(chosen):
+                values[r, :a.shape[0]] = normalise(a)
+                attention[r, :a.shape[0]] = 1
+            frames = int(model._get_feat_extract_output_lengths(longest))
+            sub = torch.zeros(rows, frames, dtype=torch.long)
+            for r, a in enumerate(chosen):
+                sub[r, :int(model._get_feat_extract_output_lengths(a.shape[0]))] = 1
+            mask = _compute_mask_indices((rows, frames), config.mask_time_prob,
+                                         config.mask_time_length, sub, 2)
+            neg = _sample_negative_indices((rows, frames), config.num_negatives, mask)
+            yield ({"input_values": torch.from_numpy(values),
+                    "attention_mask": torch.from_numpy(attention),
+                    "mask_time_indices": torch.from_numpy(mask),
+                    "sampled_negative_indices": torch.from_numpy(neg).long()},
+                   sum(a.shape[0] for a in chosen))
+
+
+def timed(steps, batches, step_fn) -> tuple[float, float]:
+    compute = audio = 0.0
+    for i in range(steps + WARMUP):
+        batch, real = next(batches)
+        start = time.perf_counter()
+        step_fn(batch)
+        if i >= WARMUP:
+            compute += time.perf_counter() - start
+            audio += real / 16_000
+    return compute, audio
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shards", required=True)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--preset", default="demo")
+    p.add_argument("--rows", type=int, default=4, help="rows of the longest bucket / HF batch")
+    p.add_argument("--max_seconds", type=float, default=16.0)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    config = resolve_config(args.preset, None, {"layerdrop": 0.0})
+    shard_list = sources.resolve(args.shards)
+    max_samples = int(args.max_seconds * 16_000)
+    lengths = [n for s in shard_list.lengths for n in s]
+    plan = buckets.make_plan(lengths, "pad", 8, batch_size=args.rows, min_samples=32_000,
+                             max_samples=max_samples)
+    results = {}
+    for name in ("ours", "hf"):
+        torch.manual_seed(0)
+        model = build_model(config).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        if name == "ours":
+            objective = PretrainingObjective(model).train()
+            loader = StreamingLoader(StreamConfig(shard_list, plan), num_workers=0)
+            batches = ((b, b["audio_samples"]) for b in loader)
+            temperature = torch.tensor(2.0)
+
+            def step(batch):
+                keys = ("input_values", "attention_mask", "mask_time_indices",
+                        "sampled_negative_indices")
+                inputs = {k: batch[k] for k in keys}
+                inputs["sampled_negative_indices"] = inputs["sampled_negative_indices"].long()
+                objective(**inputs, temperature=temperature)["loss"].backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        else:
+            batches = hf_batches(shard_list, args.rows, max_samples, config, 0)
+            model.set_gumbel_temperature(2.0)
+
+            def step(batch):
+                model(**batch).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        results[name] = timed(args.steps, batches, step)
+    print(f"model {args.preset}, {args.steps} steps each after {WARMUP} warm-up, "
+          f"{torch.get_num_threads()} threads; plan {plan.shapes()}")
+    print("| way | audio s trained | compute s | compute s per audio s |")
+    print("|---|---|---|---|")
+    labels = {"ours": "w2v_stream: 8 static pad buckets, PretrainingObjective",
+              "hf": "HF script: random batches padded to the longest, eager HF forward"}
+    for name, (compute, audio) in results.items():
+        print(f"| {labels[name]} | {audio:.0f} | {compute:.1f} | {compute / audio:.4f} |")
+    ratio = (results["hf"][0] / results["hf"][1]) / (results["ours"][0] / results["ours"][1])
+    print(f"speed-up per real audio second: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
