@@ -33,7 +33,8 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker = info.id if info else 0
-        torch.set_num_threads(1)
+        if info:  # a worker's own torch work stays on one thread; never the trainer's
+            torch.set_num_threads(1)
         for batch in stream_batches(self.config, self.num_workers, worker, self.epoch,
                                     self.position):
             yield {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
