@@ -161,6 +161,20 @@ def test_objective_equals_transformers_loss():
         assert torch.allclose(theirs.codevector_perplexity, ours["codevector_perplexity"])
 
 
+def test_a_batch_of_dummy_rows_gives_a_zero_finite_loss():
+    config = resolve_config("demo", None, {})
+    objective = PretrainingObjective(build_model(config)).train()
+    batch = _batch(config, 2, 16_000, seed=0)
+    batch["attention_mask"][:] = False
+    batch["mask_time_indices"][:] = False
+    batch["input_values"][:] = 0
+    out = objective(**batch, temperature=torch.tensor(2.0))
+    assert out["loss"].item() == 0.0 and out["num_masked"].item() == 0
+    out["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in objective.parameters()
+               if p.grad is not None)
+
+
 def test_one_compilation_per_shape_and_no_graph_break():
     from torch._dynamo.utils import counters
 

@@ -13,7 +13,8 @@ the model's own submodules, rewritten so that one graph serves every step of a s
 - layerdrop draws one number per layer and selects with ``torch.where`` (every layer runs);
 - no ``requires_grad`` toggling; the feature encoder's gradient is scaled by
   ``feature_grad_mult`` (fairseq's GradMultiply) with a detach identity;
-- gumbel noise never becomes infinite (torch's can, and the step turns NaN).
+- gumbel noise never becomes infinite (torch's can), and a batch of dummy rows only (an
+  epoch's end can make one) gives a zero loss, where transformers' perplexity divides 0 by 0.
 
 The loss is a SUM over masked frames, as transformers returns it: the trainer divides once per
 update by the masked frames of the whole update.
@@ -105,6 +106,14 @@ def _frames(model: Wav2Vec2ForPreTraining, samples: torch.Tensor) -> torch.Tenso
     for kernel, stride in zip(model.config.conv_kernel, model.config.conv_stride):
         samples = torch.div(samples - kernel, stride, rounding_mode="floor") + 1
     return samples.clamp(min=0)
+
+
+def _perplexity(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """transformers' codevector perplexity over the masked frames, (N, G, V) → scalar, except
+    that a batch without a masked frame (only dummy rows) gives G instead of 0/0 = NaN."""
+    weights = mask.reshape(-1, 1, 1).to(probs.dtype)
+    marginal = (probs * weights).sum(0) / mask.sum().clamp(min=1)
+    return torch.exp(-torch.sum(marginal * torch.log(marginal + 1e-7), dim=-1)).sum()
 
 
 def _gumbel_softmax_hard(logits: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
@@ -211,15 +220,13 @@ class PretrainingObjective(nn.Module):
         if self.training:
             probs = _gumbel_softmax_hard(logits.float(), temperature).type_as(logits)
             soft = torch.softmax(logits.view(batch * frames, groups, -1).float(), dim=-1)
-            perplexity = quantizer._compute_perplexity(soft, mask)
+            perplexity = _perplexity(soft, mask)
         else:
             index = logits.argmax(dim=-1)
             probs = torch.zeros_like(logits).scatter_(-1, index.view(-1, 1), 1.0)
-            perplexity = quantizer._compute_perplexity(
-                probs.view(batch * frames, groups, -1), mask)
+            perplexity = _perplexity(probs.view(batch * frames, groups, -1), mask)
         # Perplexity of the hard code choices (fairseq's code_perplexity), for logging.
-        code = quantizer._compute_perplexity(
-            probs.detach().view(batch * frames, groups, -1).float(), mask)
+        code = _perplexity(probs.detach().view(batch * frames, groups, -1).float(), mask)
         probs = probs.view(batch * frames, -1)
         codevectors = (probs.unsqueeze(-1) * quantizer.codevectors).view(
             batch * frames, groups, quantizer.num_vars, -1).sum(-2)
