@@ -3,9 +3,8 @@
 Stages, each a small function: ``read_stream`` (a stream's virtual shards → held samples,
 skipping what the plan does not need without decoding it), ``decode_utterance`` (FLAC bytes →
 checked float32 audio), ``assemble`` (rows of audio → a padded batch with masks and
-negatives). ``ShardStream`` is the torch IterableDataset that runs them in each loader
-worker; ``StreamingLoader`` wraps the DataLoader, counts consumed batches and so knows the
-exact position to resume from.
+negatives), and ``stream_batches``, the endless batch stream of one loader worker. The torch
+side (the IterableDataset and the DataLoader with its resume position) is ``loader.py``.
 
 Bad data (a truncated or missing shard, corrupt FLAC, missing or wrong metadata) becomes a
 dummy row in its batch, never a new shape, and is counted by reason; the loader raises
@@ -14,7 +13,6 @@ dummy row in its batch, never a new shape, and is counted by reason; the loader 
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from collections import Counter
@@ -22,8 +20,8 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
-import soundfile as sf
 
+from .audio import AudioError, decode
 from .buckets import ShapePlan, frames_to_min_samples
 from .epochs import Batch, EpochPlan, plan_epoch
 from .masking import compute_mask, sample_negatives
@@ -93,9 +91,9 @@ def decode_utterance(parts: dict[str, bytes] | None, expected_samples: int,
         raise BadUtterance("index_mismatch", f"metadata says {meta.get('num_samples')} "
                            f"samples, index.json {expected_samples}; re-run make_shards")
     try:
-        audio, rate = sf.read(io.BytesIO(parts["flac"]), dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        raise BadUtterance("corrupt_audio", str(exc)[:200]) from None
+        audio, rate = decode(parts["flac"])
+    except AudioError as exc:
+        raise BadUtterance("corrupt_audio", str(exc)) from None
     if rate != sample_rate or audio.shape[1] != 1:
         raise BadUtterance("wrong_format", f"{rate} Hz, {audio.shape[1]} channels; expected "
                            f"{sample_rate} Hz mono")
