@@ -114,14 +114,16 @@ def test_two_ranks_take_the_same_steps_and_end_identical(shard_dir, tmp_path):
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
+    logs = tmp_path / "logs"  # one stdout file per rank: printed together, lines interleave
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", port, "-m", "w2v_stream.train", "--train_shards", str(shard_dir),
+           "--master_addr", "127.0.0.1", "--master_port", port, "--log_dir", logs,
+           "--redirects", "1", "-m", "w2v_stream.train", "--train_shards", str(shard_dir),
            "--output_dir", str(out), *FAST, "--max_train_steps", 4, "--logging_steps", 1,
            "--saving_steps", 4, "--gradient_accumulation_steps", 2]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = run([str(c) for c in cmd], env=env)
-    finals = re.findall(r"rank (\d) finished at update (\d+), weights checksum (\S+)",
-                        proc.stdout)
+    run([str(c) for c in cmd], env=env)
+    text = "".join(p.read_text() for p in logs.rglob("stdout.log"))
+    finals = re.findall(r"rank (\d) finished at update (\d+), weights checksum (\S+)", text)
     assert sorted(r for r, _, _ in finals) == ["0", "1"]
     assert {u for _, u, _ in finals} == {"4"} and len({c for _, _, c in finals}) == 1
     state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
