@@ -96,7 +96,7 @@ def main() -> None:
     rows = [("raw decode limit (soundfile, 1 process)", 1, raw, None)]
     for workers in (1, 2):
         rate, eff = one_epoch(config, workers)
-        rows.append((f"StreamingLoader, one epoch", workers, rate, eff))
+        rows.append(("StreamingLoader, one epoch", workers, rate, eff))
     print("| run | workers | audio s/s | audio s/s per worker | % of raw limit | padding eff. |")
     print("|---|---|---|---|---|---|")
     for label, workers, rate, eff in rows:

@@ -10,7 +10,6 @@ plan batch shapes without decoding audio.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re

@@ -81,8 +81,8 @@ def _retry(url: str, opener):
 
 
 def _is_missing(exc: Exception) -> bool:
-    code = getattr(exc, "response", {}).get("Error", {}).get("Code") if hasattr(
-        exc, "response") else None
+    """An S3 answer that retrying cannot change (botocore errors carry it in .response)."""
+    code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code")
     return code in ("NoSuchKey", "NoSuchBucket", "404", "AccessDenied", "403")
 
 
