@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
@@ -366,6 +367,10 @@ def train(args: argparse.Namespace) -> dict:
                       flush=True)
             break
     batches.close()  # stops the loader workers now, not at interpreter exit
+    # Drop DDP's reducer while the process group is alive: freed later, it took the last
+    # reference to the gloo group and deadlocked against gloo's thread over the GIL.
+    del step_module
+    gc.collect()
     logger.close()
     # Data parallel must keep every replica identical: check, and say so.
     checksum = sum(float(p.detach().double().sum()) for p in model.parameters())
