@@ -4,6 +4,7 @@ remote sources and bad shards."""
 from __future__ import annotations
 
 import functools
+import json
 import http.server
 import shutil
 import socket
@@ -197,3 +198,67 @@ def test_corrupt_shards_are_skipped_counted_and_budgeted(shard_dir, tmp_path):
     strict = StreamingLoader(config, num_workers=0, max_bad_fraction=0.01, min_for_budget=1)
     with pytest.raises(ErrorBudgetExceeded, match="over the budget"):
         take(strict, 20)
+
+
+def _one_epoch(loader) -> list:
+    batches = []
+    for batch in loader:
+        batches.append(batch)
+        if loader.epoch == 1:
+            return batches
+
+
+def test_bad_audio_and_metadata_are_skipped_by_reason_and_good_data_kept(shard_dir, tmp_path):
+    from w2v_stream import shards
+    from w2v_stream.audio import encode_flac
+
+    broken = tmp_path / "shards"
+    shutil.copytree(shard_dir, broken)
+
+    def rewrite(name, change):
+        with open(broken / name, "rb") as f:
+            samples = list(shards.iter_samples(f))
+        changed = [change(i, key, parts) for i, (key, parts) in enumerate(samples)]
+        lengths = [json.loads(p["json"])["num_samples"] for _, p in samples]
+        shards.write_shard(broken / name, iter((k, f, m, n) for (k, f, m), n in
+                                               zip(changed, lengths)), 16000)
+
+    def shard0(i, key, parts):  # garbage FLAC, then a FLAC cut in half
+        flac = b"\x00garbage" * 100 if i == 0 else parts["flac"][:len(parts["flac"]) // 2]
+        return key, flac, parts["json"]
+
+    def shard2(i, key, parts):  # malformed JSON, then 8 kHz audio of the indexed length
+        if i == 0:
+            return key, parts["flac"], b"{not json"
+        n = json.loads(parts["json"])["num_samples"]
+        return key, encode_flac(np.zeros(n, np.float32), 8000), parts["json"]
+
+    rewrite("shard-000000.tar", shard0)
+    rewrite("shard-000002.tar", shard2)
+    clean = StreamingLoader(make_config(shard_dir), num_workers=2)
+    bad = StreamingLoader(make_config(broken), num_workers=2, max_bad_fraction=0.9,
+                          min_for_budget=1)
+    clean_batches, bad_batches = _one_epoch(clean), _one_epoch(bad)
+    assert len(clean_batches) == len(bad_batches)
+    skipped = bad.counters.skipped
+    assert skipped["corrupt_audio"] == 2 and skipped["bad_metadata"] == 1
+    assert skipped["wrong_format"] == 1 and sum(skipped.values()) == 4
+    # Every good utterance still arrives: only the four bad ones are missing.
+    assert clean.counters.utterances - bad.counters.utterances == 4
+    for batch in bad_batches:  # skipped rows hold exact zeros and no masked frame
+        empty = ~batch["attention_mask"].any(dim=1)
+        assert not batch["input_values"][empty].any()
+        assert not batch["mask_time_indices"][empty].any()
+
+
+def test_worker_batches_arrive_in_shared_memory_zeroed():
+    from w2v_stream.loader import SharedArrays
+
+    alloc = SharedArrays()
+    array = alloc((3, 1000), np.float32)
+    assert not array.any()
+    array[1, 5] = 2.5
+    tensor = alloc.tensor(array)
+    assert tensor.is_shared() and float(tensor[1, 5]) == 2.5
+    assert alloc.tensor(array) is None  # handed over once
+    assert alloc((2, 2), np.int32).dtype == np.int32

@@ -92,3 +92,34 @@ def test_direct_header_is_what_tarfile_writes(name, size):
     info.size, info.mode, info.mtime, info.uid, info.gid = size, 0o644, 0, 0, 0
     info.uname = info.gname = ""
     assert shards.tar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_our_reader_reads_what_tarfile_writes_in_each_format(fmt):
+    long = "d" * 90 + "/" + "a" * 90 if fmt == tarfile.USTAR_FORMAT else "a" * 150
+    members = [(long + ".flac", b"x" * 700), ("b.json", "é".encode()), ("c.txt", b"")]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        folder = tarfile.TarInfo("folder")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    buf.seek(0)
+    assert list(shards.iter_members(buf)) == members
+
+
+def test_truncated_or_damaged_tar_raises_after_the_good_samples(tmp_path):
+    shards.write_shard(tmp_path / "s.tar", iter(SAMPLES), 16000)
+    data = (tmp_path / "s.tar").read_bytes()
+    got = []
+    with pytest.raises(shards.ShardFormatError, match="truncated"):
+        for key, _ in shards.iter_samples(io.BytesIO(data[:2 * 512 + 1024 + 700])):
+            got.append(key)
+    assert got == ["1-2-0000"]
+    damaged = bytearray(data)
+    damaged[0] ^= 0x20  # a header byte changes, its checksum no longer matches
+    with pytest.raises(shards.ShardFormatError, match="checksum"):
+        list(shards.iter_samples(io.BytesIO(bytes(damaged))))

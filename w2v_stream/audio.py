@@ -38,6 +38,10 @@ class AudioInfo:
         return self.format == "FLAC" and self.sample_rate == SAMPLE_RATE and self.channels == 1
 
 
+class AudioFormatError(AudioError):
+    """Audio that decodes but is not in the format asked for (rate, channels)."""
+
+
 def probe(data: bytes | Path, full_decode: bool = False) -> AudioInfo:
     """Read the header and prove the audio decodes to its end.
 
@@ -111,6 +115,32 @@ def decode(data: bytes) -> tuple[np.ndarray, int]:
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         raise AudioError(_short(exc)) from None
     return samples, rate
+
+
+def read_into(data: bytes, out: np.ndarray, start: int, sample_rate: int,
+              num_samples: int) -> None:
+    """Decode samples ``start .. start + len(out)`` of 16-bit mono FLAC bytes into ``out``.
+
+    ``out`` is a contiguous float32 slice (a row of a batch): no buffer of its own, no copy.
+    The header must say ``sample_rate`` Hz, one channel and ``num_samples`` samples
+    (AudioFormatError otherwise); a file that stops early raises AudioError.
+    """
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            if f.samplerate != sample_rate or f.channels != 1:
+                raise AudioFormatError(f"{f.samplerate} Hz, {f.channels} channels; expected "
+                                       f"{sample_rate} Hz mono")
+            if f.frames != num_samples:
+                raise AudioError(f"header says {f.frames} samples, the index {num_samples}")
+            if start:
+                f.seek(start)
+            got = f.read(out.shape[0], dtype="float32", out=out).shape[0]
+    except AudioError:
+        raise
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+        raise AudioError(_short(exc)) from None
+    if got != out.shape[0]:
+        raise AudioError(f"decoded {start + got} of {num_samples} samples: truncated")
 
 
 def _short(exc: Exception) -> str:

@@ -33,12 +33,47 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker = info.id if info else 0
+        shared = SharedArrays() if info else None
         if info:  # a worker's own torch work stays on one thread; never the trainer's
             torch.set_num_threads(1)
         for batch in stream_batches(self.config, self.num_workers, worker, self.epoch,
-                                    self.position):
-            yield {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+                                    self.position, shared or np.zeros):
+            yield {k: _as_tensor(v, shared) if isinstance(v, np.ndarray) else v
                    for k, v in batch.items()}
+
+
+class SharedArrays:
+    """An ``alloc(shape, dtype)`` for loader workers: zeroed arrays in shared memory.
+
+    A tensor leaving a worker is copied into shared memory unless it already lives there;
+    the big arrays of a batch are made there from the start (a fresh shared segment is
+    zero-filled by the kernel), so the hand-over to the trainer copies nothing.
+    """
+
+    def __init__(self):
+        self._tensors: dict[int, torch.Tensor] = {}
+
+    def __call__(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        count = int(np.prod(shape))
+        storage = torch.UntypedStorage._new_shared(max(count * dtype.itemsize, 1))
+        tensor = torch.empty(0, dtype=_TORCH_DTYPES[dtype]).set_(storage, 0, shape)
+        array = tensor.numpy()
+        self._tensors[array.ctypes.data] = tensor
+        return array
+
+    def tensor(self, array: np.ndarray) -> torch.Tensor | None:
+        """The shared tensor behind an array this allocator made (forgotten once asked)."""
+        return self._tensors.pop(array.ctypes.data, None)
+
+
+_TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.bool_): torch.bool,
+                 np.dtype(np.int32): torch.int32, np.dtype(np.int16): torch.int16}
+
+
+def _as_tensor(array: np.ndarray, shared: SharedArrays | None) -> torch.Tensor:
+    tensor = shared.tensor(array) if shared else None
+    return tensor if tensor is not None else torch.from_numpy(array)
 
 
 @dataclass

@@ -80,8 +80,10 @@ def sample_negatives(mask: np.ndarray, segments: Sequence[Sequence[Segment]],
             if masked.size == 0:
                 continue
             high = masked.size - 1
-            drawn = rs.randint(0, high, size=(high + 1, num_negatives))
+            # Same draws as transformers (legacy randint gives the same stream for int32).
+            drawn = rs.randint(0, high, size=(high + 1, num_negatives), dtype=np.int32)
             # Skip the positive (row i of drawn belongs to masked frame i), keep it uniform.
-            drawn += drawn >= np.arange(high + 1, dtype=drawn.dtype)[:, None]
-            out[row, masked] = masked[drawn] + offset
+            drawn += drawn >= np.arange(high + 1, dtype=np.int32)[:, None]
+            table = (masked + offset).astype(np.int32)
+            out[row, masked] = np.take(table, drawn)
     return out

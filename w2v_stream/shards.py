@@ -148,24 +148,118 @@ def iter_samples(fileobj: BinaryIO, name: str = "<shard>") -> Iterator[tuple[str
     """Yield ``(id, {ext: bytes})`` per sample from a shard read as a stream.
 
     Members of one sample are adjacent; a member with an unsafe name raises ShardFormatError
-    (nothing from a shard is ever written to disk by name, executed or unpickled).
+    (nothing from a shard is ever written to disk by name, executed or unpickled). A
+    truncated or damaged tar raises ShardFormatError once the good samples before it are out.
     """
     current: str | None = None
     parts: dict[str, bytes] = {}
-    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.partition(".")
+    try:
+        for member, data in iter_members(fileobj, name):
+            key, _, ext = member.partition(".")
             check_id(key)
             if key != current:
                 if current is not None:
                     yield current, parts
                 current, parts = key, {}
-            reader = tar.extractfile(member)
-            parts[ext] = reader.read() if reader else b""
+            parts[ext] = data
+    except ShardFormatError:
+        if current is not None:  # its members were read whole before the damage
+            yield current, parts
+        raise
     if current is not None:
         yield current, parts
+
+
+def iter_members(fileobj: BinaryIO, name: str = "<shard>") -> Iterator[tuple[str, bytes]]:
+    """Yield ``(member name, data)`` for each regular file of a tar read as a stream.
+
+    A direct reader of ustar, GNU and pax headers (what tarfile and webdataset write):
+    ``tarfile`` in stream mode costs a tenth of a loader worker's time, this a fraction of
+    that. Headers are checksummed; links, folders and devices are skipped, never followed.
+    """
+    read = fileobj.read
+    long_name: str | None = None
+    pax: dict[str, str] = {}
+    while True:
+        header = read(BLOCK)
+        if len(header) < BLOCK:
+            if header or long_name or pax:
+                raise ShardFormatError(f"{name}: truncated tar header")
+            return  # a stream that stops at a member boundary, without the end blocks
+        if header == _ZERO_BLOCK:
+            return
+        _check_header(header, name)
+        kind = header[156:157]
+        size = pax.pop("size", None)
+        size = int(size) if size is not None else _header_size(header, name)
+        data = read(size)
+        if len(data) < size:
+            raise ShardFormatError(f"{name}: truncated tar member ({len(data)} of {size} bytes)")
+        padding = -size % BLOCK
+        if padding and len(read(padding)) < padding:
+            raise ShardFormatError(f"{name}: truncated tar member padding")
+        if kind == b"L":  # GNU long name: the next member's name
+            long_name = data.rstrip(b"\0").decode("utf-8", "replace")
+        elif kind == b"x":
+            pax = _pax_records(data, name)
+        elif kind == b"g":
+            continue
+        else:
+            member = pax.pop("path", None) or long_name or _header_name(header)
+            long_name, pax = None, {}
+            if kind in (b"0", b"\0", b"7"):
+                yield member, data
+
+
+_ZERO_BLOCK = bytes(BLOCK)
+
+
+def _check_header(header: bytes, name: str) -> None:
+    try:
+        stored = int(header[148:156].strip(b" \0") or b"0", 8)
+    except ValueError:
+        raise ShardFormatError(f"{name}: not a tar (bad header checksum field)") from None
+    unsigned = sum(header) - sum(header[148:156]) + 8 * 32
+    if stored != unsigned:
+        signed = unsigned - 256 * sum(b >= 128 for b in header[:148] + header[156:])
+        if stored != signed:
+            raise ShardFormatError(f"{name}: damaged tar header (checksum mismatch)")
+
+
+def _header_size(header: bytes, name: str) -> int:
+    field = header[124:136]
+    if field[0] & 0x80:  # GNU base-256 for sizes past 8 GiB
+        return int.from_bytes(field[1:], "big")
+    try:
+        return int(field.strip(b" \0") or b"0", 8)
+    except ValueError:
+        raise ShardFormatError(f"{name}: bad tar size field {field!r}") from None
+
+
+def _header_name(header: bytes) -> str:
+    member = header[:100].split(b"\0", 1)[0]
+    if header[257:262] == b"ustar":
+        prefix = header[345:500].split(b"\0", 1)[0]
+        if prefix:
+            member = prefix + b"/" + member
+    return member.decode("utf-8", "replace")
+
+
+def _pax_records(data: bytes, name: str) -> dict[str, str]:
+    records = {}
+    pos = 0
+    while pos < len(data) and data[pos:pos + 1] != b"\0":
+        try:
+            space = data.index(b" ", pos)
+            length = int(data[pos:space])
+        except ValueError:
+            length = 0
+        if length <= space - pos:
+            raise ShardFormatError(f"{name}: bad pax header")
+        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        records[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+        pos += length
+    return records
 
 
 def write_index(output_dir: Path, index: dict) -> None:

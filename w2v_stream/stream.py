@@ -1,9 +1,9 @@
 """The streaming pipeline: shards in, fixed-shape pre-training batches out.
 
 Stages, each a small function: ``read_stream`` (a stream's virtual shards → held samples,
-skipping what the plan does not need without decoding it), ``decode_utterance`` (FLAC bytes →
-checked float32 audio), ``assemble`` (rows of audio → a padded batch with masks and
-negatives), and ``stream_batches``, the endless batch stream of one loader worker. The torch
+skipping what the plan does not need without decoding it), ``check_utterance`` (metadata
+against the index), ``assemble`` (rows of FLAC bytes → a padded batch: each utterance decoded
+straight into its place and normalised there, then masks and negatives), and ``stream_batches``, the endless batch stream of one loader worker. The torch
 side (the IterableDataset and the DataLoader with its resume position) is ``loader.py``.
 
 Bad data (a truncated or missing shard, corrupt FLAC, missing or wrong metadata) becomes a
@@ -21,7 +21,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .audio import AudioError, decode
+from .audio import AudioError, AudioFormatError, read_into
 from .buckets import ShapePlan, frames_to_min_samples
 from .epochs import Batch, EpochPlan, plan_epoch
 from .masking import compute_mask, sample_negatives
@@ -76,9 +76,8 @@ class BadUtterance(ValueError):
         self.reason = reason
 
 
-def decode_utterance(parts: dict[str, bytes] | None, expected_samples: int,
-                     sample_rate: int) -> np.ndarray:
-    """FLAC + JSON members → float32 mono audio, or BadUtterance saying why not."""
+def check_utterance(parts: dict[str, bytes] | None, expected_samples: int) -> bytes:
+    """FLAC + JSON members → the FLAC bytes, once the metadata agrees with the index."""
     if parts is None:
         raise BadUtterance("missing_sample", "not found where the index puts it")
     if "json" not in parts or "flac" not in parts:
@@ -87,31 +86,39 @@ def decode_utterance(parts: dict[str, bytes] | None, expected_samples: int,
         meta = json.loads(parts["json"])
     except ValueError as exc:
         raise BadUtterance("bad_metadata", str(exc)) from None
-    if meta.get("num_samples") != expected_samples:
-        raise BadUtterance("index_mismatch", f"metadata says {meta.get('num_samples')} "
-                           f"samples, index.json {expected_samples}; re-run make_shards")
+    if not isinstance(meta, dict) or meta.get("num_samples") != expected_samples:
+        got = meta.get("num_samples") if isinstance(meta, dict) else meta
+        raise BadUtterance("index_mismatch", f"metadata says {got} samples, index.json "
+                           f"{expected_samples}; re-run make_shards")
+    return parts["flac"]
+
+
+def decode_piece(flac: bytes, out: np.ndarray, start: int, num_samples: int,
+                 sample_rate: int) -> None:
+    """Decode ``len(out)`` samples from ``start`` into ``out`` and normalise them in place."""
     try:
-        audio, rate = decode(parts["flac"])
+        read_into(flac, out, start, sample_rate, num_samples)
+    except AudioFormatError as exc:
+        raise BadUtterance("wrong_format", str(exc)) from None
     except AudioError as exc:
         raise BadUtterance("corrupt_audio", str(exc)) from None
-    if rate != sample_rate or audio.shape[1] != 1:
-        raise BadUtterance("wrong_format", f"{rate} Hz, {audio.shape[1]} channels; expected "
-                           f"{sample_rate} Hz mono")
-    if audio.shape[0] != expected_samples:
-        raise BadUtterance("corrupt_audio", f"decoded {audio.shape[0]} of {expected_samples}")
-    return audio[:, 0]
+    normalise(out, out=out)
 
 
 def normalise(audio: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Zero mean, unit variance over the samples given (only valid ones: padding comes later).
 
-    Written into ``out`` when given. No np.dot: it would call a multi-threaded BLAS inside
-    every loader worker and oversubscribe the cores (two workers ran slower than one).
+    Written into ``out`` when given (``out=audio`` works in place). float32 pairwise sums as
+    numpy's mean/var, which transformers' feature extractor uses. No np.dot: it would call a
+    multi-threaded BLAS inside every loader worker and oversubscribe the cores.
     """
-    mean = audio.mean(dtype=np.float64)
-    variance = max(float(np.square(audio, dtype=np.float64).mean()) - mean * mean, 0.0)
-    out = np.subtract(audio, np.float32(mean), out=out)
-    out *= np.float32(1.0 / np.sqrt(variance + NORM_EPS))
+    count = audio.shape[0]
+    if count == 0:
+        return audio if out is None else out
+    mean = np.add.reduce(audio, dtype=np.float32) / np.float32(count)
+    out = np.subtract(audio, mean, out=out)
+    variance = float(np.einsum("i,i->", out, out)) / count
+    np.multiply(out, np.float32(1.0 / np.sqrt(variance + NORM_EPS)), out=out)
     return out
 
 
@@ -151,20 +158,14 @@ def read_stream(config: StreamConfig, reads, needed: set[tuple[int, int]]
                                                       f"{url} has no sample #{pos}")
 
 
-def _crop(audio: np.ndarray, length: int, rs: np.random.RandomState) -> np.ndarray:
-    if audio.shape[0] <= length:
-        return audio
-    start = rs.randint(0, audio.shape[0] - length + 1)
-    return audio[start:start + length]
-
-
-def assemble(config: StreamConfig, batch: Batch, rows: list[list[np.ndarray]],
+def assemble(config: StreamConfig, batch: Batch, rows: list[list[tuple[bytes, int]]],
              rs: np.random.RandomState, alloc=np.zeros) -> dict:
-    """Rows of utterance audio → the fixed-shape arrays of one batch.
+    """Rows of utterances ``(flac bytes, num_samples)`` → the fixed-shape arrays of one batch.
 
     ``rows[i]`` holds the utterances of row i (empty for a dummy row). Each is cropped as the
-    policy says, normalised over its own samples and placed at the row's next free sample;
-    the rest is exact zeros. Masks and negatives stay inside each utterance's frames.
+    policy says, decoded straight into the row at its next free sample and normalised over
+    its own samples; the rest is exact zeros. Audio that fails to decode leaves zeros and a
+    count in ``skipped``. Masks and negatives stay inside each utterance's frames.
     ``alloc(shape, dtype)`` makes the zeroed big arrays (the loader puts them straight into
     shared memory so nothing is copied on the way to the trainer).
     """
@@ -176,22 +177,30 @@ def assemble(config: StreamConfig, batch: Batch, rows: list[list[np.ndarray]],
     values = alloc((size, length), np.float32)
     attention = alloc((size, length), np.bool_)  # 1 byte a sample; transformers only sums it
     segments: list[list[tuple[int, int]]] = []
+    skipped: Counter = Counter()
     audio_samples = utterances = 0
     for i, pieces in enumerate(rows):
         offset = 0
         row_segments = []
-        for audio in pieces:
+        for flac, num_samples in pieces:
             target = length if plan.policy == "crop" else length - offset
-            piece = _crop(audio, target, rs)
-            end = offset + piece.shape[0]
-            normalise(piece, out=values[i, offset:end])
+            take = min(num_samples, target)
+            start = rs.randint(0, num_samples - take + 1) if num_samples > take else 0
+            end = offset + take
+            try:
+                decode_piece(flac, values[i, offset:end], start, num_samples,
+                             plan.sample_rate)
+            except BadUtterance as bad:
+                values[i, offset:end] = 0.0
+                skipped[bad.reason] += 1
+                continue
             attention[i, offset:end] = True
             first = -(-offset // stride)
             last = (end - field) // stride + 1 if end >= field else 0
             if last > first:
                 row_segments.append((first, min(last, frames)))
             offset = end
-            audio_samples += piece.shape[0]
+            audio_samples += take
             utterances += 1
         segments.append(row_segments)
     mask = compute_mask(segments, frames, config.mask_time_prob, config.mask_time_length,
@@ -204,7 +213,8 @@ def assemble(config: StreamConfig, batch: Batch, rows: list[list[np.ndarray]],
     return {"input_values": values, "attention_mask": attention,
             "mask_time_indices": mask, "sampled_negative_indices": negatives,
             "frame_mask": frame_mask, "bucket": k, "num_utterances": utterances,
-            "audio_samples": audio_samples, "padded_samples": size * length}
+            "audio_samples": audio_samples, "padded_samples": size * length,
+            "skipped": dict(skipped)}
 
 
 def batch_seed(seed: int, epoch: int, stream: int, index: int) -> np.ndarray:
@@ -246,7 +256,7 @@ def _epoch_batches(config: StreamConfig, eplan: EpochPlan, stream: int, epoch: i
     held: dict[tuple[int, int], dict | BadUtterance] = {}
     for index, batch in enumerate(batches, start=first):
         skipped: Counter = Counter()
-        rows: list[list[np.ndarray]] = []
+        rows: list[list[tuple[bytes, int]]] = []
         for row in batch.rows:
             pieces = []
             for item in row:
@@ -258,11 +268,12 @@ def _epoch_batches(config: StreamConfig, eplan: EpochPlan, stream: int, epoch: i
                 try:
                     if isinstance(parts, BadUtterance):
                         raise parts
-                    pieces.append(decode_utterance(parts, item.length, config.plan.sample_rate))
+                    pieces.append((check_utterance(parts, item.length), item.length))
                 except BadUtterance as bad:
                     skipped[bad.reason] += 1
             rows.append(pieces)
         rs = np.random.RandomState(batch_seed(config.seed, epoch, stream, index))
         out = assemble(config, batch, rows, rs, alloc)
+        skipped.update(out["skipped"])
         out.update(epoch=epoch, skipped=dict(skipped))
         yield out
