@@ -15,6 +15,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from . import flac
+
 SAMPLE_RATE = 16_000
 # Samples read at the end of a file to prove it is not truncated: reading the last sample
 # makes libFLAC find and decode the whole last frame, so even one missing byte is caught.
@@ -45,13 +47,18 @@ class AudioFormatError(AudioError):
 def probe(data: bytes | Path, full_decode: bool = False) -> AudioInfo:
     """Read the header and prove the audio decodes to its end.
 
-    ``data`` is the file's bytes or its path (a path lets libsndfile read only the header
-    and the tail).
+    ``data`` is the file's bytes or its path. A FLAC path is first checked without decoding
+    (``flac.quick_check``: STREAMINFO and a last frame whose CRCs and position agree); what
+    that cannot vouch for is opened by libsndfile, which reads only the header and the tail.
 
     By default only the last frame is decoded: that catches truncated and empty files at a
     tiny fraction of a full decode. ``full_decode`` decodes everything (and
     checks the FLAC frame CRCs on the way).
     """
+    if isinstance(data, Path) and not full_decode:
+        quick = flac.quick_check(data)  # the FLAC's two ends, when they vouch for it
+        if quick is not None:
+            return AudioInfo("FLAC", quick.sample_rate, quick.channels, quick.num_samples)
     if isinstance(data, Path):
         if data.stat().st_size == 0:
             raise AudioError("empty file")

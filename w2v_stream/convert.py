@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import random
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -28,8 +28,9 @@ from .shards import (FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, ShardFormatError, 
 # Problems that mean an utterance was left out (the rest are notes on utterances kept).
 NOTE_REASONS = ("converted", "no_transcript")
 MAX_LISTED = 1000  # ids listed per reason in index.json; counts are always complete
-SCAN_BATCH_BYTES = 64 << 20  # audio bytes handed to the workers at once while scanning
-SCAN_BATCH_ITEMS = 4096  # utterances handed to the workers at once while scanning
+SCAN_BATCH_BYTES = 32 << 20  # audio bytes handed to the workers at once while scanning
+SCAN_BATCH_ITEMS = 512  # utterances handed to the workers at once while scanning
+SCAN_IN_FLIGHT = 2  # batches probed while the walk reads on
 # Shards finished by a run that has not yet written index.json, with their sha256: a rerun
 # keeps a shard only if its bytes still hash to what was written.
 JOURNAL_NAME = ".make_shards.journal"
@@ -151,11 +152,12 @@ class _Mapper:
         self.pool = (multiprocessing.get_context("fork").Pool(num_workers)
                      if num_workers > 1 else None)
 
-    def map(self, fn: Callable, jobs: Sequence) -> Iterator:
+    def map(self, fn: Callable, jobs: Sequence, chunksize: int | None = None) -> Iterator:
         if self.pool is None:
             return map(fn, jobs)
-        # Few big chunks: per-chunk round trips, not the work, limit small jobs (probes).
-        chunksize = max(1, len(jobs) // (4 * self.num_workers))
+        # Few big chunks by default: per-chunk round trips, not the work, limit small jobs
+        # (probes); big jobs (whole shards) go one at a time so no worker idles at the end.
+        chunksize = chunksize or max(1, len(jobs) // (4 * self.num_workers))
         return self.pool.imap(fn, jobs, chunksize=chunksize)
 
     def close(self):
@@ -167,36 +169,48 @@ class _Mapper:
 
 def _scan(sources: Sequence[Source], options: ShardOptions, mapper: _Mapper,
           progress) -> tuple[list[tuple[int, AudioFound, tuple]], dict[str, str], list[Problem]]:
-    """Read every source once; probe audio in the workers; keep only small facts."""
+    """Read every source once; probe audio in the workers; keep only small facts.
+
+    Audio goes to the workers in batches while the walk goes on (at most SCAN_IN_FLIGHT
+    batches out at once, so memory stays bounded for sources that carry their bytes).
+    """
     found: list[tuple[int, AudioFound, tuple]] = []
     transcripts: dict[str, str] = {}
     problems: list[Problem] = []
-    for index, source in enumerate(sources):
-        batch: list[AudioFound] = []
-        batch_bytes = 0
+    in_flight: deque = deque()
 
-        def flush():
-            jobs = [(e.path, e.data, options.full_decode) for e in batch]
-            for event, result in zip(batch, mapper.map(_probe_job, jobs)):
+    def collect(keep: int) -> None:
+        while len(in_flight) > keep:
+            index, events, results = in_flight.popleft()
+            for event, result in zip(events, results):
                 # Drop the bytes now: the write pass reads them again, memory stays bounded.
                 found.append((index, AudioFound(event.utt_id, event.speaker_id,
                                                 event.chapter_id, event.split, event.location,
                                                 path=event.path, text=event.text), result))
                 progress(1, result[3])
-            batch.clear()
 
+    def submit(index: int, batch: list[AudioFound]) -> None:
+        if batch:
+            jobs = [(e.path, e.data, options.full_decode) for e in batch]
+            in_flight.append((index, batch, mapper.map(_probe_job, jobs)))
+        collect(SCAN_IN_FLIGHT)
+
+    for index, source in enumerate(sources):
+        batch: list[AudioFound] = []
+        batch_bytes = 0
         for event in source.events():
             if isinstance(event, AudioFound):
                 batch.append(event)
                 batch_bytes += len(event.data or b"")
                 if batch_bytes >= SCAN_BATCH_BYTES or len(batch) >= SCAN_BATCH_ITEMS:
-                    flush()
-                    batch_bytes = 0
+                    submit(index, batch)
+                    batch, batch_bytes = [], 0
             elif isinstance(event, TranscriptFound):
                 transcripts.setdefault(event.utt_id, event.text)
             else:
                 problems.append(event)
-        flush()
+        submit(index, batch)
+    collect(0)
     return found, transcripts, problems
 
 
@@ -397,7 +411,7 @@ def convert(sources: Sequence[Source], output_dir: Path, options: ShardOptions,
                 fetched = _fetch((p for i in window for p in shards[i]), sources)
                 jobs = [(paths[i], [(p, fetched.pop(p.utt_id, None)) for p in shards[i]])
                         for i in window]
-                for i, record in zip(window, mapper.map(_write_job, jobs)):
+                for i, record in zip(window, mapper.map(_write_job, jobs, chunksize=1)):
                     records[i] = record
                     _journal(journal, record)
                     report("write", record.num_utterances, record.seconds)

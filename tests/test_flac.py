@@ -1,0 +1,66 @@
+"""FLAC's two ends read without decoding: what quick_check vouches for, and what it refuses."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from w2v_stream import audio, flac
+
+
+def _crc16_bitwise(data: bytes) -> int:
+    crc = 0
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x8005) & 0xFFFF if crc & 0x8000 else (crc << 1) & 0xFFFF
+    return crc
+
+
+@pytest.mark.parametrize("size", [1, 2, 255, 256, 257, 3000, 65536])
+def test_crc16_matches_the_bitwise_definition(size):
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    assert flac.crc16(data) == _crc16_bitwise(data)
+
+
+def _flac(tmp_path, seconds=3.3, rate=16000, channels=1, name="a.flac"):
+    rng = np.random.default_rng(1)
+    samples = (rng.standard_normal((int(seconds * rate), channels)) * 0.1).astype(np.float32)
+    buf = io.BytesIO()
+    sf.write(buf, samples, rate, format="FLAC", subtype="PCM_16")
+    path = tmp_path / name
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+@pytest.mark.parametrize("rate,channels", [(16000, 1), (44100, 2)])
+def test_vouches_for_whole_files_with_the_decoders_facts(tmp_path, rate, channels):
+    path = _flac(tmp_path, rate=rate, channels=channels)
+    info = flac.quick_check(path)
+    with sf.SoundFile(path) as f:
+        assert info is not None
+        assert (info.sample_rate, info.channels, info.num_samples) == (f.samplerate,
+                                                                         f.channels, f.frames)
+
+
+def test_refuses_every_truncation_and_damage_and_the_decoder_then_says_why(tmp_path):
+    path = _flac(tmp_path)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.flac"
+    for end in list(range(len(data) - 2500, len(data), 13)) + [len(data) // 2, 41, 0]:
+        cut.write_bytes(data[:end])
+        assert flac.quick_check(cut) is None, end
+        with pytest.raises(audio.AudioError):
+            audio.probe(cut)
+    flipped = bytearray(data)
+    flipped[-40] ^= 0x01  # a bit of the last frame
+    cut.write_bytes(bytes(flipped))
+    assert flac.quick_check(cut) is None
+    cut.write_bytes(data + b"TAG" + bytes(125))  # an ID3v1 tag after the audio: not vouched
+    assert flac.quick_check(cut) is None
+    cut.write_bytes(b"RIFF" + data[4:])
+    assert flac.quick_check(cut) is None
+    assert audio.probe(path).num_samples == flac.quick_check(path).num_samples
