@@ -130,6 +130,28 @@ def test_two_ranks_take_the_same_steps_and_end_identical(shard_dir, tmp_path):
     assert set(state["loader"]) == {"0", "1"}
 
 
+def test_accelerate_launch_runs_the_same_data_parallel_job(shard_dir, tmp_path):
+    # accelerate's torchrun launcher is its --multi_gpu mode; on a CPU-only machine it starts
+    # CPU processes and the trainer picks gloo, as under torchrun.
+    out = tmp_path / "accelerate"
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1", "--main_process_port",
+           port, "-m", "w2v_stream.train", "--train_shards", str(shard_dir), "--output_dir",
+           str(out), *FAST, "--max_train_steps", 3, "--logging_steps", 1, "--saving_steps", 3]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    text = run([str(c) for c in cmd], env=env).stdout
+    finals = re.findall(r"rank (\d) finished at update (\d+), weights checksum ([-+.\deE]+?)"
+                        r"(?=rank|\s|$)", text)
+    assert sorted(r for r, _, _ in finals) == ["0", "1"], text[-2000:]
+    assert {u for _, u, _ in finals} == {"3"} and len({c for _, _, c in finals}) == 1
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert set(state["loader"]) == {"0", "1"}
+
+
 def _batch(config, rows, samples, seed):
     rs = np.random.RandomState(seed)
     model = build_model(config)
