@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark: padding efficiency of batching strategies on real LibriSpeech lengths.
 
-    python tools/bench_buckets.py ../shared/data/librispeech-dev-clean.num_samples.tsv
+    python tools/bench_buckets.py tests/data/librispeech-dev-clean.num_samples.tsv
 
 One run, 2-20 s limits, a budget of 8 rows of 20 s per batch. Efficiency = real audio samples
 / samples in the padded batches. "no filler" ignores the dummy rows that fill the last batch

@@ -2,7 +2,7 @@
 """Print the shape plan (duration buckets, batch sizes, padding efficiency) for a corpus.
 
     python tools/plan_buckets.py shards/train-clean-100 --num_buckets 8
-    python tools/plan_buckets.py ../shared/data/librispeech-dev-clean.num_samples.tsv \\
+    python tools/plan_buckets.py tests/data/librispeech-dev-clean.num_samples.tsv \\
         --min_duration_in_seconds 2 --max_duration_in_seconds 20 --length_policy pack
 
 SOURCE is a shard folder or URL holding index.json, or a text file of `id<TAB>num_samples`
