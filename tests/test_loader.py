@@ -100,6 +100,32 @@ def test_splits_are_disjoint_and_complete_with_uneven_and_few_shards():
                         assert i.shard == shard and i.pos % m == j
 
 
+def test_bucket_runs_keep_each_rounds_buckets_together_with_the_same_data():
+    rng = np.random.default_rng(5)
+    shard_lengths = [list(rng.integers(16_000, 256_000, 40)) for _ in range(6)]
+    plan = buckets.make_plan([n for s in shard_lengths for n in s], "pad", 4, batch_size=2,
+                             min_samples=16_000, max_samples=256_000)
+    args = dict(num_streams=3, epoch=0, seed=2, shuffle_samples=2_000_000, round_items=40)
+    mixed = epochs.plan_epoch(shard_lengths, plan, **args)
+    runs = epochs.plan_epoch(shard_lengths, plan, **args, bucket_runs=True)
+
+    def items(ep):
+        return sorted((i.shard, i.pos) for s in ep.streams for b in s for r in b.rows
+                      for i in r)
+
+    def switches(batches):
+        return sum(a.bucket != b.bucket for a, b in zip(batches, batches[1:]))
+
+    assert items(runs) == items(mixed)
+    assert runs.batches_per_stream == mixed.batches_per_stream
+    for step in zip(*runs.streams):
+        assert len({b.bucket for b in step}) == 1, "same shape at the same step"
+    per_stream = sum(map(len, shard_lengths)) // 3
+    rounds = -(-per_stream // 40) + 2  # the rounds, the final flush, one of slack
+    assert switches(runs.streams[0]) <= rounds * plan.num_buckets
+    assert switches(runs.streams[0]) < switches(mixed.streams[0]) / 2
+
+
 def test_ranks_agree_on_shapes_and_differ_in_data(shard_dir):
     runs = [take(StreamingLoader(make_config(shard_dir, world_size=2, rank=r), num_workers=2),
                  12) for r in (0, 1)]

@@ -234,3 +234,25 @@ def test_ipu_backend_without_poptorch_says_how_to_get_it(shard_dir, tmp_path):
     proc = run(train_cmd(shard_dir, tmp_path / "o", "--max_train_steps", 2, "--backend", "ipu"),
                check=False)
     assert proc.returncode == 1 and "Poplar SDK" in proc.stderr
+
+
+def test_ipu_host_batches_are_whole_updates_of_one_shape_in_runs(shard_dir, tmp_path):
+    # What the IPU path asks of the loader, checked without poptorch: each batch is one host
+    # call of replicas x accumulation micro-batches of one bucket, and shapes come in runs.
+    from w2v_stream.train import make_stream_config, parse_args
+
+    args = parse_args(["--train_shards", str(shard_dir), "--output_dir", str(tmp_path),
+                       "--preset", "demo", "--max_train_steps", "1", "--backend", "ipu",
+                       "--ipu_replicas", "2", "--gradient_accumulation_steps", "3",
+                       "--per_device_train_batch_size", "2", "--max_duration_in_seconds", "4",
+                       "--min_duration_in_seconds", "1", "--num_buckets", "2"])
+    config = resolve_config("demo", None, {})
+    micro = make_stream_config(args.train_shards, args, config, 0, 1).plan
+    host = make_stream_config(args.train_shards, args, config, 0, 1, split=6,
+                              bucket_runs=True)
+    assert host.plan.lengths == micro.lengths
+    assert host.plan.batch_sizes == tuple(6 * b for b in micro.batch_sizes)
+    assert host.bucket_runs and host.round_items >= 4 * max(host.plan.batch_sizes)
+    with pytest.raises(SystemExit):
+        parse_args(["--train_shards", str(shard_dir), "--output_dir", str(tmp_path),
+                    "--preset", "demo", "--max_train_steps", "1", "--ipu_replicas", "2"])

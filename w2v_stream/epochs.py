@@ -15,7 +15,8 @@ Everything here works on utterance lengths from ``index.json``; no audio is read
    unless some stream holds ``PENDING_CAP`` batches' worth, then the most), in one shared
    shuffled bucket order. A stream short of utterances for a batch borrows from other
    buckets (pad: shorter ones, padded further; crop: longer ones, cropped down) before it
-   falls back to dummy rows. So all streams yield the same
+   falls back to dummy rows (with ``bucket_runs``, each bucket's batches of a round stay
+   together and the order of the buckets is shuffled). So all streams yield the same
    number of batches with the same shape at the same step: DDP and IPU replicas never wait
    for a shape or a batch that does not come. At the epoch's end the rest is flushed.
 
@@ -108,8 +109,13 @@ def _shuffled(items: list[Item], capacity: int, rng: np.random.Generator) -> lis
 
 def plan_epoch(shard_lengths: Sequence[Sequence[int]], plan: ShapePlan, num_streams: int,
                epoch: int, seed: int, shuffle_samples: int, round_items: int = 256,
-               passes: int = 1) -> EpochPlan:
-    """The batches of every stream for ``epoch`` (see the module docstring)."""
+               passes: int = 1, bucket_runs: bool = False) -> EpochPlan:
+    """The batches of every stream for ``epoch`` (see the module docstring).
+
+    ``bucket_runs`` keeps each round's batches of one bucket together (the order of the
+    buckets is shuffled instead of the order of the batches), for backends that pay to change
+    shape: an IPU swaps executables, and the weights and optimizer state with them.
+    """
     reads = assign_shards(len(shard_lengths), num_streams, epoch, seed, passes)
     dropped = 0
     queues: list[list[Item]] = []
@@ -160,12 +166,29 @@ def plan_epoch(shard_lengths: Sequence[Sequence[int]], plan: ShapePlan, num_stre
                 for _ in range(n):
                     made[s].append(Batch(k, tuple(_take(pending[s], k, donors)
                                                   for _ in range(size))))
-        order = order_rng.permutation(len(made[0])) if made[0] else []
+        order = _round_order(made[0], bucket_runs, order_rng)
         for s in range(num_streams):
             out[s] += [made[s][i] for i in order]
         if done:
             break
     return EpochPlan(tuple(tuple(b) for b in out), tuple(tuple(r) for r in reads), dropped)
+
+
+def _round_order(batches: list[Batch], bucket_runs: bool,
+                 rng: np.random.Generator) -> list[int]:
+    """The order of a round's batches (the same for every stream: they hold the same shapes).
+    ``batches`` come grouped by bucket; runs keep the groups whole and shuffle their order."""
+    if not batches:
+        return []
+    if not bucket_runs:
+        return list(rng.permutation(len(batches)))
+    groups: list[list[int]] = []
+    for i, batch in enumerate(batches):
+        if groups and batches[groups[-1][0]].bucket == batch.bucket:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return [i for g in rng.permutation(len(groups)) for i in groups[g]]
 
 
 def _take(pending: list[deque], k: int, donors: Sequence[int]) -> Row:

@@ -157,17 +157,24 @@ class StreamingLoader:
         return {"version": STATE_VERSION, "epoch": self.epoch, "position": self.position,
                 "seed": self.config.seed, "world_size": self.config.world_size,
                 "num_workers": self.num_workers, "plan": self.config.plan.to_json(),
-                "num_shards": len(self.config.shards.urls), "counters": self.counters.to_json()}
+                "num_shards": len(self.config.shards.urls),
+                "round_items": self.config.round_items, "bucket_runs": self.config.bucket_runs,
+                "counters": self.counters.to_json()}
 
     def load_state_dict(self, state: dict) -> None:
         expect = {"version": STATE_VERSION, "seed": self.config.seed,
                   "world_size": self.config.world_size, "num_workers": self.num_workers,
                   "plan": self.config.plan.to_json(), "num_shards": len(self.config.shards.urls)}
+        # Written by every version 1 state since round_items and bucket_runs came in; older
+        # ones used the defaults.
+        expect.update(round_items=self.config.round_items, bucket_runs=self.config.bucket_runs)
+        defaults = {"round_items": 256, "bucket_runs": False}
         for key, value in expect.items():
-            if state.get(key) != value:
+            if state.get(key, defaults.get(key)) != value:
                 raise ValueError(f"loader state has {key}={state.get(key)!r} but this run has "
                                  f"{value!r}: an exact resume needs the same seed, world size, "
-                                 f"worker count, shape plan and shards")
+                                 f"worker count, shape plan, round and bucket-run settings "
+                                 f"and shards")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         counters = state.get("counters", {})
         self.counters = Counters(counters.get("batches", 0), counters.get("utterances", 0),

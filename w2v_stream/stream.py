@@ -46,6 +46,7 @@ class StreamConfig:
     rank: int = 0
     shuffle_seconds: float = 600.0  # audio held by each stream's shuffle buffer
     round_items: int = 256
+    bucket_runs: bool = False  # keep a round's batches of one bucket together (IPU)
     passes_per_epoch: int = 0  # 0: enough that each stream reads >= 16 virtual shards
     mask_time_prob: float = 0.65
     mask_time_length: int = 10
@@ -60,7 +61,7 @@ class StreamConfig:
         streams = self.world_size * max(num_workers, 1)
         return plan_epoch(self.shards.lengths, self.plan, streams, epoch, self.seed,
                           int(self.shuffle_seconds * self.plan.sample_rate), self.round_items,
-                          self.passes(streams))
+                          self.passes(streams), self.bucket_runs)
 
     def passes(self, streams: int) -> int:
         if self.passes_per_epoch:

@@ -67,6 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--feature_grad_mult", type=float, default=DEFAULT_FEATURE_GRAD_MULT)
     a("--gradient_checkpointing", action="store_true")
     a("--backend", default="auto", choices=["auto", "cpu", "cuda", "ipu"])
+    a("--ipu_replicas", type=int, default=1,
+      help="ipu: data-parallel replicas inside one process (poptorch replication)")
+    a("--ipu_executable_cache", type=Path, default=None,
+      help="ipu: compiled executables, one per shape (default: OUTPUT_DIR/exe_cache)")
     a("--precision", default="auto", choices=["auto", "fp32", "bf16"],
       help="auto: bf16 on cuda, fp32 on cpu")
     a("--torch_compile_backend", default=None,
@@ -93,7 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.preset and not args.model_name_or_path:
         problems.append("give --preset {demo,base,large} or --model_name_or_path")
     for name in ("max_train_steps", "gradient_accumulation_steps", "per_device_train_batch_size",
-                 "num_buckets", "logging_steps", "saving_steps", "eval_batches"):
+                 "num_buckets", "logging_steps", "saving_steps", "eval_batches", "ipu_replicas"):
         if getattr(args, name) < 1:
             problems.append(f"--{name} must be >= 1")
     if args.num_warmup_steps < 0 or args.num_warmup_steps > args.max_train_steps:
@@ -110,6 +114,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         problems.append("--learning_rate must be > 0")
     if args.num_workers < 0:
         problems.append("--num_workers must be >= 0")
+    if args.backend == "ipu" and args.precision == "bf16":
+        problems.append("--backend ipu trains in fp32 here (IPUs have no bf16)")
+    if args.backend != "ipu" and args.ipu_replicas != 1:
+        problems.append("--ipu_replicas is for --backend ipu")
     if problems:
         p.error("; ".join(problems))
     return args
@@ -132,6 +140,38 @@ def _all_sum(values: list[float], device) -> list[float]:
     return tensor.tolist()
 
 
+_SUM_KEYS = ("loss", "contrastive_loss", "diversity_loss", "codevector_perplexity",
+             "code_perplexity", "num_frames")
+
+
+def _torch_update(step_module, objective, optimizer, backend, micro: list[dict],
+                  temperature: float, lr: float, world: int, max_grad_norm: float | None):
+    """Forward and backward over an update's micro-batches, the loss normalised once by the
+    masked frames of the whole update on every rank. Returns (global masked frames, sums of
+    _SUM_KEYS, gradient norm); the caller steps the optimizer if everything is finite."""
+    local_masked = sum(float(b["mask_time_indices"].sum()) for b in micro)
+    (global_masked,) = _all_sum([local_masked], backend.device)
+    temp = torch.tensor(temperature, device=backend.device)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    # DDP averages gradients over ranks; scaling by world / global masked frames makes
+    # the update the gradient of (sum of losses) / (masked frames of the whole update).
+    scale = world / max(global_masked, 1.0)
+    sums = [0.0] * len(_SUM_KEYS)
+    for i, batch in enumerate(micro):
+        sync = i == len(micro) - 1 or world == 1
+        context = (step_module.no_sync() if not sync and hasattr(step_module, "no_sync")
+                   else contextlib.nullcontext())
+        with context:
+            with backend.autocast():
+                out = step_module(**backend.to_device(batch), temperature=temp)
+            (out["loss"] * scale).backward()
+        sums = [s + float(out[k].detach()) for s, k in zip(sums, _SUM_KEYS)]
+    norm = float(torch.nn.utils.clip_grad_norm_(objective.parameters(),
+                                                max_grad_norm or float("inf")))
+    return global_masked, sums, norm
+
+
 def _param_groups(model, weight_decay: float) -> list[dict]:
     """Weight decay on weights of linear and conv layers only: not on biases, norms,
     embeddings of the mask or the codebook."""
@@ -147,19 +187,27 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
 
 
 def make_stream_config(shard_specs, args, config, rank: int, world: int,
-                       plan: buckets.ShapePlan | None = None) -> StreamConfig:
+                       plan: buckets.ShapePlan | None = None, split: int = 1,
+                       bucket_runs: bool = False) -> StreamConfig:
+    """The loader's configuration. ``split`` > 1 (IPU) makes each batch one host call of
+    ``split`` micro-batches; ``bucket_runs`` keeps batches of one shape together."""
     shard_list = sources.resolve(shard_specs, args.allow_pipe_urls, args.s3_endpoint_url)
     if plan is None:
         lengths = [n for shard in shard_list.lengths for n in shard]
         rate = shard_list.sample_rate
         plan = buckets.make_plan(
-            lengths, args.length_policy, args.num_buckets, max_tokens=args.max_tokens,
-            batch_size=args.per_device_train_batch_size,
+            lengths, args.length_policy, args.num_buckets,
+            max_tokens=args.max_tokens * split if args.max_tokens else None,
+            batch_size=args.per_device_train_batch_size * split, batch_multiple=split,
             min_samples=int(args.min_duration_in_seconds * rate),
             max_samples=int(args.max_duration_in_seconds * rate), sample_rate=rate,
             conv_kernel=config.conv_kernel, conv_stride=config.conv_stride)
+    runs = {}
+    if bucket_runs:  # rounds big enough to hold several batches of every bucket
+        runs = {"bucket_runs": True,
+                "round_items": max(256, 4 * max(plan.batch_sizes) * plan.num_buckets)}
     return StreamConfig(shard_list, plan, seed=args.seed, world_size=world, rank=rank,
-                        shuffle_seconds=args.shuffle_seconds,
+                        shuffle_seconds=args.shuffle_seconds, **runs,
                         mask_time_prob=config.mask_time_prob,
                         mask_time_length=config.mask_time_length,
                         mask_time_min_masks=config.mask_time_min_masks,
@@ -192,18 +240,26 @@ def train(args: argparse.Namespace) -> dict:
     rank, world = _distributed()
     main = rank == 0
     device_kind = resolve_backend(args.backend)
-    if device_kind == "ipu":
-        from .backends.ipu import import_poptorch
-
-        import_poptorch()  # fails with how to get the Poplar SDK
-        raise RuntimeError("--backend ipu: the poptorch step (w2v_stream/backends/ipu.py) is "
-                           "not wired into this loop yet; see README")
     from .backends.torch_backend import TorchBackend
 
-    precision = args.precision if args.precision != "auto" else (
-        "bf16" if device_kind == "cuda" else "fp32")
-    compile_backend = args.torch_compile_backend or ("inductor" if device_kind == "cuda" else None)
-    backend = TorchBackend(device_kind, precision, compile_backend)
+    ipu = device_kind == "ipu"
+    if ipu:
+        from .backends.ipu import IpuBackend, import_poptorch
+
+        import_poptorch()  # fails first, with how to get the Poplar SDK
+        if world > 1:
+            raise ValueError("--backend ipu runs as one process: data parallel comes from "
+                             "--ipu_replicas (poptorch replication), not torchrun")
+        precision = "fp32"
+        backend = IpuBackend(args.ipu_replicas, args.gradient_accumulation_steps,
+                             str(args.ipu_executable_cache or args.output_dir / "exe_cache"))
+        host = TorchBackend("cpu")  # eval runs on the host, on the weights copied back
+    else:
+        precision = args.precision if args.precision != "auto" else (
+            "bf16" if device_kind == "cuda" else "fp32")
+        compile_backend = args.torch_compile_backend or (
+            "inductor" if device_kind == "cuda" else None)
+        backend = host = TorchBackend(device_kind, precision, compile_backend)
     torch.manual_seed(args.seed + rank)
     overrides = {"mask_time_prob": args.mask_time_prob,
                  "mask_time_length": args.mask_time_length, "num_negatives": args.num_negatives}
@@ -219,7 +275,9 @@ def train(args: argparse.Namespace) -> dict:
         print(f"config: {json.dumps(resolved, sort_keys=True, default=str)}", flush=True)
 
     # 2. Data: the shape plan from index.json, the stream of this rank.
-    stream_config = make_stream_config(args.train_shards, args, config, rank, world)
+    split = backend.split if ipu else 1
+    stream_config = make_stream_config(args.train_shards, args, config, rank, world,
+                                       split=split, bucket_runs=ipu)
     plan = stream_config.plan
     if main:
         print(f"shape plan ({plan.policy}): {plan.shapes()}", flush=True)
@@ -231,9 +289,15 @@ def train(args: argparse.Namespace) -> dict:
     objective = PretrainingObjective(model, args.feature_grad_mult,
                                      args.gradient_checkpointing).to(backend.device)
     objective.train()
-    optimizer = torch.optim.AdamW(_param_groups(model, args.weight_decay), lr=args.learning_rate,
-                                  betas=(args.adam_beta1, args.adam_beta2),
-                                  eps=args.adam_epsilon)
+    betas = (args.adam_beta1, args.adam_beta2)
+    if ipu:
+        optimizer = backend.optimizer(_param_groups(model, args.weight_decay),
+                                      args.learning_rate, betas, args.adam_epsilon,
+                                      args.max_grad_norm)
+    else:
+        optimizer = torch.optim.AdamW(_param_groups(model, args.weight_decay),
+                                      lr=args.learning_rate, betas=betas,
+                                      eps=args.adam_epsilon)
     update, skipped_in_a_row, skipped_total, loader_state = 0, 0, 0, None
     if args.resume_from_checkpoint:
         path = checkpoint.find(args.output_dir, args.resume_from_checkpoint)
@@ -250,12 +314,15 @@ def train(args: argparse.Namespace) -> dict:
     step_module = objective
     if world > 1:
         step_module = torch.nn.parallel.DistributedDataParallel(objective)
-    step_module = backend.prepare(step_module)
+    if not ipu:
+        step_module = backend.prepare(step_module)
     logger = MetricsLogger(args.output_dir, main, tensorboard=not args.no_tensorboard)
     stop = {"signal": None}
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
 
     def save(at: int) -> None:
+        if ipu:
+            backend.weights_to_host()  # the optimizer state comes back through state_dict()
         states = [None] * world
         state = loader.state_dict()
         if world > 1:
@@ -280,59 +347,56 @@ def train(args: argparse.Namespace) -> dict:
         t0 = torch.tensor(gumbel_temperature(0, args.max_gumbel_temperature,
                                              args.min_gumbel_temperature,
                                              args.gumbel_temperature_decay))
-        eval_loss = evaluate(objective, backend, eval_config, args, t0.to(backend.device))
+        eval_loss = evaluate(objective, host, eval_config, args, t0.to(host.device))
         logger.log({"step": 0, "eval_loss": eval_loss})
         if main:
             print(f"step {0:>7d} | eval_loss {eval_loss:.4f}", flush=True)
     while update < args.max_train_steps:
-        micro = [next(batches) for _ in range(args.gradient_accumulation_steps)]
-        local_masked = sum(float(b["mask_time_indices"].sum()) for b in micro)
-        (global_masked,) = _all_sum([local_masked], backend.device)
         temp_value = gumbel_temperature(update, args.max_gumbel_temperature,
                                         args.min_gumbel_temperature,
                                         args.gumbel_temperature_decay)
-        temperature = torch.tensor(temp_value, device=backend.device)
         lr = args.learning_rate * lr_factor(update, args.num_warmup_steps, args.max_train_steps,
                                             args.lr_scheduler_type)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # DDP averages gradients over ranks; scaling by world / global masked frames makes
-        # the update the gradient of (sum of losses) / (masked frames of the whole update).
-        scale = world / max(global_masked, 1.0)
-        sums = [0.0] * 6
-        for i, batch in enumerate(micro):
-            sync = (i == len(micro) - 1 or world == 1)
-            context = (step_module.no_sync() if not sync and hasattr(step_module, "no_sync")
-                       else contextlib.nullcontext())
-            with context:
-                with backend.autocast():
-                    out = step_module(**backend.to_device(batch), temperature=temperature)
-                (out["loss"] * scale).backward()
-            sums = [s + float(v.detach()) for s, v in zip(sums, (
-                out["loss"], out["contrastive_loss"], out["diversity_loss"],
-                out["codevector_perplexity"], out["code_perplexity"], out["num_frames"]))]
+        if ipu:  # one host batch, one call: poptorch accumulates and steps on the device
+            batch = next(batches)
+            global_masked = float(batch["mask_time_indices"].sum())
+            out = backend.update(objective, optimizer, batch, temp_value,
+                                 max(global_masked, 1.0), lr)
+            sums = [out[k] for k in _SUM_KEYS]
+            micro_batches = out["micro_batches"]
             interval_audio += float(batch["audio_samples"]) / plan.sample_rate
-        max_norm = args.max_grad_norm if args.max_grad_norm else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(objective.parameters(), max_norm))
-        if math.isfinite(grad_norm) and math.isfinite(sums[0]):
-            optimizer.step()
+            grad_norm = float("nan")  # stays on the device
+            finite = math.isfinite(sums[0])
+        else:
+            micro = [next(batches) for _ in range(args.gradient_accumulation_steps)]
+            global_masked, sums, grad_norm = _torch_update(
+                step_module, objective, optimizer, backend, micro, temp_value, lr, world,
+                args.max_grad_norm)
+            micro_batches = len(micro)
+            interval_audio += sum(float(b["audio_samples"]) for b in micro) / plan.sample_rate
+            finite = math.isfinite(grad_norm) and math.isfinite(sums[0])
+            if finite:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if finite:
             skipped_in_a_row = 0
         else:
             skipped_in_a_row += 1
             skipped_total += 1
             if main:
-                print(f"step {update + 1}: non-finite loss or gradient, update skipped "
+                what = ("the IPU has applied it: it cannot be skipped there" if ipu
+                        else "update skipped")
+                print(f"step {update + 1}: non-finite loss or gradient, {what} "
                       f"({skipped_in_a_row} in a row)", flush=True)
             if skipped_in_a_row >= args.max_skipped_updates:
                 raise RuntimeError(f"{skipped_in_a_row} non-finite updates in a row: stopping. "
                                    f"Lower --learning_rate, raise --num_warmup_steps, set "
                                    f"--max_grad_norm, or use --precision fp32")
-        optimizer.zero_grad(set_to_none=True)
         update += 1
 
         # 5. Report, evaluate, save.
         if update % args.logging_steps == 0 or update == args.max_train_steps:
-            totals = _all_sum(sums + [float(len(micro))], backend.device)
+            totals = _all_sum(sums + [float(micro_batches)], host.device)
             n = max(global_masked, 1.0)
             record = {
                 "step": update, "loss": totals[0] / n, "contrastive_loss": totals[1] / n,
@@ -354,7 +418,10 @@ def train(args: argparse.Namespace) -> dict:
                 if warning:
                     print(f"WARNING: {warning}", flush=True)
         if eval_config and (update % eval_every == 0 or update == args.max_train_steps):
-            eval_loss = evaluate(objective, backend, eval_config, args, temperature)
+            if ipu:
+                backend.weights_to_host()
+            eval_loss = evaluate(objective, host, eval_config, args,
+                                 torch.tensor(temp_value, device=host.device))
             logger.log({"step": update, "eval_loss": eval_loss})
             history.append({"step": update, "eval_loss": eval_loss})
             if main:
@@ -367,6 +434,9 @@ def train(args: argparse.Namespace) -> dict:
                       flush=True)
             break
     batches.close()  # stops the loader workers now, not at interpreter exit
+    if ipu:
+        backend.weights_to_host()
+        backend.close()
     # Drop DDP's reducer while the process group is alive: freed later, it took the last
     # reference to the gloo group and deadlocked against gloo's thread over the GIL.
     del step_module

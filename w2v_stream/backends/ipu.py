@@ -1,17 +1,26 @@
 """Graphcore IPU through poptorch: the only module that imports poptorch.
 
 Written against the poptorch 3.x API (Poplar SDK 3.x) and NOT run on IPU hardware here: no
-IPU and no Poplar SDK were available while it was written.
+IPU and no Poplar SDK were available while it was written. The package never imports this
+module unless ``--backend ipu`` is asked for.
 
-One compiled executable per bucket shape (poptorch never recompiles a model: each shape gets
-its own ``trainingModel`` over the same weights, and the executable cache makes later runs
-load instead of compile). The host batch of each step is split by poptorch across
-replication x gradient accumulation x device iterations, so the plan's batch sizes must be
-multiples of that product (``make_plan(batch_multiple=...)``). The gumbel temperature and the
-loss normaliser are tensor inputs; the learning rate goes through ``setOptimizer``.
+One compiled executable per bucket shape: poptorch compiles a model for one input shape, so
+each shape gets its own ``trainingModel`` over the same weights, and the executable cache
+makes later runs load instead of compile. Only one executable is attached at a time; when the
+shape changes, the weights and the optimizer state go through the host to the next one (the
+loader's ``bucket_runs`` keeps same-shape batches together so this is rare).
+
+One host call is one optimizer update: the host batch (one bucket, rows a multiple of
+``replicas x accumulation``) is split by poptorch over replicas and gradient accumulation
+(device iterations stay 1, so the learning rate, temperature and loss normaliser of every
+update are exact). The gumbel temperature and the normaliser (masked frames of the whole
+update) are tensor inputs, one value per row so poptorch can split them with the batch; the
+learning rate goes through ``setOptimizer``.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 
@@ -29,7 +38,7 @@ def import_poptorch():
 
 
 class _IpuStep(torch.nn.Module):
-    """objective + normalisation in one graph; poptorch sums over the split host batch."""
+    """Objective + normalisation in one graph; poptorch sums over the split host batch."""
 
     def __init__(self, objective: torch.nn.Module, poptorch):
         super().__init__()
@@ -38,59 +47,100 @@ class _IpuStep(torch.nn.Module):
 
     def forward(self, input_values, attention_mask, mask_time_indices,
                 sampled_negative_indices, temperature, normaliser):
-        # Scalars arrive as one value per row so poptorch can split them with the batch.
         out = self.objective(input_values, attention_mask, mask_time_indices,
                              sampled_negative_indices, temperature[0])
         loss = self.poptorch.identity_loss(out["loss"] / normaliser[0], reduction="sum")
-        return loss, out["contrastive_loss"], out["diversity_loss"], out["num_masked"]
+        return (loss, out["contrastive_loss"], out["diversity_loss"],
+                out["codevector_perplexity"], out["code_perplexity"], out["num_frames"])
 
 
 class IpuBackend:
-    def __init__(self, replication_factor: int = 1, gradient_accumulation: int = 1,
-                 device_iterations: int = 1, executable_cache_dir: str = "./exe_cache"):
+    """Training updates on IPUs; the trainer's loop stays the same for every backend."""
+
+    device = torch.device("cpu")  # where the host keeps weights, and where eval runs
+
+    def __init__(self, replication_factor: int, gradient_accumulation: int,
+                 executable_cache_dir: str):
         self.poptorch = import_poptorch()
         options = self.poptorch.Options()
         options.replicationFactor(replication_factor)
-        options.deviceIterations(device_iterations)
+        options.deviceIterations(1)
         options.Training.gradientAccumulation(gradient_accumulation)
         options.Training.accumulationAndReplicationReductionType(
             self.poptorch.ReductionType.Sum)
         options.outputMode(self.poptorch.OutputMode.Sum)
         options.enableExecutableCaching(executable_cache_dir)
         self.options = options
-        self.split = replication_factor * gradient_accumulation * device_iterations
+        self.split = replication_factor * gradient_accumulation
         self.models: dict[tuple[int, ...], object] = {}
         self.current = None
 
-    def optimizer(self, params, lr, betas, eps, weight_decay):
-        return self.poptorch.optim.AdamW(params, lr=lr, betas=betas, eps=eps,
-                                         weight_decay=weight_decay)
+    def optimizer(self, param_groups, lr: float, betas, eps: float,
+                  max_grad_norm: float | None):
+        kwargs = {}
+        if max_grad_norm:
+            accepted = inspect.signature(self.poptorch.optim.AdamW).parameters
+            if "max_grad_norm" not in accepted:
+                raise ValueError("--max_grad_norm: this poptorch's AdamW cannot clip; leave "
+                                 "it unset on the IPU")
+            kwargs["max_grad_norm"] = max_grad_norm
+        return self.poptorch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, **kwargs)
 
-    def step(self, objective, optimizer, batch: dict, temperature: float,
-             normaliser: float, lr: float):
-        """One optimizer update on the IPU for a host batch of one bucket shape."""
+    def update(self, objective, optimizer, batch: dict, temperature: float,
+               normaliser: float, lr: float) -> dict:
+        """One optimizer update for a host batch of one bucket shape.
+
+        Returns sums over the update's micro-batches: the loss (before normalisation), its two
+        parts, the two perplexities (summed: divide by ``micro_batches``) and valid frames.
+        """
         shape = tuple(batch["input_values"].shape)
-        if shape[0] % self.split:
-            raise ValueError(f"batch of {shape[0]} rows does not split over replication x "
-                             f"accumulation x device iterations = {self.split}")
-        if shape not in self.models:
-            self.models[shape] = self.poptorch.trainingModel(
-                _IpuStep(objective, self.poptorch), options=self.options, optimizer=optimizer)
-        model = self.models[shape]
-        if self.current is not None and self.current is not model:
-            # One executable on the device at a time; the weights travel through the host.
-            self.current.copyWeightsToHost()
-            self.current.detachFromDevice()
-            if model.isCompiled():
-                model.attachToDevice()
-                model.copyWeightsToDevice()
-        self.current = model
+        rows = shape[0]
+        if rows % self.split:
+            raise ValueError(f"batch of {rows} rows does not split over replicas x "
+                             f"accumulation = {self.split}")
         for group in optimizer.param_groups:
             group["lr"] = lr
-        model.setOptimizer(optimizer)
-        rows = shape[0]
-        temp = torch.full((rows,), temperature)
-        norm = torch.full((rows,), normaliser)
-        return model(batch["input_values"], batch["attention_mask"],
-                     batch["mask_time_indices"], batch["sampled_negative_indices"].long(),
-                     temp, norm)
+        model = self._activate(shape, objective, optimizer)
+        model.setOptimizer(optimizer)  # the same object: only the changed lr is sent
+        outputs = model(batch["input_values"], batch["attention_mask"],
+                        batch["mask_time_indices"], batch["sampled_negative_indices"].int(),
+                        torch.full((rows,), float(temperature)),
+                        torch.full((rows,), float(normaliser)))
+        # Outputs come back summed over accumulation (one value per replica): sum the rest.
+        loss, contrastive, diversity, prob_ppl, code_ppl, frames = (
+            float(torch.as_tensor(x).sum()) for x in outputs)
+        return {"loss": loss * normaliser, "contrastive_loss": contrastive,
+                "diversity_loss": diversity, "codevector_perplexity": prob_ppl,
+                "code_perplexity": code_ppl, "num_frames": frames,
+                "micro_batches": self.split}
+
+    def _activate(self, shape: tuple[int, ...], objective, optimizer):
+        model = self.models.get(shape)
+        if model is not None and model is self.current:
+            return model
+        if self.current is not None:
+            # One executable on the devices at a time: weights and optimizer state go
+            # through the host to the next one.
+            self.current.copyWeightsToHost()
+            state = optimizer.state_dict()  # read back from the executable in use
+            self.current.detachFromDevice()
+            optimizer.load_state_dict(state)  # the host state the next one starts from
+        if model is None:  # compiled (or loaded from the cache) on its first call
+            model = self.poptorch.trainingModel(_IpuStep(objective, self.poptorch),
+                                                options=self.options, optimizer=optimizer)
+            self.models[shape] = model
+        else:
+            model.setOptimizer(optimizer)
+            model.attachToDevice()  # uploads the host weights and optimizer state
+        self.current = model
+        return model
+
+    def weights_to_host(self) -> None:
+        """Bring the host model up to date (before a checkpoint or an eval on the host)."""
+        if self.current is not None:
+            self.current.copyWeightsToHost()
+
+    def close(self) -> None:
+        for model in self.models.values():
+            model.destroy()
+        self.models, self.current = {}, None
