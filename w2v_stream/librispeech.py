@@ -99,7 +99,7 @@ def parse_transcript(text: str, location: str) -> Iterator[TranscriptFound | Pro
 
 
 def _audio_from_name(name: str, split: str, location: str, **where) -> AudioFound | Problem:
-    parsed = parse_utterance_name(PurePosixPath(name).stem, location)
+    parsed = parse_utterance_name(name.rsplit("/", 1)[-1].rsplit(".", 1)[0], location)
     if isinstance(parsed, Problem):
         return parsed
     utt_id, speaker, chapter = parsed
@@ -117,14 +117,18 @@ class FolderSource:
         self.split = self.split_dir.name
 
     def events(self) -> Iterator[Event]:
-        files = [Path(top, name) for top, _, names in os.walk(self.split_dir) for name in names]
-        for path in sorted(files):
-            name = path.name
+        # Plain strings, sorted by path components as pathlib sorts: the walk runs in the
+        # main process while the workers probe, so it stays cheap.
+        files = [(top.split(os.sep), top, name) for top, _, names in os.walk(self.split_dir)
+                 for name in names]
+        files.sort(key=lambda f: (f[0], f[2]))
+        for _, top, name in files:
+            location = os.path.join(top, name)
             if name.endswith(TRANSCRIPT_SUFFIX):
-                yield from parse_transcript(path.read_text(encoding="utf-8", errors="replace"),
-                                            str(path))
-            elif path.suffix.lower() in AUDIO_SUFFIXES:
-                yield _audio_from_name(name, self.split, str(path), path=path)
+                with open(location, encoding="utf-8", errors="replace") as f:
+                    yield from parse_transcript(f.read(), location)
+            elif os.path.splitext(name)[1].lower() in AUDIO_SUFFIXES:
+                yield _audio_from_name(name, self.split, location, path=Path(location))
 
 
 class ArchiveSource:
