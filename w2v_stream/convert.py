@@ -110,6 +110,14 @@ def _probe_job(job: tuple[Path | None, bytes | None, bool]) -> tuple:
         return None, False, 0, 0, str(exc)
 
 
+def _walk_probe_job(job: tuple[Source, str, bool]) -> tuple[list, list[tuple]]:
+    """The events of one piece of a folder source, and the probe of each audio event."""
+    source, part, full_decode = job
+    events = list(source.events(part))
+    return events, [_probe_job((e.path, e.data, full_decode)) for e in events
+                    if isinstance(e, AudioFound)]
+
+
 def _write_job(job: tuple[Path, list[tuple[Planned, bytes | None]]]) -> ShardRecord:
     path, items = job
 
@@ -171,8 +179,10 @@ def _scan(sources: Sequence[Source], options: ShardOptions, mapper: _Mapper,
           progress) -> tuple[list[tuple[int, AudioFound, tuple]], dict[str, str], list[Problem]]:
     """Read every source once; probe audio in the workers; keep only small facts.
 
-    Audio goes to the workers in batches while the walk goes on (at most SCAN_IN_FLIGHT
-    batches out at once, so memory stays bounded for sources that carry their bytes).
+    A folder is walked by the workers themselves, a piece (subfolder) each, so the main
+    process only gathers. Other sources are read here and their audio goes to the workers in
+    batches while the reading goes on (at most SCAN_IN_FLIGHT batches out at once, so memory
+    stays bounded for sources that carry their bytes).
     """
     found: list[tuple[int, AudioFound, tuple]] = []
     transcripts: dict[str, str] = {}
@@ -196,6 +206,20 @@ def _scan(sources: Sequence[Source], options: ShardOptions, mapper: _Mapper,
         collect(SCAN_IN_FLIGHT)
 
     for index, source in enumerate(sources):
+        if hasattr(source, "parts"):  # a folder: workers walk its pieces and probe them
+            collect(0)
+            jobs = [(source, part, options.full_decode) for part in source.parts()]
+            for events, results in mapper.map(_walk_probe_job, jobs, chunksize=1):
+                probed = iter(results)
+                for event in events:
+                    if isinstance(event, AudioFound):
+                        found.append((index, event, next(probed)))
+                        progress(1, found[-1][2][3])
+                    elif isinstance(event, TranscriptFound):
+                        transcripts.setdefault(event.utt_id, event.text)
+                    else:
+                        problems.append(event)
+            continue
         batch: list[AudioFound] = []
         batch_bytes = 0
         for event in source.events():

@@ -116,11 +116,23 @@ class FolderSource:
         self.location = str(self.split_dir)
         self.split = self.split_dir.name
 
-    def events(self) -> Iterator[Event]:
-        # Plain strings, sorted by path components as pathlib sorts: the walk runs in the
-        # main process while the workers probe, so it stays cheap.
-        files = [(top.split(os.sep), top, name) for top, _, names in os.walk(self.split_dir)
-                 for name in names]
+    def parts(self) -> list[str]:
+        """The folder in pieces that workers can walk on their own: ``""`` (the files at the
+        top), then each subfolder. Their events, in this order, are ``events()``'s."""
+        with os.scandir(self.split_dir) as entries:
+            return ["", *sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))]
+
+    def events(self, part: str | None = None) -> Iterator[Event]:
+        """Every file's event in path order; only one piece's with ``part`` (see parts)."""
+        if part is None:
+            walk = os.walk(self.split_dir)
+        elif part == "":
+            top, _, names = next(os.walk(self.split_dir), (str(self.split_dir), [], []))
+            walk = [(top, [], names)]
+        else:
+            walk = os.walk(os.path.join(self.split_dir, part))
+        # Plain strings, sorted by path components as pathlib sorts.
+        files = [(top.split(os.sep), top, name) for top, _, names in walk for name in names]
         files.sort(key=lambda f: (f[0], f[2]))
         for _, top, name in files:
             location = os.path.join(top, name)
