@@ -273,3 +273,16 @@ def test_exit_codes_and_messages(tmp_path, corpus):
                          "--min_duration_in_seconds", "9", "--max_duration_in_seconds", "3",
                          check=False)
     assert bad_range.returncode == 2 and "min_duration_in_seconds 9.0 >" in bad_range.stderr
+
+
+def test_a_folder_walked_in_pieces_gives_the_whole_walk(corpus_copy):
+    from w2v_stream.librispeech import FolderSource
+
+    (corpus_copy / "README.TXT").write_text("not audio")  # a stray file at the top
+    (corpus_copy / "zz-notes.flac").write_bytes(b"")  # and a badly named one
+    source = FolderSource(corpus_copy)
+    parts = source.parts()
+    assert parts[0] == "" and len(parts) == 3  # the top, then the two speakers
+    pieces = [e for part in parts for e in source.events(part)]
+    assert pieces == list(source.events())
+    assert any(getattr(e, "reason", None) == "unrecognised_name" for e in pieces)
