@@ -256,3 +256,26 @@ def test_ipu_host_batches_are_whole_updates_of_one_shape_in_runs(shard_dir, tmp_
     with pytest.raises(SystemExit):
         parse_args(["--train_shards", str(shard_dir), "--output_dir", str(tmp_path),
                     "--preset", "demo", "--max_train_steps", "1", "--ipu_replicas", "2"])
+
+
+def test_ipu_micro_batches_get_negatives_into_their_own_frames():
+    # poptorch runs each run of B / split rows of a host batch as its own micro-batch: the
+    # loader's negatives (into the host batch's frames) must be moved into the micro-batch's.
+    from w2v_stream.backends.ipu import micro_batch_negatives
+
+    rows, frames, split = 6, 40, 3
+    segments = [[(0, frames - 3 * r)] for r in range(rows)]
+    rs = np.random.RandomState(0)
+    mask = compute_mask(segments, frames, 0.65, 4, 2, rs)
+    host = torch.from_numpy(sample_negatives(mask, segments, 5, rs))
+    local = micro_batch_negatives(host, split)
+    assert local.dtype == torch.int32
+    features = torch.randn(rows, frames, 8)
+    micro = rows // split
+    for m in range(split):
+        chunk = slice(m * micro, (m + 1) * micro)
+        idx = local[chunk].long()
+        assert int(idx.min()) >= 0 and int(idx.max()) < micro * frames
+        picked = features[chunk].reshape(-1, 8)[idx.reshape(-1)]
+        expected = features.reshape(-1, 8)[host[chunk].long().reshape(-1)]
+        assert torch.equal(picked, expected)

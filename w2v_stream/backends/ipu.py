@@ -54,6 +54,20 @@ class _IpuStep(torch.nn.Module):
                 out["codevector_perplexity"], out["code_perplexity"], out["num_frames"])
 
 
+def micro_batch_negatives(negatives: torch.Tensor, split: int) -> torch.Tensor:
+    """(B, T, K) negative indices into the host batch's B*T frames → indices into each
+    micro-batch's own frames, int32.
+
+    poptorch cuts the host batch into ``split`` runs of B / split consecutive rows and runs
+    each as its own micro-batch, where the model flattens only that micro-batch's frames.
+    Negatives stay within their row, so only the row offset changes.
+    """
+    rows, frames = negatives.shape[:2]
+    micro = rows // split
+    first_row = torch.arange(rows) // micro * micro  # the first host row of each row's run
+    return (negatives.long() - (first_row * frames).view(rows, 1, 1)).int()
+
+
 class IpuBackend:
     """Training updates on IPUs; the trainer's loop stays the same for every backend."""
 
@@ -103,7 +117,8 @@ class IpuBackend:
         model = self._activate(shape, objective, optimizer)
         model.setOptimizer(optimizer)  # the same object: only the changed lr is sent
         outputs = model(batch["input_values"], batch["attention_mask"],
-                        batch["mask_time_indices"], batch["sampled_negative_indices"].int(),
+                        batch["mask_time_indices"],
+                        micro_batch_negatives(batch["sampled_negative_indices"], self.split),
                         torch.full((rows,), float(temperature)),
                         torch.full((rows,), float(normaliser)))
         # Outputs come back summed over accumulation (one value per replica): sum the rest.
