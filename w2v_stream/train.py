@@ -116,6 +116,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         problems.append("--num_workers must be >= 0")
     if args.backend == "ipu" and args.precision == "bf16":
         problems.append("--backend ipu trains in fp32 here (IPUs have no bf16)")
+    if args.backend == "ipu" and args.gradient_checkpointing:
+        problems.append("--gradient_checkpointing is torch's recompute, which poptorch does "
+                        "not trace: leave it out with --backend ipu")
     if args.backend != "ipu" and args.ipu_replicas != 1:
         problems.append("--ipu_replicas is for --backend ipu")
     if problems:
@@ -252,7 +255,8 @@ def train(args: argparse.Namespace) -> dict:
                              "--ipu_replicas (poptorch replication), not torchrun")
         precision = "fp32"
         backend = IpuBackend(args.ipu_replicas, args.gradient_accumulation_steps,
-                             str(args.ipu_executable_cache or args.output_dir / "exe_cache"))
+                             str(args.ipu_executable_cache or args.output_dir / "exe_cache"),
+                             args.seed)
         host = TorchBackend("cpu")  # eval runs on the host, on the weights copied back
     else:
         precision = args.precision if args.precision != "auto" else (

@@ -74,9 +74,10 @@ class IpuBackend:
     device = torch.device("cpu")  # where the host keeps weights, and where eval runs
 
     def __init__(self, replication_factor: int, gradient_accumulation: int,
-                 executable_cache_dir: str):
+                 executable_cache_dir: str, seed: int):
         self.poptorch = import_poptorch()
         options = self.poptorch.Options()
+        options.randomSeed(seed)  # dropout and gumbel noise drawn on the device
         options.replicationFactor(replication_factor)
         options.deviceIterations(1)
         options.Training.gradientAccumulation(gradient_accumulation)
