@@ -64,3 +64,14 @@ def test_refuses_every_truncation_and_damage_and_the_decoder_then_says_why(tmp_p
     cut.write_bytes(b"RIFF" + data[4:])
     assert flac.quick_check(cut) is None
     assert audio.probe(path).num_samples == flac.quick_check(path).num_samples
+
+
+def test_a_streamed_flac_gets_its_length_back_from_its_last_frame(tmp_path):
+    whole = _flac(tmp_path).read_bytes()
+    streamed = bytearray(whole)
+    streamed[21] &= 0xF0  # STREAMINFO's 36-bit length zeroed, as a streaming encoder leaves it
+    streamed[22:26] = bytes(4)
+    assert flac.parse_streaminfo(bytes(streamed)).num_samples == 0
+    assert flac.with_length(bytes(streamed)) == whole
+    assert flac.with_length(bytes(streamed[:-30])) is None  # its last frame cut: no length
+    assert flac.with_length(whole) is None  # nothing to give

@@ -94,27 +94,34 @@ def test_bad_inputs_are_reported_and_good_ones_kept(corpus_copy, tmp_path):
     sf.write(chapter / f"{spk}-{chap}-0104.flac", _sine(8000, 3.0), 8000)  # wrong rate
     sf.write(chapter / f"{spk}-{chap}-0105.flac", _sine(16000, 2.0), 16000)  # no transcript
     sf.write(chapter / "notes.flac", _sine(16000, 1.0), 16000)  # not an utterance name
-    for n in ("0103", "0104"):
+    streamed = bytearray(audio.encode_flac(_sine(16000, 2.2)))  # no length in STREAMINFO,
+    streamed[21] &= 0xF0  # as a streaming encoder writes it: the 36-bit length zeroed
+    streamed[22:26] = bytes(4)
+    (chapter / f"{spk}-{chap}-0107.flac").write_bytes(bytes(streamed))
+    for n in ("0103", "0104", "0107"):
         _add_transcript(chapter, f"{spk}-{chap}-{n}", "CONVERTED ONE")
     _add_transcript(chapter, f"{spk}-{chap}-0106", "TEXT WITHOUT AUDIO")
     out = tmp_path / "out"
     proc = run_tool(TOOL, corpus_copy, "--output_dir", out)
     samples = read_all(out)
-    expected = good + [f"{spk}-{chap}-{n}" for n in ("0103", "0104", "0105")]
+    expected = good + [f"{spk}-{chap}-{n}" for n in ("0103", "0104", "0105", "0107")]
     assert sorted(samples) == sorted(expected)
     for utt in good:  # every good utterance is there, untouched
         assert samples[utt]["flac"] == next(corpus_copy.rglob(f"{utt}.flac")).read_bytes()
-    for n, rate, channels, seconds in (("0103", 44100, 2, 2.5), ("0104", 8000, 1, 3.0)):
+    for n, rate, channels, seconds in (("0103", 44100, 2, 2.5), ("0104", 8000, 1, 3.0),
+                                       ("0107", 16000, 1, 2.2)):
         parts = samples[f"{spk}-{chap}-{n}"]
         meta = json.loads(parts["json"])
         info = audio.probe(parts["flac"], full_decode=True)
         assert info.is_target and info.num_samples == meta["num_samples"] == int(16000 * seconds)
         assert meta["converted"] and meta["original"]["sample_rate"] == rate
         assert meta["original"]["channels"] == channels and meta["text"] == "CONVERTED ONE"
+    assert json.loads(samples[f"{spk}-{chap}-0107"]["json"])["original"]["length_in_header"] \
+        is False
     assert json.loads(samples[f"{spk}-{chap}-0105"]["json"])["text"] is None
     problems = shards.read_index(out)["problems"]
     assert {k: v["count"] for k, v in problems.items()} == {
-        "unreadable_audio": 3, "converted": 2, "no_transcript": 1,
+        "unreadable_audio": 3, "converted": 3, "no_transcript": 1,
         "transcript_without_audio": 1, "unrecognised_name": 1}
     unreadable = {p["id"]: p["detail"] for p in problems["unreadable_audio"]["items"]}
     assert "empty" in unreadable[f"{spk}-{chap}-0101"]

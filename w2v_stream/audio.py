@@ -33,11 +33,18 @@ class AudioInfo:
     sample_rate: int
     channels: int
     num_samples: int  # per channel
+    length_in_header: bool = True  # False: a streamed FLAC whose STREAMINFO has no length
 
     @property
     def is_target(self) -> bool:
-        """True when the bytes can be stored as they are (16 kHz mono FLAC)."""
-        return self.format == "FLAC" and self.sample_rate == SAMPLE_RATE and self.channels == 1
+        """True when the bytes can be stored as they are: 16 kHz mono FLAC whose header says
+        its length (the loader checks every utterance's header against the index)."""
+        return (self.format == "FLAC" and self.sample_rate == SAMPLE_RATE
+                and self.channels == 1 and self.length_in_header)
+
+
+# libsndfile reports SF_COUNT_MAX frames for a FLAC whose STREAMINFO gives no length.
+_UNKNOWN_LENGTH = 1 << 62
 
 
 class AudioFormatError(AudioError):
@@ -70,8 +77,12 @@ def probe(data: bytes | Path, full_decode: bool = False) -> AudioInfo:
     try:
         with sf.SoundFile(source) as f:
             info = AudioInfo(f.format, f.samplerate, f.channels, f.frames)
+            if info.num_samples >= _UNKNOWN_LENGTH:  # a streaming encoder's FLAC
+                raw = data.read_bytes() if isinstance(data, Path) else data
+                whole = probe(_with_length(raw), full_decode=True)
+                return AudioInfo(info.format, info.sample_rate, info.channels,
+                                 whole.num_samples, length_in_header=False)
             if full_decode or info.num_samples <= 0:
-                # A FLAC written by a streaming encoder may not know its length: count it.
                 decoded = f.read(dtype="int16", always_2d=True).shape[0]
                 if info.num_samples > 0 and decoded != info.num_samples:
                     raise AudioError(f"decoded {decoded} of {info.num_samples} samples: truncated")
@@ -118,10 +129,22 @@ def encode_flac(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
 def decode(data: bytes) -> tuple[np.ndarray, int]:
     """Decode audio bytes to float32 samples (frames, channels) and their sample rate."""
     try:
-        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            if f.frames < _UNKNOWN_LENGTH:
+                return f.read(dtype="float32", always_2d=True), f.samplerate
+        return decode(_with_length(data))
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         raise AudioError(_short(exc)) from None
-    return samples, rate
+
+
+def _with_length(data: bytes) -> bytes:
+    """A streaming encoder's FLAC (no length in STREAMINFO) given its length: libsndfile
+    cannot read such a stream to its end (its seek to the end fails)."""
+    patched = flac.with_length(data)
+    if patched is None:
+        raise AudioError("FLAC without a length in its header whose last frame cannot be "
+                         "read: truncated or corrupt")
+    return patched
 
 
 def read_into(data: bytes, out: np.ndarray, start: int, sample_rate: int,

@@ -279,9 +279,13 @@ def _select(found, transcripts, options: ShardOptions,
         if convert:
             meta["original"] = {"format": info.format, "sample_rate": info.sample_rate,
                                 "channels": info.channels}
+            why = ""
+            if not info.length_in_header:
+                meta["original"]["length_in_header"] = False
+                why = " (no length in its header)"
             problems.append(Problem("converted", utt_id, event.location,
-                                    f"{info.format} {info.sample_rate} Hz {info.channels} ch "
-                                    f"→ FLAC 16000 Hz mono"))
+                                    f"{info.format} {info.sample_rate} Hz {info.channels} ch"
+                                    f"{why} → FLAC 16000 Hz mono"))
         planned.append(Planned(utt_id, source, event.location, event.path, convert, flac_size,
                                num_samples, encode_metadata(meta)))
     for utt_id in sorted(set(transcripts) - seen):

@@ -71,17 +71,38 @@ def parse_streaminfo(head: bytes) -> StreamInfo | None:
 
 def last_frame_ends_stream(tail: bytes, info: StreamInfo) -> bool:
     """True when ``tail`` ends with a whole frame (CRCs good) holding the stream's last sample."""
+    end = last_frame_end(tail, info)
+    return end is not None and end == info.num_samples
+
+
+def last_frame_end(tail: bytes, info: StreamInfo) -> int | None:
+    """The sample after the last one of the whole frame (CRCs good) that ends ``tail``."""
     data = np.frombuffer(tail, np.uint8)
     syncs = np.flatnonzero((data[:-1] == 0xFF) & ((data[1:] & 0xFE) == 0xF8))
     for pos in syncs[::-1][:MAX_CANDIDATES]:
         header = _frame_header(tail, int(pos), info)
         if header is None:
             continue
-        first_sample, block = header
         if crc16(data[pos:]) != 0:  # a frame's CRC-16 covers it whole, its own CRC included
             continue
-        return first_sample + block == info.num_samples
-    return False
+        first_sample, block = header
+        return first_sample + block
+    return None
+
+
+def with_length(data: bytes) -> bytes | None:
+    """FLAC bytes whose STREAMINFO says no length (a streaming encoder's), given the length
+    their last frame ends at; None when the last frame cannot be found (truncated, damaged).
+    libsndfile cannot read such a stream to its end; with the length it reads it as any."""
+    info = parse_streaminfo(data[:42])
+    if info is None or info.num_samples:
+        return None
+    end = last_frame_end(data[max(len(data) - TAIL_BYTES, 42):], info)
+    if end is None:
+        return None
+    # The 36-bit length sits in the low 4 bits of byte 21 and bytes 22..25.
+    length = (data[21] & 0xF0) << 32 | end
+    return data[:21] + length.to_bytes(5, "big") + data[26:]
 
 
 def _frame_header(tail: bytes, pos: int, info: StreamInfo) -> tuple[int, int] | None:
