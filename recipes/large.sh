@@ -2,14 +2,10 @@
 # LARGE (317 M) on LibriSpeech 960 h with the upstream hyper-parameters
 # (shared/seed/speech-pretraining-README.md, "Large"). Same knobs as base.sh.
 set -euo pipefail
-# torch's recompute for the CPU and CUDA; poptorch does not trace it (its own recomputation
-# options apply on the IPU).
-recompute=--gradient_checkpointing
-[[ ${BACKEND:-auto} == ipu ]] && recompute=
 export RECIPE=large
 export TRAIN_FLAGS="--preset large --max_train_steps 200000 --num_warmup_steps 32000
   --gradient_accumulation_steps 8 --learning_rate 0.001 --weight_decay 0.01
   --max_duration_in_seconds 20.0 --min_duration_in_seconds 2.0 --logging_steps 1
   --saving_steps 10000 --per_device_train_batch_size 2 --adam_beta1 0.9 --adam_beta2 0.98
-  --adam_epsilon 1e-06 $recompute ${TRAIN_FLAGS_EXTRA:-}"
+  --adam_epsilon 1e-06 --gradient_checkpointing ${TRAIN_FLAGS_EXTRA:-}"
 exec bash "$(dirname "${BASH_SOURCE[0]}")/pretrain.sh" "$@"

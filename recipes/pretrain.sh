@@ -42,6 +42,12 @@ if [ "$STAGE" -le 1 ] && [ "$STOP_STAGE" -ge 1 ]; then
   fi
 fi
 
+if [[ $BACKEND == ipu && $TRAIN_FLAGS == *--gradient_checkpointing* ]]; then
+  # torch's recompute: poptorch does not trace it (its own recomputation options apply).
+  log "BACKEND=ipu: leaving out --gradient_checkpointing"
+  TRAIN_FLAGS=${TRAIN_FLAGS//--gradient_checkpointing/}
+fi
+
 if [ "$STAGE" -le 2 ] && [ "$STOP_STAGE" -ge 2 ]; then
   log "stage 2: pre-training into $WORK/model"
   resume=()
