@@ -4,15 +4,18 @@
     python tools/bench_loader.py --hours 2 --work_dir exp/bench_loader
 
 Shards a synthetic corpus (cached), then in one run measures: the raw limit (soundfile
-decoding the same FLAC bytes in a tight loop, one process), the loader's real audio seconds
-per second with 1 and 2 workers over two epochs (from the first batch on) (pad policy, 8 buckets, 8 x 20 s budget,
-fairseq masking with 100 negatives), the time to the first batch when resuming near the end
-of the epoch against starting fresh, and the peak RSS of a loader worker.
+decoding the same FLAC bytes in a tight loop, one process); the loader's real audio seconds
+per second with 1 and 2 workers over two epochs from the first batch on (pad policy, 8
+buckets, 8 x 20 s budget, fairseq masking with 100 negatives); the same taken apart (without
+negatives, and run in one process without the hand-over to the trainer); the time to the first
+batch when resuming near the end of the epoch against starting fresh; and the peak RSS of a
+loader worker.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import resource
 import subprocess
@@ -26,7 +29,7 @@ from w2v_stream import buckets, convert, shards, sources
 from w2v_stream.demo_corpus import make_demo_corpus
 from w2v_stream.librispeech import open_sources
 from w2v_stream.loader import StreamingLoader
-from w2v_stream.stream import StreamConfig
+from w2v_stream.stream import StreamConfig, stream_batches
 
 
 def ensure_shards(work: Path, hours: float) -> Path:
@@ -76,6 +79,19 @@ def steady_rate(config: StreamConfig, workers: int, epochs: int) -> tuple[float,
     return rate, loader.counters.padding_efficiency()
 
 
+def in_one_process(config: StreamConfig) -> float:
+    """Audio seconds per second of one stream's first epoch run here, without a DataLoader
+    (nothing handed between processes): what the hand-over costs, by difference."""
+    batches = config.epoch_plan(0, 1).batches_per_stream
+    start = time.perf_counter()
+    samples = 0
+    for i, batch in enumerate(stream_batches(config, 1, 0, 0, 0)):
+        samples += batch["audio_samples"]
+        if i + 1 == batches:
+            break
+    return samples / 16_000 / (time.perf_counter() - start)
+
+
 def first_batch_seconds(config: StreamConfig, state: dict | None) -> float:
     start = time.perf_counter()
     next(iter(StreamingLoader(config, num_workers=1, state=state)))
@@ -104,6 +120,13 @@ def main() -> None:
         rate, eff = steady_rate(config, workers, args.epochs)
         rows.append((f"StreamingLoader, {args.epochs} epochs after the first batch", workers,
                      rate, eff))
+    # Taken apart: without negatives, and without the hand-over to the trainer process.
+    bare = dataclasses.replace(config, num_negatives=0)
+    rate, eff = steady_rate(bare, 1, args.epochs)
+    rows.append(("StreamingLoader, no negatives", 1, rate, eff))
+    rows.append(("the same stream in one process (no hand-over)", 1, in_one_process(config),
+                 None))
+    rows.append(("the same, no negatives", 1, in_one_process(bare), None))
     print("| run | workers | audio s/s | audio s/s per worker | % of raw limit | padding eff. |")
     print("|---|---|---|---|---|---|")
     for label, workers, rate, eff in rows:
