@@ -54,7 +54,10 @@ class MetricsLogger:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record, sort_keys=True) + "\n")
+        # Strict JSON: a non-finite value (a skipped update's loss, the IPU's grad norm) is null.
+        plain = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                 for k, v in record.items()}
+        self.file.write(json.dumps(plain, sort_keys=True, allow_nan=False) + "\n")
         self.file.flush()
         if self.writer:
             for key, value in record.items():
