@@ -123,3 +123,19 @@ def test_truncated_or_damaged_tar_raises_after_the_good_samples(tmp_path):
     damaged[0] ^= 0x20  # a header byte changes, its checksum no longer matches
     with pytest.raises(shards.ShardFormatError, match="checksum"):
         list(shards.iter_samples(io.BytesIO(bytes(damaged))))
+
+
+def test_short_reads_from_a_network_stream_are_not_truncation(tmp_path):
+    shards.write_shard(tmp_path / "s.tar", iter(SAMPLES), 16000)
+
+    class Trickle(io.RawIOBase):  # hands out at most 300 bytes per read, like a socket
+        def __init__(self, data):
+            self.data, self.pos = data, 0
+
+        def read(self, n=-1):
+            chunk = self.data[self.pos:self.pos + min(n if n >= 0 else 300, 300)]
+            self.pos += len(chunk)
+            return chunk
+
+    got = list(shards.iter_samples(Trickle((tmp_path / "s.tar").read_bytes())))
+    assert [(k, p["flac"], p["json"]) for k, p in got] == [s[:3] for s in SAMPLES]

@@ -177,7 +177,7 @@ def iter_members(fileobj: BinaryIO, name: str = "<shard>") -> Iterator[tuple[str
     ``tarfile`` in stream mode costs a tenth of a loader worker's time, this a fraction of
     that. Headers are checksummed; links, folders and devices are skipped, never followed.
     """
-    read = fileobj.read
+    read = _full_reader(fileobj)
     long_name: str | None = None
     pax: dict[str, str] = {}
     while True:
@@ -212,6 +212,26 @@ def iter_members(fileobj: BinaryIO, name: str = "<shard>") -> Iterator[tuple[str
 
 
 _ZERO_BLOCK = bytes(BLOCK)
+
+
+def _full_reader(fileobj: BinaryIO):
+    """``read(n)`` that returns n bytes unless the stream ends: a network stream may return
+    fewer at a time, which must not look like a truncated shard."""
+    def read(n: int) -> bytes:
+        data = fileobj.read(n)
+        if len(data) == n or not data:
+            return data
+        parts = [data]
+        got = len(data)
+        while got < n:
+            more = fileobj.read(n - got)
+            if not more:
+                break
+            parts.append(more)
+            got += len(more)
+        return b"".join(parts)
+
+    return read
 
 
 def _check_header(header: bytes, name: str) -> None:
