@@ -98,8 +98,12 @@ class StreamingLoader:
 
     def __init__(self, config: StreamConfig, num_workers: int = 2, prefetch_factor: int = 2,
                  max_bad_fraction: float = 0.01, min_for_budget: int = 200,
-                 state: dict | None = None, multiprocessing_context: str = "fork"):
+                 state: dict | None = None, multiprocessing_context: str = "fork",
+                 pin_memory: bool = False):
         self.config = config
+        # CUDA: batches land in page-locked memory (a thread of this process copies them), so
+        # the trainer's non_blocking copies to the GPU overlap its compute.
+        self.pin_memory = pin_memory
         # "fork" starts workers fastest; a process that already runs threads (a gloo or NCCL
         # process group) should use "forkserver": forking it can deadlock at shutdown.
         self.multiprocessing_context = multiprocessing_context
@@ -128,7 +132,8 @@ class StreamingLoader:
         # Its own generator: a DataLoader otherwise draws its workers' base seed from the
         # global torch RNG, and a resumed run would then see different dropout and gumbel noise.
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                            generator=torch.Generator().manual_seed(self.config.seed), **extra)
+                            generator=torch.Generator().manual_seed(self.config.seed),
+                            pin_memory=self.pin_memory, **extra)
         for batch in loader:
             self._count(batch)
             self.position += 1

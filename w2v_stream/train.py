@@ -314,7 +314,8 @@ def train(args: argparse.Namespace) -> dict:
             print(f"resumed from {path} at update {update}", flush=True)
     loader = StreamingLoader(stream_config, num_workers=args.num_workers,
                              max_bad_fraction=args.max_bad_fraction, state=loader_state,
-                             multiprocessing_context="forkserver" if world > 1 else "fork")
+                             multiprocessing_context="forkserver" if world > 1 else "fork",
+                             pin_memory=device_kind == "cuda")
     step_module = objective
     if world > 1:
         step_module = torch.nn.parallel.DistributedDataParallel(objective)
