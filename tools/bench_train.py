@@ -3,19 +3,24 @@
 HF script's way (random batches padded to the longest, eager), same model and data, one run.
 
     python tools/bench_train.py --shards exp/demo/shards/train --steps 30 --preset demo
+    python tools/bench_train.py --shards SHARDS --preset base --device cuda --precision bf16 \
+        --rows 8 --max_seconds 20 --steps 200      # the GPU comparison (compiled with inductor)
 
 Both sides train the same model from the same initial weights on the same utterances with the
 same per-batch row count; both run forward + backward + AdamW. "ours": StreamingLoader (pad,
-8 buckets) and PretrainingObjective. "HF way": utterances in shuffled order, batches of
-``--rows`` padded to the longest, transformers' ``_compute_mask_indices`` and
-``_sample_negative_indices``, ``Wav2Vec2ForPreTraining.forward``. Reported: seconds of
-compute per second of real audio (lower is better), measured after 3 warm-up steps.
+8 buckets) and PretrainingObjective, through the trainer's backend (``--compile``: none on the
+CPU, inductor on CUDA). "HF way": utterances in shuffled order, batches of ``--rows`` padded to
+the longest, transformers' ``_compute_mask_indices`` and ``_sample_negative_indices``,
+``Wav2Vec2ForPreTraining.forward``, eager. Reported: seconds of compute per second of real audio
+(lower is better) and real audio seconds per second, after 3 warm-up steps; steps that compiled
+a new graph are not timed, and the number of compiled graphs is reported.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import time
 
 import numpy as np
@@ -25,6 +30,7 @@ from transformers.models.wav2vec2.modeling_wav2vec2 import (_compute_mask_indice
                                                             _sample_negative_indices)
 
 from w2v_stream import buckets, shards as shard_format, sources
+from w2v_stream.backends.torch_backend import TorchBackend
 from w2v_stream.loader import StreamingLoader
 from w2v_stream.model import PretrainingObjective, build_model, resolve_config
 from w2v_stream.stream import StreamConfig, normalise
@@ -66,15 +72,26 @@ def hf_batches(shard_list, rows: int, max_samples: int, config, seed: int):
                    sum(a.shape[0] for a in chosen))
 
 
-def timed(steps, batches, step_fn) -> tuple[float, float]:
+def timed(steps, batches, step_fn, sync) -> tuple[float, float]:
+    """Compute seconds and real audio seconds over ``steps`` timed steps: warm-up steps and
+    steps that compiled a new graph are run but not timed."""
+    from torch._dynamo.utils import counters
+
     compute = audio = 0.0
-    for i in range(steps + WARMUP):
+    done = 0
+    for i in itertools.count():
+        if done == steps:
+            break
         batch, real = next(batches)
+        graphs = counters["stats"]["unique_graphs"]
+        sync()
         start = time.perf_counter()
         step_fn(batch)
-        if i >= WARMUP:
+        sync()
+        if i >= WARMUP and counters["stats"]["unique_graphs"] == graphs:
             compute += time.perf_counter() - start
             audio += real / 16_000
+            done += 1
     return compute, audio
 
 
@@ -85,7 +102,16 @@ def main() -> None:
     p.add_argument("--preset", default="demo")
     p.add_argument("--rows", type=int, default=4, help="rows of the longest bucket / HF batch")
     p.add_argument("--max_seconds", type=float, default=16.0)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--compile", default=None,
+                   help="torch.compile backend for ours (default: none on cpu, inductor on cuda)")
     args = p.parse_args()
+    from torch._dynamo.utils import counters
+
+    compile_backend = args.compile or ("inductor" if args.device == "cuda" else None)
+    backend = TorchBackend(args.device, args.precision, compile_backend)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     torch.manual_seed(0)
     config = resolve_config(args.preset, None, {"layerdrop": 0.0})
     shard_list = sources.resolve(args.shards)
@@ -94,22 +120,21 @@ def main() -> None:
     plan = buckets.make_plan(lengths, "pad", 8, batch_size=args.rows, min_samples=32_000,
                              max_samples=max_samples)
     results = {}
+    graphs = 0
     for name in ("ours", "hf"):
         torch.manual_seed(0)
-        model = build_model(config).train()
+        model = build_model(config).train().to(backend.device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         if name == "ours":
-            objective = PretrainingObjective(model).train()
+            objective = backend.prepare(PretrainingObjective(model).train())
             loader = StreamingLoader(StreamConfig(shard_list, plan), num_workers=0)
             batches = ((b, b["audio_samples"]) for b in loader)
-            temperature = torch.tensor(2.0)
+            temperature = torch.tensor(2.0, device=backend.device)
 
             def step(batch):
-                keys = ("input_values", "attention_mask", "mask_time_indices",
-                        "sampled_negative_indices")
-                inputs = {k: batch[k] for k in keys}
-                inputs["sampled_negative_indices"] = inputs["sampled_negative_indices"].long()
-                objective(**inputs, temperature=temperature)["loss"].backward()
+                with backend.autocast():
+                    out = objective(**backend.to_device(batch), temperature=temperature)
+                out["loss"].backward()
                 optimizer.step()
                 optimizer.zero_grad()
         else:
@@ -117,18 +142,27 @@ def main() -> None:
             model.set_gumbel_temperature(2.0)
 
             def step(batch):
-                model(**batch).loss.backward()
+                with backend.autocast():
+                    out = model(**{k: v.to(backend.device) for k, v in batch.items()})
+                out.loss.backward()
                 optimizer.step()
                 optimizer.zero_grad()
-        results[name] = timed(args.steps, batches, step)
-    print(f"model {args.preset}, {args.steps} steps each after {WARMUP} warm-up, "
-          f"{torch.get_num_threads()} threads; plan {plan.shapes()}")
-    print("| way | audio s trained | compute s | compute s per audio s |")
-    print("|---|---|---|---|")
+        torch._dynamo.reset()
+        counters.clear()
+        results[name] = timed(args.steps, batches, step, sync)
+        if name == "ours":
+            graphs = counters["stats"]["unique_graphs"]
+    print(f"model {args.preset} on {args.device} ({args.precision}, ours compiled with "
+          f"{compile_backend or 'nothing: eager'}), {args.steps} timed steps each after "
+          f"{WARMUP} warm-up, {torch.get_num_threads()} threads; plan {plan.shapes()}; "
+          f"graphs compiled for ours: {graphs} (plan shapes: {plan.num_buckets})")
+    print("| way | audio s trained | compute s | compute s per audio s | audio s per s |")
+    print("|---|---|---|---|---|")
     labels = {"ours": "w2v_stream: 8 static pad buckets, PretrainingObjective",
               "hf": "HF script: random batches padded to the longest, eager HF forward"}
     for name, (compute, audio) in results.items():
-        print(f"| {labels[name]} | {audio:.0f} | {compute:.1f} | {compute / audio:.4f} |")
+        print(f"| {labels[name]} | {audio:.0f} | {compute:.1f} | {compute / audio:.4f} | "
+              f"{audio / compute:.0f} |")
     ratio = (results["hf"][0] / results["hf"][1]) / (results["ours"][0] / results["ours"][1])
     print(f"speed-up per real audio second: {ratio:.2f}x")
 
