@@ -149,6 +149,23 @@ def test_deterministic_and_exact_resume_across_epochs(shard_dir):
         StreamingLoader(make_config(shard_dir, seed=5), num_workers=2, state=state)
 
 
+def test_upcoming_buckets_are_known_before_any_audio_is_read(shard_dir):
+    # The IPU path sizes its host calls with this; it must name exactly the buckets that
+    # come, across epochs, for any worker count and rank, and consume nothing.
+    for workers, rank in ((2, 0), (0, 1)):
+        config = make_config(shard_dir, bucket_runs=True, world_size=2, rank=rank)
+        loader = StreamingLoader(config, num_workers=workers)
+        predicted = loader.upcoming_buckets(30)
+        assert (loader.epoch, loader.position) == (0, 0) and len(set(predicted)) > 1
+        batches, got = iter(loader), []
+        for i in range(30):
+            if i == 13:
+                assert loader.upcoming_buckets(17) == predicted[13:]
+            got.append(int(next(batches)["bucket"]))
+        batches.close()
+        assert got == predicted and loader.epoch >= 1
+
+
 def _serve(folder: Path):
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
     handler.log_message = lambda *args: None

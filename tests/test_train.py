@@ -279,3 +279,87 @@ def test_ipu_micro_batches_get_negatives_into_their_own_frames():
         picked = features[chunk].reshape(-1, 8)[idx.reshape(-1)]
         expected = features.reshape(-1, 8)[host[chunk].long().reshape(-1)]
         assert torch.equal(picked, expected)
+
+
+def test_ipu_call_size_takes_whole_runs_and_stops_at_every_event():
+    from w2v_stream.backends.ipu import call_size
+
+    assert call_size([3, 3, 3, 3], 0, 4, 10) == 4
+    assert call_size([3, 3, 3, 3], 6, 4, 10) == 4  # ends on the log/eval/save/last update
+    assert call_size([3, 3, 3, 3], 8, 4, 10) == 1  # ... which would fall inside
+    assert call_size([3, 3, 1, 1], 0, 4, 10) == 1  # the shape changes inside
+    assert call_size([3, 3, 3], 0, 4, 10) == 1
+    assert call_size([], 0, 1, 10) == 1
+
+
+def test_ipu_host_call_split_like_poptorch_gives_each_update_its_loss():
+    # A host call of two updates, each of 4 rows over replicas x accumulation = 2, cut the
+    # way poptorch cuts it (device iteration outermost, then runs of 2 rows): every
+    # micro-batch sees its own update's temperature and normaliser, and the micro-batches of
+    # an update add up to the contrastive loss of that update's batch in one piece.
+    from types import SimpleNamespace
+
+    from w2v_stream.backends.ipu import _IpuStep, host_batch
+
+    config = resolve_config("demo", None, {})
+    torch.manual_seed(0)
+    objective = PretrainingObjective(build_model(config), feature_grad_mult=1.0).eval()
+    updates = [_batch(config, 4, 24_000, seed=s) for s in (1, 2)]
+    for b in updates:
+        b["sampled_negative_indices"] = b["sampled_negative_indices"].int()  # as loaded
+    temperatures = [2.0, 1.9]
+    normalisers = [float(b["mask_time_indices"].sum()) for b in updates]
+    inputs = host_batch(updates, 2, temperatures, normalisers)
+    assert inputs[0].shape == (8, 24_000) and inputs[3].dtype == torch.int32
+    step = _IpuStep(objective, SimpleNamespace(identity_loss=lambda x, reduction: x))
+    with torch.no_grad():
+        for u, batch in enumerate(updates):
+            whole = objective(**batch, temperature=torch.tensor(temperatures[u]))
+            micro = [[x[r:r + 2] for x in inputs] for r in (4 * u, 4 * u + 2)]
+            assert all(torch.equal(m[4], torch.full((2,), temperatures[u])) and
+                       torch.equal(m[5], torch.full((2,), normalisers[u])) for m in micro)
+            parts = [step(*m) for m in micro]
+            assert all(torch.allclose(p[0], p[1] / normalisers[u]) for p in parts)
+            assert torch.allclose(sum(p[2] for p in parts), whole["contrastive_loss"],
+                                  rtol=1e-4)
+            assert sum(float(p[6]) for p in parts) == float(whole["num_frames"])
+    with pytest.raises(ValueError, match="one shape"):
+        host_batch([updates[0], _batch(config, 4, 16_000, seed=3)], 2, [1.0, 1.0], [1.0, 1.0])
+    with pytest.raises(ValueError, match="does not split"):
+        host_batch(updates[:1], 3, [1.0], [1.0])
+
+
+def test_ipu_loop_on_simulated_poptorch_runs_device_iterations_and_resumes_exactly(
+        shard_dir, tmp_path):
+    # tests/sim_poptorch runs a trainingModel on the CPU the way poptorch documents it, so
+    # the trainer's IPU loop runs here: calls of 3 updates where the next 3 batches share a
+    # shape and no log or checkpoint falls inside, of 1 otherwise; one executable per (call
+    # size, shape), one attached at a time; logs and checkpoints on their steps; and a resume
+    # from a checkpoint gives the same losses.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(REPO / "tests" / "sim_poptorch"), os.environ.get("PYTHONPATH", "")])}
+
+    def ipu_run(out, *extra):
+        log = out.parent / f"{out.name}.calls"
+        run(train_cmd(shard_dir, out, "--max_train_steps", 12, "--backend", "ipu",
+                      "--ipu_replicas", 2, "--ipu_device_iterations", 3, "--logging_steps", 4,
+                      "--saving_steps", 6, *extra), env={**env, "SIM_POPTORCH_LOG": str(log)})
+        return [json.loads(line) for line in open(log)]
+
+    calls = ipu_run(tmp_path / "whole")
+    assert sum(c["iterations"] for c in calls) == 12
+    assert {c["iterations"] for c in calls} == {1, 3}
+    assert all(c["replicas"] == 2 and c["shape"][0] % (2 * c["iterations"]) == 0 for c in calls)
+    compiled = [(c["iterations"], tuple(c["shape"])) for c in calls if c["compiled"]]
+    assert len(compiled) == len(set(compiled)) <= 2 * 2  # call sizes {1, 3} x 2 buckets
+    whole = losses(tmp_path / "whole")
+    assert sorted(whole) == [4, 8, 12] and all(np.isfinite(v) for v in whole.values())
+    assert (tmp_path / "whole" / "checkpoint-6").is_dir()
+
+    resumed = ipu_run(tmp_path / "resumed", "--resume_from_checkpoint",
+                      tmp_path / "whole" / "checkpoint-6")
+    assert sum(c["iterations"] for c in resumed) == 6
+    assert losses(tmp_path / "resumed") == {8: whole[8], 12: whole[12]}
+    bad = run(train_cmd(shard_dir, tmp_path / "o", "--max_train_steps", 1,
+                        "--ipu_device_iterations", 2), check=False)
+    assert bad.returncode == 2 and "--ipu_device_iterations is for --backend ipu" in bad.stderr

@@ -116,13 +116,35 @@ class StreamingLoader:
         self.counters = Counters()
         if state:
             self.load_state_dict(state)
-        self._epoch_length = None
+        self._plans: dict[int, object] = {}
 
-    def _batches_in_epoch(self) -> int:
-        if self._epoch_length is None or self._epoch_length[0] != self.epoch:
-            n = self.config.epoch_plan(self.epoch, self.num_workers).batches_per_stream
-            self._epoch_length = (self.epoch, n * max(self.num_workers, 1))
-        return self._epoch_length[1]
+    def _epoch_plan(self, epoch: int):
+        if epoch not in self._plans:  # the current epoch and the next, at most
+            self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
+            self._plans[epoch] = self.config.epoch_plan(epoch, self.num_workers)
+        return self._plans[epoch]
+
+    def _batches_in_epoch(self, epoch: int | None = None) -> int:
+        plan = self._epoch_plan(self.epoch if epoch is None else epoch)
+        return plan.batches_per_stream * max(self.num_workers, 1)
+
+    def upcoming_buckets(self, n: int) -> list[int]:
+        """The buckets of the next ``n`` batches, from the epoch plans alone (nothing is read
+        or decoded): a backend that pays to change shape decides with it how many batches to
+        take in one call, without taking any it would then have to give back."""
+        workers = max(self.num_workers, 1)
+        out, epoch, position = [], self.epoch, self.position
+        while len(out) < n:
+            plan = self._epoch_plan(epoch)
+            if not plan.batches_per_stream:
+                raise ValueError("the plan has no batch for this epoch: no usable utterance")
+            for p in range(position, min(self._batches_in_epoch(epoch),
+                                         position + n - len(out))):
+                # Rank-level position p comes from stream role p % W, its batch p // W.
+                stream = self.config.rank * workers + p % workers
+                out.append(plan.streams[stream][p // workers].bucket)
+            epoch, position = epoch + 1, 0
+        return out
 
     def __iter__(self) -> Iterator[dict]:
         dataset = ShardStream(self.config, self.num_workers, self.epoch, self.position)

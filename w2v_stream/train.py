@@ -69,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--backend", default="auto", choices=["auto", "cpu", "cuda", "ipu"])
     a("--ipu_replicas", type=int, default=1,
       help="ipu: data-parallel replicas inside one process (poptorch replication)")
+    a("--ipu_device_iterations", type=int, default=1,
+      help="ipu: optimizer updates per host call when the next ones share a shape (the "
+           "learning rate is held for the call)")
     a("--ipu_executable_cache", type=Path, default=None,
       help="ipu: compiled executables, one per shape (default: OUTPUT_DIR/exe_cache)")
     a("--precision", default="auto", choices=["auto", "fp32", "bf16"],
@@ -97,7 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.preset and not args.model_name_or_path:
         problems.append("give --preset {demo,base,large} or --model_name_or_path")
     for name in ("max_train_steps", "gradient_accumulation_steps", "per_device_train_batch_size",
-                 "num_buckets", "logging_steps", "saving_steps", "eval_batches", "ipu_replicas"):
+                 "num_buckets", "logging_steps", "saving_steps", "eval_batches", "ipu_replicas",
+                 "ipu_device_iterations"):
         if getattr(args, name) < 1:
             problems.append(f"--{name} must be >= 1")
     if args.num_warmup_steps < 0 or args.num_warmup_steps > args.max_train_steps:
@@ -119,8 +123,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.backend == "ipu" and args.gradient_checkpointing:
         problems.append("--gradient_checkpointing is torch's recompute, which poptorch does "
                         "not trace: leave it out with --backend ipu")
-    if args.backend != "ipu" and args.ipu_replicas != 1:
-        problems.append("--ipu_replicas is for --backend ipu")
+    for name in ("ipu_replicas", "ipu_device_iterations"):
+        if args.backend != "ipu" and getattr(args, name) != 1:
+            problems.append(f"--{name} is for --backend ipu")
     if problems:
         p.error("; ".join(problems))
     return args
@@ -247,16 +252,16 @@ def train(args: argparse.Namespace) -> dict:
 
     ipu = device_kind == "ipu"
     if ipu:
-        from .backends.ipu import IpuBackend, import_poptorch
+        from .backends.ipu import IpuBackend, call_size, import_poptorch
 
         import_poptorch()  # fails first, with how to get the Poplar SDK
         if world > 1:
             raise ValueError("--backend ipu runs as one process: data parallel comes from "
                              "--ipu_replicas (poptorch replication), not torchrun")
         precision = "fp32"
+        cache = args.ipu_executable_cache or args.output_dir / "exe_cache"
         backend = IpuBackend(args.ipu_replicas, args.gradient_accumulation_steps,
-                             str(args.ipu_executable_cache or args.output_dir / "exe_cache"),
-                             args.seed)
+                             args.ipu_device_iterations, str(cache), args.seed)
         host = TorchBackend("cpu")  # eval runs on the host, on the weights copied back
     else:
         precision = args.precision if args.precision != "auto" else (
@@ -362,17 +367,28 @@ def train(args: argparse.Namespace) -> dict:
                                         args.gumbel_temperature_decay)
         lr = args.learning_rate * lr_factor(update, args.num_warmup_steps, args.max_train_steps,
                                             args.lr_scheduler_type)
-        if ipu:  # one host batch, one call: poptorch accumulates and steps on the device
-            batch = next(batches)
-            global_masked = float(batch["mask_time_indices"].sum())
-            out = backend.update(objective, optimizer, batch, temp_value,
-                                 max(global_masked, 1.0), lr)
+        if ipu:  # one host call: poptorch runs the updates, accumulation and steps on device
+            events = [args.logging_steps, args.saving_steps] + ([eval_every] if eval_config
+                                                                else [])
+            next_event = min([args.max_train_steps] + [(update // n + 1) * n for n in events])
+            most = args.ipu_device_iterations
+            calls = call_size(loader.upcoming_buckets(most) if most > 1 else [], update, most,
+                              next_event)
+            group = [next(batches) for _ in range(calls)]
+            temperatures = [gumbel_temperature(update + i, args.max_gumbel_temperature,
+                                               args.min_gumbel_temperature,
+                                               args.gumbel_temperature_decay)
+                            for i in range(calls)]
+            masked = [max(float(b["mask_time_indices"].sum()), 1.0) for b in group]
+            out = backend.update(objective, optimizer, group, temperatures, masked, lr)
             sums = [out[k] for k in _SUM_KEYS]
+            global_masked, temp_value = sum(masked), temperatures[-1]
             micro_batches = out["micro_batches"]
-            interval_audio += float(batch["audio_samples"]) / plan.sample_rate
+            interval_audio += sum(float(b["audio_samples"]) for b in group) / plan.sample_rate
             grad_norm = float("nan")  # stays on the device
             finite = math.isfinite(sums[0])
         else:
+            calls = 1
             micro = [next(batches) for _ in range(args.gradient_accumulation_steps)]
             global_masked, sums, grad_norm = _torch_update(
                 step_module, objective, optimizer, backend, micro, temp_value, lr, world,
@@ -391,13 +407,13 @@ def train(args: argparse.Namespace) -> dict:
             if main:
                 what = ("the IPU has applied it: it cannot be skipped there" if ipu
                         else "update skipped")
-                print(f"step {update + 1}: non-finite loss or gradient, {what} "
+                print(f"step {update + calls}: non-finite loss or gradient, {what} "
                       f"({skipped_in_a_row} in a row)", flush=True)
             if skipped_in_a_row >= args.max_skipped_updates:
                 raise RuntimeError(f"{skipped_in_a_row} non-finite updates in a row: stopping. "
                                    f"Lower --learning_rate, raise --num_warmup_steps, set "
                                    f"--max_grad_norm, or use --precision fp32")
-        update += 1
+        update += calls
 
         # 5. Report, evaluate, save.
         if update % args.logging_steps == 0 or update == args.max_train_steps:

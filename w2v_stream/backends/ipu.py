@@ -4,18 +4,22 @@ Written against the poptorch 3.x API (Poplar SDK 3.x) and NOT run on IPU hardwar
 IPU and no Poplar SDK were available while it was written. The package never imports this
 module unless ``--backend ipu`` is asked for.
 
-One compiled executable per bucket shape: poptorch compiles a model for one input shape, so
-each shape gets its own ``trainingModel`` over the same weights, and the executable cache
-makes later runs load instead of compile. Only one executable is attached at a time; when the
-shape changes, the weights and the optimizer state go through the host to the next one (the
-loader's ``bucket_runs`` keeps same-shape batches together so this is rare).
+One compiled executable per bucket shape and call size: poptorch compiles a model for one input
+shape and one number of device iterations, so each pair gets its own ``trainingModel`` over the
+same weights (at most two per bucket: ``d`` = D and ``d`` = 1), and the executable cache makes
+later runs load instead of compile. Only one executable is attached at a time; when the shape
+changes, the weights and the optimizer state go through the host to the next one (the loader's
+``bucket_runs`` keeps same-shape batches together so this is rare).
 
-One host call is one optimizer update: the host batch (one bucket, rows a multiple of
-``replicas x accumulation``) is split by poptorch over replicas and gradient accumulation
-(device iterations stay 1, so the learning rate, temperature and loss normaliser of every
-update are exact). The gumbel temperature and the normaliser (masked frames of the whole
-update) are tensor inputs, one value per row so poptorch can split them with the batch; the
-learning rate goes through ``setOptimizer``.
+One host call runs ``d`` optimizer updates (``d`` is ``--ipu_device_iterations`` or 1): the
+host batch is ``d`` loader batches of one bucket stacked, each a multiple of ``replicas x
+accumulation`` rows, and poptorch splits it over device iterations (one update each, the
+outermost split), replicas and gradient accumulation. The trainer takes ``d`` > 1 only when the
+loader's next ``d`` batches share a bucket and no log, eval, checkpoint or the last step falls
+inside the call (``call_size``); otherwise 1. The gumbel temperature and the loss normaliser
+(masked frames of the whole update) are tensor inputs, one value per row, so each update of a
+call gets its own; the learning rate goes through ``setOptimizer`` and is held for the ``d``
+updates of a call (the value of its first update), as poptorch cannot change it inside one.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ class _IpuStep(torch.nn.Module):
         out = self.objective(input_values, attention_mask, mask_time_indices,
                              sampled_negative_indices, temperature[0])
         loss = self.poptorch.identity_loss(out["loss"] / normaliser[0], reduction="sum")
-        return (loss, out["contrastive_loss"], out["diversity_loss"],
+        return (loss, out["loss"].detach(), out["contrastive_loss"], out["diversity_loss"],
                 out["codevector_perplexity"], out["code_perplexity"], out["num_frames"])
 
 
@@ -68,27 +72,67 @@ def micro_batch_negatives(negatives: torch.Tensor, split: int) -> torch.Tensor:
     return (negatives.long() - (first_row * frames).view(rows, 1, 1)).int()
 
 
+def host_batch(batches: list[dict], split: int, temperatures: list[float],
+               normalisers: list[float]) -> tuple[torch.Tensor, ...]:
+    """The inputs of one host call: ``len(batches)`` updates' loader batches stacked in order
+    (poptorch gives each device iteration the next block of rows), negatives moved into each
+    micro-batch's own frames, and one temperature and normaliser value per row."""
+    shapes = {tuple(b["input_values"].shape) for b in batches}
+    if len(shapes) != 1:
+        raise ValueError(f"one host call takes one shape, got {sorted(shapes)}")
+    rows = next(iter(shapes))[0]
+    if rows % split:
+        raise ValueError(f"batch of {rows} rows does not split over replicas x "
+                         f"accumulation = {split}")
+
+    def per_row(values):
+        return torch.cat([torch.full((rows,), float(v)) for v in values])
+
+    return (torch.cat([b["input_values"] for b in batches]),
+            torch.cat([b["attention_mask"] for b in batches]),
+            torch.cat([b["mask_time_indices"] for b in batches]),
+            torch.cat([micro_batch_negatives(b["sampled_negative_indices"], split)
+                       for b in batches]),
+            per_row(temperatures), per_row(normalisers))
+
+
+def call_size(upcoming: list[int], update: int, device_iterations: int,
+              next_event: int) -> int:
+    """Updates in the next host call: all ``device_iterations`` when the next that many
+    batches (their buckets in ``upcoming``) share a shape and the call ends at or before
+    ``next_event`` (the next log, eval, checkpoint or the last update); else 1."""
+    d = device_iterations
+    if d > 1 and len(upcoming) >= d and len(set(upcoming[:d])) == 1 and update + d <= next_event:
+        return d
+    return 1
+
+
 class IpuBackend:
     """Training updates on IPUs; the trainer's loop stays the same for every backend."""
 
     device = torch.device("cpu")  # where the host keeps weights, and where eval runs
 
     def __init__(self, replication_factor: int, gradient_accumulation: int,
-                 executable_cache_dir: str, seed: int):
+                 device_iterations: int, executable_cache_dir: str, seed: int):
         self.poptorch = import_poptorch()
-        options = self.poptorch.Options()
-        options.randomSeed(seed)  # dropout and gumbel noise drawn on the device
-        options.replicationFactor(replication_factor)
-        options.deviceIterations(1)
-        options.Training.gradientAccumulation(gradient_accumulation)
-        options.Training.accumulationAndReplicationReductionType(
-            self.poptorch.ReductionType.Sum)
-        options.outputMode(self.poptorch.OutputMode.Sum)
-        options.enableExecutableCaching(executable_cache_dir)
-        self.options = options
+        self.settings = (replication_factor, gradient_accumulation, executable_cache_dir, seed)
+        self.device_iterations = device_iterations
         self.split = replication_factor * gradient_accumulation
         self.models: dict[tuple[int, ...], object] = {}
         self.current = None
+
+    def _options(self, device_iterations: int):
+        replicas, accumulation, cache_dir, seed = self.settings
+        options = self.poptorch.Options()
+        options.randomSeed(seed)  # dropout and gumbel noise drawn on the device
+        options.replicationFactor(replicas)
+        options.deviceIterations(device_iterations)
+        options.Training.gradientAccumulation(accumulation)
+        options.Training.accumulationAndReplicationReductionType(
+            self.poptorch.ReductionType.Sum)
+        options.outputMode(self.poptorch.OutputMode.Sum)
+        options.enableExecutableCaching(cache_dir)
+        return options
 
     def optimizer(self, param_groups, lr: float, betas, eps: float,
                   max_grad_norm: float | None):
@@ -101,37 +145,30 @@ class IpuBackend:
             kwargs["max_grad_norm"] = max_grad_norm
         return self.poptorch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, **kwargs)
 
-    def update(self, objective, optimizer, batch: dict, temperature: float,
-               normaliser: float, lr: float) -> dict:
-        """One optimizer update for a host batch of one bucket shape.
+    def update(self, objective, optimizer, batches: list[dict], temperatures: list[float],
+               normalisers: list[float], lr: float) -> dict:
+        """``len(batches)`` optimizer updates in one host call; the batches share a shape.
 
-        Returns sums over the update's micro-batches: the loss (before normalisation), its two
+        Returns sums over the call's micro-batches: the loss (before normalisation), its two
         parts, the two perplexities (summed: divide by ``micro_batches``) and valid frames.
         """
-        shape = tuple(batch["input_values"].shape)
-        rows = shape[0]
-        if rows % self.split:
-            raise ValueError(f"batch of {rows} rows does not split over replicas x "
-                             f"accumulation = {self.split}")
+        inputs = host_batch(batches, self.split, temperatures, normalisers)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        model = self._activate(shape, objective, optimizer)
+        model = self._activate((len(batches),) + tuple(inputs[0].shape), objective, optimizer)
         model.setOptimizer(optimizer)  # the same object: only the changed lr is sent
-        outputs = model(batch["input_values"], batch["attention_mask"],
-                        batch["mask_time_indices"],
-                        micro_batch_negatives(batch["sampled_negative_indices"], self.split),
-                        torch.full((rows,), float(temperature)),
-                        torch.full((rows,), float(normaliser)))
-        # Outputs come back summed over accumulation (one value per replica): sum the rest.
-        loss, contrastive, diversity, prob_ppl, code_ppl, frames = (
+        outputs = model(*inputs)
+        # Outputs come back summed over iterations and accumulation (one per replica).
+        _, loss, contrastive, diversity, prob_ppl, code_ppl, frames = (
             float(torch.as_tensor(x).sum()) for x in outputs)
-        return {"loss": loss * normaliser, "contrastive_loss": contrastive,
+        return {"loss": loss, "contrastive_loss": contrastive,
                 "diversity_loss": diversity, "codevector_perplexity": prob_ppl,
                 "code_perplexity": code_ppl, "num_frames": frames,
-                "micro_batches": self.split}
+                "micro_batches": self.split * len(batches)}
 
-    def _activate(self, shape: tuple[int, ...], objective, optimizer):
-        model = self.models.get(shape)
+    def _activate(self, key: tuple[int, ...], objective, optimizer):
+        """The executable for ``(updates per call,) + host input shape``, on the devices."""
+        model = self.models.get(key)
         if model is not None and model is self.current:
             return model
         if self.current is not None:
@@ -143,8 +180,9 @@ class IpuBackend:
             optimizer.load_state_dict(state)  # the host state the next one starts from
         if model is None:  # compiled (or loaded from the cache) on its first call
             model = self.poptorch.trainingModel(_IpuStep(objective, self.poptorch),
-                                                options=self.options, optimizer=optimizer)
-            self.models[shape] = model
+                                                options=self._options(key[0]),
+                                                optimizer=optimizer)
+            self.models[key] = model
         else:
             model.setOptimizer(optimizer)
             model.attachToDevice()  # uploads the host weights and optimizer state
