@@ -116,33 +116,34 @@ class StreamingLoader:
         self.counters = Counters()
         if state:
             self.load_state_dict(state)
-        self._plans: dict[int, object] = {}
+        self._buckets: dict[int, np.ndarray] = {}
 
-    def _epoch_plan(self, epoch: int):
-        if epoch not in self._plans:  # the current epoch and the next, at most
-            self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
-            self._plans[epoch] = self.config.epoch_plan(epoch, self.num_workers)
-        return self._plans[epoch]
+    def _epoch_buckets(self, epoch: int) -> np.ndarray:
+        """The bucket of each of this rank's batches in ``epoch``, in the order they come
+        (the epoch's plan itself is not kept: for a large corpus it is big)."""
+        if epoch not in self._buckets:  # the current epoch and the next, at most
+            plan = self.config.epoch_plan(epoch, self.num_workers)
+            workers = max(self.num_workers, 1)
+            mine = plan.streams[self.config.rank * workers:(self.config.rank + 1) * workers]
+            # Rank-level position p comes from stream role p % W, its batch p // W.
+            order = [batch.bucket for column in zip(*mine) for batch in column]
+            self._buckets = {e: b for e, b in self._buckets.items() if e >= epoch - 1}
+            self._buckets[epoch] = np.asarray(order, dtype=np.int32)
+        return self._buckets[epoch]
 
-    def _batches_in_epoch(self, epoch: int | None = None) -> int:
-        plan = self._epoch_plan(self.epoch if epoch is None else epoch)
-        return plan.batches_per_stream * max(self.num_workers, 1)
+    def _batches_in_epoch(self) -> int:
+        return len(self._epoch_buckets(self.epoch))
 
     def upcoming_buckets(self, n: int) -> list[int]:
         """The buckets of the next ``n`` batches, from the epoch plans alone (nothing is read
         or decoded): a backend that pays to change shape decides with it how many batches to
         take in one call, without taking any it would then have to give back."""
-        workers = max(self.num_workers, 1)
         out, epoch, position = [], self.epoch, self.position
         while len(out) < n:
-            plan = self._epoch_plan(epoch)
-            if not plan.batches_per_stream:
+            buckets = self._epoch_buckets(epoch)
+            if not len(buckets):
                 raise ValueError("the plan has no batch for this epoch: no usable utterance")
-            for p in range(position, min(self._batches_in_epoch(epoch),
-                                         position + n - len(out))):
-                # Rank-level position p comes from stream role p % W, its batch p // W.
-                stream = self.config.rank * workers + p % workers
-                out.append(plan.streams[stream][p // workers].bucket)
+            out += buckets[position:position + n - len(out)].tolist()
             epoch, position = epoch + 1, 0
         return out
 
