@@ -126,7 +126,7 @@ def make_plan(lengths: Sequence[int], policy: str = "pad", num_buckets: int = 8,
 
     ``max_tokens`` is the budget of padded samples per batch; by default ``batch_size`` rows of
     the longest bucket. ``batch_multiple`` rounds every batch size down to a multiple (for
-    replicas x accumulation x device iterations on an IPU).
+    replicas x accumulation on an IPU).
     """
     if policy not in POLICIES:
         raise ValueError(f"length policy {policy!r}: choose one of {POLICIES}")

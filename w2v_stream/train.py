@@ -197,8 +197,8 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
 def make_stream_config(shard_specs, args, config, rank: int, world: int,
                        plan: buckets.ShapePlan | None = None, split: int = 1,
                        bucket_runs: bool = False) -> StreamConfig:
-    """The loader's configuration. ``split`` > 1 (IPU) makes each batch one host call of
-    ``split`` micro-batches; ``bucket_runs`` keeps batches of one shape together."""
+    """The loader's configuration. ``split`` > 1 (IPU) makes each batch one optimizer update
+    of ``split`` micro-batches; ``bucket_runs`` keeps batches of one shape together."""
     shard_list = sources.resolve(shard_specs, args.allow_pipe_urls, args.s3_endpoint_url)
     if plan is None:
         lengths = [n for shard in shard_list.lengths for n in shard]
