@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+
 import numpy as np
 import soundfile as sf
 
@@ -39,6 +43,26 @@ def test_seeded(tmp_path):
     c = make_demo_corpus(tmp_path / "c", "x", 1, 1, 2, seed=6)
     assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
     assert [p.read_bytes() for p in a] != [p.read_bytes() for p in c]
+
+
+def test_breathy_voices_do_not_follow_the_clock():
+    # eSpeak NG seeds its noise generator from time(NULL) at start-up; voice variants with
+    # breath noise (f2, f3) spoke differently from one second to the next until speak()
+    # reseeded it. Each call runs in a fresh process, as make_demo_corpus does.
+    code = ("import hashlib, sys; from w2v_stream.demo_corpus import SpeechSynthesizer; "
+            "print(hashlib.sha256(SpeechSynthesizer.get().speak("
+            "'the river under the mountain', sys.argv[1], 160, 50, int(sys.argv[2]))"
+            ".tobytes()).hexdigest())")
+
+    def speak(voice: str, seed: int) -> str:
+        return subprocess.run([sys.executable, "-c", code, voice, str(seed)], check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    for voice in ("en+f2", "en-us+f3"):
+        first = speak(voice, 7)
+        time.sleep(1.05)  # the next start-up sees another second
+        assert speak(voice, 7) == first
+        assert speak(voice, 8) != first
 
 
 def test_duration_mix_is_librispeech_like():

@@ -41,7 +41,8 @@ class SpeechSynthesizer:
 
     The engine keeps state between utterances that no call resets (its output depends on
     what it said before), so ``make_demo_corpus`` speaks each utterance in a freshly forked
-    process: same seed, same bytes.
+    process: same seed, same bytes. Its own random generator (breath noise of voice variants
+    such as f2 and f3) is seeded from the clock at start-up; ``speak`` reseeds it each time.
     """
 
     _instance: "SpeechSynthesizer | None" = None
@@ -66,6 +67,7 @@ class SpeechSynthesizer:
 
         self._callback = callback_type(collect)  # held: C keeps only a raw pointer
         self.lib.espeak_SetSynthCallback(self._callback)
+        self.lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
 
     @classmethod
     def get(cls) -> "SpeechSynthesizer":
@@ -73,12 +75,15 @@ class SpeechSynthesizer:
             cls._instance = SpeechSynthesizer()
         return cls._instance
 
-    def speak(self, text: str, voice: str, words_per_minute: int, pitch: int) -> np.ndarray:
-        """Synthesize ``text``; returns int16 samples at ``self.rate`` Hz."""
+    def speak(self, text: str, voice: str, words_per_minute: int, pitch: int,
+              seed: int = 0) -> np.ndarray:
+        """Synthesize ``text``; returns int16 samples at ``self.rate`` Hz, a function of
+        the arguments (``seed`` drives the engine's noise)."""
         if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
             raise RuntimeError(f"eSpeak NG has no voice {voice!r}")
         self.lib.espeak_SetParameter(1, words_per_minute, 0)  # espeakRATE
         self.lib.espeak_SetParameter(3, pitch, 0)  # espeakPITCH, 0-100
+        self.lib.espeak_ng_SetRandSeed(seed)
         self._chunks = []
         encoded = text.encode()
         self.lib.espeak_Synth(encoded, len(encoded) + 1, 0, 1, 0, 0, None, None)
@@ -117,7 +122,7 @@ def synthesize_utterance(speaker: Speaker, seconds: float,
     words = max(1, round(seconds * speaker.words_per_minute / 60 * 0.85))
     for _ in range(6):
         text = " ".join(rng.choice(_WORDS, size=words))
-        raw = engine.speak(text, speaker.voice, speaker.words_per_minute, speaker.pitch)
+        raw = engine.speak(text, speaker.voice, speaker.words_per_minute, speaker.pitch, seed)
         speech = soxr.resample(raw.astype(np.float32) / 32768.0, engine.rate, SAMPLE_RATE,
                                quality="HQ")
         if speech.shape[0] <= target or words == 1:
