@@ -5,8 +5,11 @@
 
 Makes (once, cached) a synthetic LibriSpeech split of at least --hours of audio, then times:
 the raw-copy limit (read each FLAC, write one tar with Python's tarfile, no checks), the same
-copy split over two processes (how far the machine itself scales), and make_shards' conversion from the folder with 1 and 2 workers (and from the .tar.gz). Prints a
-Markdown table: audio hours converted per minute of wall time, per worker, and % of the limit.
+copy split over two processes (how far the machine itself scales), and make_shards' conversion
+from the folder with 1 and 2 workers (and from the .tar.gz). Prints a Markdown table: audio
+hours converted per minute of wall time, per worker, % of the limit, and the CPU seconds all
+processes spent per audio hour (what the work costs, apart from how the machine runs it in
+parallel).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import io
 import math
 import multiprocessing
 import os
+import resource
 import shutil
 import tarfile
 import time
@@ -43,25 +47,34 @@ def ensure_corpus(work: Path, hours: float) -> Path:
     return root / SPLIT
 
 
-def raw_copy(files: list[Path], out: Path) -> float:
+def cpu_seconds() -> float:
+    """User + system CPU of this process and of its children that have ended."""
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
+def raw_copy(files: list[Path], out: Path) -> tuple[float, float]:
     os.sync()  # what an earlier run wrote is flushed before, not during, the timing
-    start = time.perf_counter()
+    cpu, start = cpu_seconds(), time.perf_counter()
     _copy_untimed(files, out)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, cpu_seconds() - cpu
 
 
-def raw_copy_split(files: list[Path], work: Path, processes: int) -> float:
+def raw_copy_split(files: list[Path], work: Path, processes: int) -> tuple[float, float]:
     """The raw copy split over ``processes`` (every n-th file each, one tar each): how far
-    this machine's reading and writing scale before any of our work is added."""
+    this machine's reading and writing scale before any of our work is added. The CPU
+    seconds include starting and ending the processes; the wall time does not."""
     os.sync()
     jobs = [(files[i::processes], work / f"raw-{i}.tar") for i in range(processes)]
+    cpu = cpu_seconds()
     with multiprocessing.get_context("fork").Pool(processes) as pool:
         start = time.perf_counter()
         pool.starmap(_copy_untimed, jobs)
         wall = time.perf_counter() - start
+    cpu = cpu_seconds() - cpu
     for _, out in jobs:
         out.unlink()
-    return wall
+    return wall, cpu
 
 
 def _copy_untimed(files: list[Path], out: Path) -> None:
@@ -73,13 +86,14 @@ def _copy_untimed(files: list[Path], out: Path) -> None:
             tar.addfile(info, io.BytesIO(data))
 
 
-def timed_convert(inputs: list[str], out: Path, workers: int) -> tuple[float, float]:
+def timed_convert(inputs: list[str], out: Path, workers: int) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds of all processes, audio seconds converted."""
     shutil.rmtree(out, ignore_errors=True)
     os.sync()
-    start = time.perf_counter()
+    cpu, start = cpu_seconds(), time.perf_counter()
     options = convert.ShardOptions(max_shard_bytes=SHARD_BYTES)
     summary = convert.convert(open_sources(inputs), out, options, workers)
-    return time.perf_counter() - start, summary.seconds
+    return time.perf_counter() - start, cpu_seconds() - cpu, summary.seconds
 
 
 def main() -> None:
@@ -96,7 +110,8 @@ def main() -> None:
     contenders = [("make_shards, folder", [str(split_dir)], 1),
                   ("make_shards, folder", [str(split_dir)], 2),
                   ("make_shards, .tar.gz", [str(args.work_dir / f"{SPLIT}.tar.gz")], 1)]
-    walls: dict[int, list[float]] = {i: [] for i in range(len(contenders))}
+    # (wall, cpu) of each repeat; a row shows its best wall time and the least CPU time.
+    runs: dict[int, list[tuple[float, float]]] = {i: [] for i in range(len(contenders))}
     raws, raws_split = [], []
     audio_hours = None
     for _ in range(args.repeats):  # round robin: slow spells of the machine hit every row
@@ -104,30 +119,33 @@ def main() -> None:
         (args.work_dir / "raw.tar").unlink()
         raws_split.append(raw_copy_split(files, args.work_dir, 2))
         for i, (_, inputs, workers) in enumerate(contenders):
-            wall, seconds = timed_convert(inputs, out, workers)
-            walls[i].append(wall)
+            wall, cpu, seconds = timed_convert(inputs, out, workers)
+            runs[i].append((wall, cpu))
             audio_hours = seconds / 3600
-    best_raw = min(raws)
-    rows = [(label, workers, min(walls[i])) for i, (label, _, workers) in enumerate(contenders)]
+
+    def best(timings: list[tuple[float, float]]) -> tuple[float, float]:
+        return min(w for w, _ in timings), min(c for _, c in timings)
+
+    best_raw, raw_cpu = best(raws)
+    rows = [(label, workers, *best(runs[i])) for i, (label, _, workers) in enumerate(contenders)]
     shutil.rmtree(out, ignore_errors=True)
     size = sum(f.stat().st_size for f in files) / 1e6
     print(f"corpus: {len(files)} utterances, {audio_hours:.2f} h, {size:.0f} MB FLAC; "
           f"{os.cpu_count()} cores; best of {args.repeats}")
-    print("| run | workers | wall s | audio h/min | h/min per worker | % of raw-copy limit |")
-    print("|---|---|---|---|---|---|")
+    print("| run | workers | wall s | audio h/min | h/min per worker | % of raw-copy limit "
+          "| CPU s per audio h |")
+    print("|---|---|---|---|---|---|---|")
     raw_rate = audio_hours / (best_raw / 60)
-    print(f"| raw copy (read FLAC, tarfile) | 1 | {best_raw:.2f} | {raw_rate:.0f} | "
-          f"{raw_rate:.0f} | 100 % |")
-    split = min(raws_split)
-    split_rate = audio_hours / (split / 60)
-    print(f"| raw copy split over 2 processes | 2 | {split:.2f} | {split_rate:.0f} | "
-          f"{split_rate / 2:.0f} | {100 * split_rate / raw_rate:.0f} % |")
-    for label, workers, wall in rows:
+    split, split_cpu = best(raws_split)
+    table = [("raw copy (read FLAC, tarfile)", 1, best_raw, raw_cpu),
+             ("raw copy split over 2 processes", 2, split, split_cpu), *rows]
+    for label, workers, wall, cpu in table:
         rate = audio_hours / (wall / 60)
         print(f"| {label} | {workers} | {wall:.2f} | {rate:.0f} | {rate / workers:.0f} | "
-              f"{100 * rate / raw_rate:.0f} % |")
+              f"{100 * rate / raw_rate:.0f} % | {cpu / audio_hours:.3f} |")
     print(f"2-way scaling: raw copy {best_raw / split:.2f}x, make_shards "
-          f"{rows[0][2] / rows[1][2]:.2f}x")
+          f"{rows[0][2] / rows[1][2]:.2f}x; CPU of 2 workers / 1 worker: "
+          f"{rows[1][3] / rows[0][3]:.2f}")
 
 
 if __name__ == "__main__":

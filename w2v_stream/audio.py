@@ -7,6 +7,7 @@ counts as good audio live in one place.
 from __future__ import annotations
 
 import io
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,10 +52,10 @@ class AudioFormatError(AudioError):
     """Audio that decodes but is not in the format asked for (rate, channels)."""
 
 
-def probe(data: bytes | Path, full_decode: bool = False) -> AudioInfo:
+def probe(data: bytes | str | Path, full_decode: bool = False) -> AudioInfo:
     """Read the header and prove the audio decodes to its end.
 
-    ``data`` is the file's bytes or its path. A FLAC path is first checked without decoding
+    ``data`` is the file's bytes or its path (a ``str`` is a path). A FLAC path is first checked without decoding
     (``flac.quick_check``: STREAMINFO and a last frame whose CRCs and position agree); what
     that cannot vouch for is opened by libsndfile, which reads only the header and the tail.
 
@@ -62,14 +63,15 @@ def probe(data: bytes | Path, full_decode: bool = False) -> AudioInfo:
     tiny fraction of a full decode. ``full_decode`` decodes everything (and
     checks the FLAC frame CRCs on the way).
     """
-    if isinstance(data, Path) and not full_decode:
+    is_path = not isinstance(data, (bytes, bytearray, memoryview))
+    if is_path and not full_decode:
         quick = flac.quick_check(data)  # the FLAC's two ends, when they vouch for it
         if quick is not None:
             return AudioInfo("FLAC", quick.sample_rate, quick.channels, quick.num_samples)
-    if isinstance(data, Path):
-        if data.stat().st_size == 0:
+    if is_path:
+        if os.stat(data).st_size == 0:
             raise AudioError("empty file")
-        source = str(data)
+        source = os.fspath(data)
     elif not data:
         raise AudioError("empty file")
     else:
@@ -78,7 +80,7 @@ def probe(data: bytes | Path, full_decode: bool = False) -> AudioInfo:
         with sf.SoundFile(source) as f:
             info = AudioInfo(f.format, f.samplerate, f.channels, f.frames)
             if info.num_samples >= _UNKNOWN_LENGTH:  # a streaming encoder's FLAC
-                raw = data.read_bytes() if isinstance(data, Path) else data
+                raw = Path(data).read_bytes() if is_path else data
                 whole = probe(_with_length(raw), full_decode=True)
                 return AudioInfo(info.format, info.sample_rate, info.channels,
                                  whole.num_samples, length_in_header=False)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import random
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -72,8 +73,9 @@ class Planned:
 
     utt_id: str
     source: int  # index into the sources list
+    split: str
     location: str
-    path: Path | None
+    path: str | None  # a plain file's path (AudioFound.path)
     convert: bool
     flac_size: int
     num_samples: int
@@ -96,15 +98,20 @@ class ConversionSummary:
 
 # ---------------------------------------------------------------- worker functions (picklable)
 
-def _probe_job(job: tuple[Path | None, bytes | None, bool]) -> tuple:
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _probe_job(job: tuple[str | None, bytes | None, bool]) -> tuple:
     """(info, convert, flac_size, num_samples, error) for one utterance's audio."""
     path, data, full_decode = job
     try:
         info = audio.probe(path if data is None else data, full_decode=full_decode)
         if info.is_target:
-            size = path.stat().st_size if data is None else len(data)
+            size = os.stat(path).st_size if data is None else len(data)
             return info, False, size, info.num_samples, None
-        flac, num_samples = audio.to_target_flac(path.read_bytes() if data is None else data)
+        flac, num_samples = audio.to_target_flac(_read_file(path) if data is None else data)
         return info, True, len(flac), num_samples, None
     except (audio.AudioError, OSError) as exc:
         return None, False, 0, 0, str(exc)
@@ -124,7 +131,7 @@ def _write_job(job: tuple[Path, list[tuple[Planned, bytes | None]]]) -> ShardRec
     def samples():
         for item, data in items:
             if data is None:
-                data = item.path.read_bytes()
+                data = _read_file(item.path)
             if item.convert:
                 data, _ = audio.to_target_flac(data)
             yield item.utt_id, data, item.meta, item.num_samples
@@ -286,8 +293,8 @@ def _select(found, transcripts, options: ShardOptions,
             problems.append(Problem("converted", utt_id, event.location,
                                     f"{info.format} {info.sample_rate} Hz {info.channels} ch"
                                     f"{why} → FLAC 16000 Hz mono"))
-        planned.append(Planned(utt_id, source, event.location, event.path, convert, flac_size,
-                               num_samples, encode_metadata(meta)))
+        planned.append(Planned(utt_id, source, event.split, event.location, event.path, convert,
+                               flac_size, num_samples, encode_metadata(meta)))
     for utt_id in sorted(set(transcripts) - seen):
         problems.append(Problem("transcript_without_audio", utt_id, "", "no audio file found"))
     return planned
@@ -465,8 +472,7 @@ def build_index(records: list[ShardRecord], shards: list[list[Planned]],
     splits: dict[str, list[float]] = {}
     for items in shards:
         for item in items:
-            split = json.loads(item.meta)["split"]
-            entry = splits.setdefault(split, [0, 0.0])
+            entry = splits.setdefault(item.split, [0, 0.0])
             entry[0] += 1
             entry[1] += item.num_samples / audio.SAMPLE_RATE
     seconds = sum(lengths) / audio.SAMPLE_RATE

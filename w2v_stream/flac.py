@@ -32,7 +32,7 @@ class StreamInfo(NamedTuple):
     max_frame: int  # bytes; 0 when the encoder did not know
 
 
-def quick_check(path: Path) -> StreamInfo | None:
+def quick_check(path: str | Path) -> StreamInfo | None:
     """STREAMINFO of a FLAC file whose last frame is intact and ends the stream, else None."""
     try:
         with open(path, "rb", buffering=0) as f:

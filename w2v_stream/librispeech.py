@@ -45,7 +45,9 @@ class AudioFound:
     chapter_id: int
     split: str
     location: str  # human-readable: a path, "archive.tar.gz:member", "file.parquet#row"
-    path: Path | None = None  # set when the audio can be re-read at random (a plain file)
+    # Set when the audio can be re-read at random (a plain file). A str, not a Path: events
+    # cross between processes by the thousand, and a Path costs 3x as much to unpickle.
+    path: str | None = None
     data: bytes | None = None  # set when the audio came from a stream
     text: str | None = None  # set when the layout keeps text beside the audio (parquet)
 
@@ -140,7 +142,7 @@ class FolderSource:
                 with open(location, encoding="utf-8", errors="replace") as f:
                     yield from parse_transcript(f.read(), location)
             elif os.path.splitext(name)[1].lower() in AUDIO_SUFFIXES:
-                yield _audio_from_name(name, self.split, location, path=Path(location))
+                yield _audio_from_name(name, self.split, location, path=location)
 
 
 class ArchiveSource:

@@ -49,12 +49,15 @@ def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def encode_metadata(meta: dict) -> bytes:
     """Canonical JSON bytes: sorted keys, no spaces, UTF-8; byte-stable across runs."""
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise ShardFormatError(f"metadata for {meta.get('id')!r} lacks {missing}")
-    return json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return _CANONICAL.encode(meta).encode()
 
 
 def member_bytes(size: int) -> int:
