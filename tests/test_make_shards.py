@@ -293,3 +293,21 @@ def test_a_folder_walked_in_pieces_gives_the_whole_walk(corpus_copy):
     pieces = [e for part in parts for e in source.events(part)]
     assert pieces == list(source.events())
     assert any(getattr(e, "reason", None) == "unrecognised_name" for e in pieces)
+
+
+def test_first_transcript_line_wins_across_speaker_folders(corpus_copy, tmp_path):
+    # Workers make each sample's JSON ahead with the transcript of their own speaker folder;
+    # an earlier folder's line for the same utterance must still win, as in one walk.
+    first, second = sorted(d for d in corpus_copy.iterdir() if d.is_dir())
+    victim = sorted(second.rglob("*.flac"))[0].stem
+    trans = sorted(first.rglob("*.trans.txt"))[0]
+    trans.write_text(trans.read_text() + f"{victim} FROM THE FIRST FOLDER\n")
+    texts = {}
+    for workers in ("1", "2"):
+        out = tmp_path / f"w{workers}"
+        run_tool(TOOL, str(corpus_copy), "--output_dir", str(out), "--num_workers", workers)
+        texts[workers] = {k: json.loads(v["json"])["text"] for k, v in read_all(out).items()}
+    assert texts["1"][victim] == texts["2"][victim] == "FROM THE FIRST FOLDER"
+    own = (second / victim.split("-")[1] / f"{'-'.join(victim.split('-')[:2])}.trans.txt")
+    assert victim in own.read_text()  # its own folder's line was there, and lost
+    assert texts["1"] == texts["2"]

@@ -55,9 +55,10 @@ class AudioFormatError(AudioError):
 def probe(data: bytes | str | Path, full_decode: bool = False) -> AudioInfo:
     """Read the header and prove the audio decodes to its end.
 
-    ``data`` is the file's bytes or its path (a ``str`` is a path). A FLAC path is first checked without decoding
-    (``flac.quick_check``: STREAMINFO and a last frame whose CRCs and position agree); what
-    that cannot vouch for is opened by libsndfile, which reads only the header and the tail.
+    ``data`` is the file's bytes or its path (a ``str`` is a path). A FLAC path is first
+    checked without decoding (``flac.quick_check``: STREAMINFO and a last frame whose CRCs and
+    position agree); what that cannot vouch for is opened by libsndfile, which reads only the
+    header and the tail.
 
     By default only the last frame is decoded: that catches truncated and empty files at a
     tiny fraction of a full decode. ``full_decode`` decodes everything (and

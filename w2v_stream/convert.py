@@ -117,12 +117,26 @@ def _probe_job(job: tuple[str | None, bytes | None, bool]) -> tuple:
         return None, False, 0, 0, str(exc)
 
 
-def _walk_probe_job(job: tuple[Source, str, bool]) -> tuple[list, list[tuple]]:
-    """The events of one piece of a folder source, and the probe of each audio event."""
+def _walk_probe_job(job: tuple[Source, str, bool]) -> tuple[list, list[tuple], list]:
+    """The events of one piece of a folder source, the probe of each audio event, and its
+    metadata made ahead as ``(text, JSON bytes)`` with the transcript this piece holds.
+
+    Encoding the metadata here takes it off the main process, whose ``_select`` runs on one
+    core while the workers wait; ``_select`` keeps it when the text it joins is the same.
+    """
     source, part, full_decode = job
     events = list(source.events(part))
-    return events, [_probe_job((e.path, e.data, full_decode)) for e in events
-                    if isinstance(e, AudioFound)]
+    texts: dict[str, str] = {}
+    for event in events:
+        if isinstance(event, TranscriptFound):
+            texts.setdefault(event.utt_id, event.text)
+    audio_events = [e for e in events if isinstance(e, AudioFound)]
+    probes = [_probe_job((e.path, e.data, full_decode)) for e in audio_events]
+    made = []
+    for event, probed in zip(audio_events, probes):
+        text = event.text if event.text is not None else texts.get(event.utt_id)
+        made.append(None if probed[4] is not None else (text, _metadata(event, text, probed)))
+    return events, probes, made
 
 
 def _write_job(job: tuple[Path, list[tuple[Planned, bytes | None]]]) -> ShardRecord:
@@ -183,7 +197,7 @@ class _Mapper:
 # ---------------------------------------------------------------- the passes
 
 def _scan(sources: Sequence[Source], options: ShardOptions, mapper: _Mapper,
-          progress) -> tuple[list[tuple[int, AudioFound, tuple]], dict[str, str], list[Problem]]:
+          progress) -> tuple[list[tuple], dict[str, str], list[Problem]]:
     """Read every source once; probe audio in the workers; keep only small facts.
 
     A folder is walked by the workers themselves, a piece (subfolder) each, so the main
@@ -191,7 +205,7 @@ def _scan(sources: Sequence[Source], options: ShardOptions, mapper: _Mapper,
     batches while the reading goes on (at most SCAN_IN_FLIGHT batches out at once, so memory
     stays bounded for sources that carry their bytes).
     """
-    found: list[tuple[int, AudioFound, tuple]] = []
+    found: list[tuple[int, AudioFound, tuple, tuple | None]] = []
     transcripts: dict[str, str] = {}
     problems: list[Problem] = []
     in_flight: deque = deque()
@@ -203,7 +217,8 @@ def _scan(sources: Sequence[Source], options: ShardOptions, mapper: _Mapper,
                 # Drop the bytes now: the write pass reads them again, memory stays bounded.
                 found.append((index, AudioFound(event.utt_id, event.speaker_id,
                                                 event.chapter_id, event.split, event.location,
-                                                path=event.path, text=event.text), result))
+                                                path=event.path, text=event.text), result,
+                              None))
                 progress(1, result[3])
 
     def submit(index: int, batch: list[AudioFound]) -> None:
@@ -216,11 +231,11 @@ def _scan(sources: Sequence[Source], options: ShardOptions, mapper: _Mapper,
         if hasattr(source, "parts"):  # a folder: workers walk its pieces and probe them
             collect(0)
             jobs = [(source, part, options.full_decode) for part in source.parts()]
-            for events, results in mapper.map(_walk_probe_job, jobs, chunksize=1):
-                probed = iter(results)
+            for events, results, made in mapper.map(_walk_probe_job, jobs, chunksize=1):
+                probed, premade = iter(results), iter(made)
                 for event in events:
                     if isinstance(event, AudioFound):
-                        found.append((index, event, next(probed)))
+                        found.append((index, event, next(probed), next(premade)))
                         progress(1, found[-1][2][3])
                     elif isinstance(event, TranscriptFound):
                         transcripts.setdefault(event.utt_id, event.text)
@@ -251,7 +266,8 @@ def _select(found, transcripts, options: ShardOptions,
     planned: list[Planned] = []
     seen: set[str] = set()
     lo, hi = options.min_duration_in_seconds, options.max_duration_in_seconds
-    for source, event, (info, convert, flac_size, num_samples, error) in found:
+    for source, event, probed, made in found:
+        info, convert, flac_size, num_samples, error = probed
         utt_id = event.utt_id
         try:
             check_id(utt_id)
@@ -279,25 +295,34 @@ def _select(found, transcripts, options: ShardOptions,
         if text is None:
             problems.append(Problem("no_transcript", utt_id, event.location,
                                     "no transcript line; kept with text null"))
-        meta = {"id": utt_id, "speaker_id": event.speaker_id, "chapter_id": event.chapter_id,
-                "split": event.split, "text": text, "sample_rate": audio.SAMPLE_RATE,
-                "num_samples": num_samples, "duration": round(seconds, 6),
-                "converted": convert}
         if convert:
-            meta["original"] = {"format": info.format, "sample_rate": info.sample_rate,
-                                "channels": info.channels}
-            why = ""
-            if not info.length_in_header:
-                meta["original"]["length_in_header"] = False
-                why = " (no length in its header)"
+            why = "" if info.length_in_header else " (no length in its header)"
             problems.append(Problem("converted", utt_id, event.location,
                                     f"{info.format} {info.sample_rate} Hz {info.channels} ch"
                                     f"{why} → FLAC 16000 Hz mono"))
+        # A walking worker made it ahead from the same facts; only the text may differ (a
+        # transcript line elsewhere that came first).
+        meta = made[1] if made is not None and made[0] == text else _metadata(event, text, probed)
         planned.append(Planned(utt_id, source, event.split, event.location, event.path, convert,
-                               flac_size, num_samples, encode_metadata(meta)))
+                               flac_size, num_samples, meta))
     for utt_id in sorted(set(transcripts) - seen):
         problems.append(Problem("transcript_without_audio", utt_id, "", "no audio file found"))
     return planned
+
+
+def _metadata(event: AudioFound, text: str | None, probed: tuple) -> bytes:
+    """A sample's JSON member: canonical bytes, the same whichever process makes them."""
+    info, convert, _, num_samples, _ = probed
+    meta = {"id": event.utt_id, "speaker_id": event.speaker_id,
+            "chapter_id": event.chapter_id, "split": event.split, "text": text,
+            "sample_rate": audio.SAMPLE_RATE, "num_samples": num_samples,
+            "duration": round(num_samples / audio.SAMPLE_RATE, 6), "converted": convert}
+    if convert:
+        meta["original"] = {"format": info.format, "sample_rate": info.sample_rate,
+                            "channels": info.channels}
+        if not info.length_in_header:
+            meta["original"]["length_in_header"] = False
+    return encode_metadata(meta)
 
 
 def plan_shards(planned: list[Planned], options: ShardOptions) -> list[list[Planned]]:
