@@ -158,6 +158,20 @@ def test_broken_archive_keeps_what_came_before(corpus_archive, tmp_path):
         assert audio.probe(parts["flac"], full_decode=True).num_samples > 0
 
 
+def test_plain_tar_gives_the_same_shards(corpus_archive, tmp_path):
+    import gzip
+
+    plain = tmp_path / f"{SPLIT}.tar"
+    plain.write_bytes(gzip.decompress(corpus_archive.read_bytes()))
+    outs = {}
+    for name, source in [("gz", corpus_archive), ("tar", plain)]:
+        outs[name] = tmp_path / name
+        run_tool(TOOL, source, "--output_dir", outs[name], "--samples_per_shard", "5")
+    shards_of = {k: {f: b for f, b in folder_bytes(v).items() if f.endswith(".tar")}
+                 for k, v in outs.items()}
+    assert len(shards_of["gz"]) == 3 and shards_of["tar"] == shards_of["gz"]
+
+
 def test_parquet_rows_without_audio_or_with_unsafe_ids(corpus_parquet, tmp_path):
     table = pq.read_table(sorted(corpus_parquet.glob("*.parquet"))[0]).to_pylist()
     table[0]["audio"] = None
@@ -311,3 +325,4 @@ def test_first_transcript_line_wins_across_speaker_folders(corpus_copy, tmp_path
     own = (second / victim.split("-")[1] / f"{'-'.join(victim.split('-')[:2])}.trans.txt")
     assert victim in own.read_text()  # its own folder's line was there, and lost
     assert texts["1"] == texts["2"]
+
