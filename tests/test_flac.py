@@ -40,6 +40,7 @@ def _flac(tmp_path, seconds=3.3, rate=16000, channels=1, name="a.flac"):
 def test_vouches_for_whole_files_with_the_decoders_facts(tmp_path, rate, channels):
     path = _flac(tmp_path, rate=rate, channels=channels)
     info = flac.quick_check(path)
+    assert flac.quick_check_bytes(path.read_bytes()) == info  # the same from memory
     with sf.SoundFile(path) as f:
         assert info is not None
         assert (info.sample_rate, info.channels, info.num_samples) == (f.samplerate,
@@ -53,17 +54,20 @@ def test_refuses_every_truncation_and_damage_and_the_decoder_then_says_why(tmp_p
     for end in list(range(len(data) - 2500, len(data), 13)) + [len(data) // 2, 41, 0]:
         cut.write_bytes(data[:end])
         assert flac.quick_check(cut) is None, end
-        with pytest.raises(audio.AudioError):
-            audio.probe(cut)
+        assert flac.quick_check_bytes(data[:end]) is None, end
+        for given in (cut, data[:end]):  # a path, or the bytes from an archive
+            with pytest.raises(audio.AudioError):
+                audio.probe(given)
     flipped = bytearray(data)
     flipped[-40] ^= 0x01  # a bit of the last frame
     cut.write_bytes(bytes(flipped))
-    assert flac.quick_check(cut) is None
+    assert flac.quick_check(cut) is None and flac.quick_check_bytes(bytes(flipped)) is None
     cut.write_bytes(data + b"TAG" + bytes(125))  # an ID3v1 tag after the audio: not vouched
     assert flac.quick_check(cut) is None
     cut.write_bytes(b"RIFF" + data[4:])
     assert flac.quick_check(cut) is None
     assert audio.probe(path).num_samples == flac.quick_check(path).num_samples
+    assert audio.probe(data).num_samples == flac.quick_check(path).num_samples
 
 
 def test_a_streamed_flac_gets_its_length_back_from_its_last_frame(tmp_path):

@@ -55,8 +55,8 @@ class AudioFormatError(AudioError):
 def probe(data: bytes | str | Path, full_decode: bool = False) -> AudioInfo:
     """Read the header and prove the audio decodes to its end.
 
-    ``data`` is the file's bytes or its path (a ``str`` is a path). A FLAC path is first
-    checked without decoding (``flac.quick_check``: STREAMINFO and a last frame whose CRCs and
+    ``data`` is the file's bytes or its path (a ``str`` is a path). A FLAC is first checked
+    without decoding (``flac.quick_check``: STREAMINFO and a last frame whose CRCs and
     position agree); what that cannot vouch for is opened by libsndfile, which reads only the
     header and the tail.
 
@@ -65,8 +65,8 @@ def probe(data: bytes | str | Path, full_decode: bool = False) -> AudioInfo:
     checks the FLAC frame CRCs on the way).
     """
     is_path = not isinstance(data, (bytes, bytearray, memoryview))
-    if is_path and not full_decode:
-        quick = flac.quick_check(data)  # the FLAC's two ends, when they vouch for it
+    if not full_decode:  # the FLAC's two ends, when they vouch for it
+        quick = flac.quick_check(data) if is_path else flac.quick_check_bytes(bytes(data))
         if quick is not None:
             return AudioInfo("FLAC", quick.sample_rate, quick.channels, quick.num_samples)
     if is_path:

@@ -36,18 +36,29 @@ def quick_check(path: str | Path) -> StreamInfo | None:
     """STREAMINFO of a FLAC file whose last frame is intact and ends the stream, else None."""
     try:
         with open(path, "rb", buffering=0) as f:
-            head = f.read(42)
-            info = parse_streaminfo(head)
+            info = parse_streaminfo(f.read(42))
             if info is None or info.num_samples == 0:
                 return None
-            want = min(info.max_frame + 16 if info.max_frame else UNKNOWN_FRAME_BYTES,
-                       TAIL_BYTES)
             size = os.fstat(f.fileno()).st_size
-            f.seek(max(size - want, 42))
+            f.seek(max(size - _tail_bytes(info), 42))
             tail = f.read()
     except OSError:
         return None
     return info if tail and last_frame_ends_stream(tail, info) else None
+
+
+def quick_check_bytes(data: bytes) -> StreamInfo | None:
+    """``quick_check`` for a FLAC held in memory (from an archive or a parquet row)."""
+    info = parse_streaminfo(data[:42])
+    if info is None or info.num_samples == 0:
+        return None
+    tail = data[max(len(data) - _tail_bytes(info), 42):]
+    return info if tail and last_frame_ends_stream(tail, info) else None
+
+
+def _tail_bytes(info: StreamInfo) -> int:
+    """How much of the end holds the last frame (its header's worst case included)."""
+    return min(info.max_frame + 16 if info.max_frame else UNKNOWN_FRAME_BYTES, TAIL_BYTES)
 
 
 def parse_streaminfo(head: bytes) -> StreamInfo | None:
