@@ -33,32 +33,40 @@ class StreamInfo(NamedTuple):
 
 
 def quick_check(path: str | Path) -> StreamInfo | None:
-    """STREAMINFO of a FLAC file whose last frame is intact and ends the stream, else None."""
+    """STREAMINFO of a FLAC file whose last frame is intact and ends the stream, else None.
+    Only the file's two ends are read."""
     try:
         with open(path, "rb", buffering=0) as f:
-            info = parse_streaminfo(f.read(42))
-            if info is None or info.num_samples == 0:
+            info = _with_length(f.read(42))
+            if info is None:
                 return None
-            size = os.fstat(f.fileno()).st_size
-            f.seek(max(size - _tail_bytes(info), 42))
-            tail = f.read()
+            f.seek(max(os.fstat(f.fileno()).st_size - _tail_bytes(info), 42))
+            return _vouched(info, f.read())
     except OSError:
         return None
-    return info if tail and last_frame_ends_stream(tail, info) else None
 
 
 def quick_check_bytes(data: bytes) -> StreamInfo | None:
     """``quick_check`` for a FLAC held in memory (from an archive or a parquet row)."""
-    info = parse_streaminfo(data[:42])
-    if info is None or info.num_samples == 0:
+    info = _with_length(data[:42])
+    if info is None:
         return None
-    tail = data[max(len(data) - _tail_bytes(info), 42):]
-    return info if tail and last_frame_ends_stream(tail, info) else None
+    return _vouched(info, data[max(len(data) - _tail_bytes(info), 42):])
+
+
+def _with_length(head: bytes) -> StreamInfo | None:
+    """STREAMINFO when it gives the stream's length (only then can the last frame prove it)."""
+    info = parse_streaminfo(head)
+    return info if info is not None and info.num_samples else None
 
 
 def _tail_bytes(info: StreamInfo) -> int:
     """How much of the end holds the last frame (its header's worst case included)."""
     return min(info.max_frame + 16 if info.max_frame else UNKNOWN_FRAME_BYTES, TAIL_BYTES)
+
+
+def _vouched(info: StreamInfo, tail: bytes) -> StreamInfo | None:
+    return info if tail and last_frame_ends_stream(tail, info) else None
 
 
 def parse_streaminfo(head: bytes) -> StreamInfo | None:
