@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import itertools
 import time
 
 import numpy as np
@@ -78,17 +77,16 @@ def timed(steps, batches, step_fn, sync) -> tuple[float, float]:
     from torch._dynamo.utils import counters
 
     compute = audio = 0.0
-    done = 0
-    for i in itertools.count():
-        if done == steps:
-            break
+    done = ran = 0
+    while done < steps:
         batch, real = next(batches)
         graphs = counters["stats"]["unique_graphs"]
         sync()
         start = time.perf_counter()
         step_fn(batch)
         sync()
-        if i >= WARMUP and counters["stats"]["unique_graphs"] == graphs:
+        ran += 1
+        if ran > WARMUP and counters["stats"]["unique_graphs"] == graphs:
             compute += time.perf_counter() - start
             audio += real / 16_000
             done += 1
