@@ -294,14 +294,29 @@ def test_bad_audio_and_metadata_are_skipped_by_reason_and_good_data_kept(shard_d
         assert not batch["mask_time_indices"][empty].any()
 
 
-def test_worker_batches_arrive_in_shared_memory_zeroed():
-    from w2v_stream.loader import SharedArrays
+def test_worker_slots_are_reused_and_waited_for():
+    from w2v_stream.loader import SlotRing
 
-    alloc = SharedArrays()
-    array = alloc((3, 1000), np.float32)
-    assert not array.any()
-    array[1, 5] = 2.5
-    tensor = alloc.tensor(array)
-    assert tensor.is_shared() and float(tensor[1, 5]) == 2.5
-    assert alloc.tensor(array) is None  # handed over once
-    assert alloc((2, 2), np.int32).dtype == np.int32
+    busy = torch.zeros(2, dtype=torch.int32).share_memory_()
+    ring = SlotRing(busy.numpy())
+    assert ring.acquire() == 0
+    first = ring((3, 1000), np.float32)
+    tensor = ring.tensor(first)
+    assert tensor.is_shared() and tensor.shape == (3, 1000)
+    assert ring.acquire() == 1 and busy.tolist() == [1, 1]
+    ring((3, 1000), np.float32)
+    threading.Timer(0.2, lambda: busy.__setitem__(0, 0)).start()
+    began = time.perf_counter()
+    assert ring.acquire() == 0  # waits until the trainer's side gives slot 0 back
+    assert time.perf_counter() - began >= 0.15
+    again = ring((2, 1000), np.float32)  # a smaller shape reuses the slot's buffer
+    assert ring.tensor(again).untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr()
+    assert ring.tensor(np.zeros(3)).dtype == torch.float64  # not the ring's: as it is
+
+
+def test_kept_worker_batches_are_the_in_process_batches(shard_dir):
+    """Workers reuse a few shared buffers: batches the trainer keeps must not change, and
+    every element of a reused buffer must be written again (in-process batches are fresh)."""
+    config = make_config(shard_dir, "pack")
+    assert same(take(StreamingLoader(config, num_workers=1), 20),
+                take(StreamingLoader(config, num_workers=0), 20))

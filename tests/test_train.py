@@ -153,7 +153,7 @@ def test_accelerate_launch_runs_the_same_data_parallel_job(shard_dir, tmp_path):
 
 
 def _batch(config, rows, samples, seed):
-    rs = np.random.RandomState(seed)
+    rs = np.random.default_rng(seed)
     model = build_model(config)
     frames = int(model._get_feat_extract_output_lengths(samples))
     lengths = [frames] * (rows - 1) + [frames // 2]
@@ -265,7 +265,7 @@ def test_ipu_micro_batches_get_negatives_into_their_own_frames():
 
     rows, frames, split = 6, 40, 3
     segments = [[(0, frames - 3 * r)] for r in range(rows)]
-    rs = np.random.RandomState(0)
+    rs = np.random.default_rng(0)
     mask = compute_mask(segments, frames, 0.65, 4, 2, rs)
     host = torch.from_numpy(sample_negatives(mask, segments, 5, rs))
     local = micro_batch_negatives(host, split)

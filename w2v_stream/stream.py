@@ -161,15 +161,16 @@ def read_stream(config: StreamConfig, reads, needed: set[tuple[int, int]]
 
 
 def assemble(config: StreamConfig, batch: Batch, rows: list[list[tuple[bytes, int]]],
-             rs: np.random.RandomState, alloc=np.zeros) -> dict:
+             rng: np.random.Generator, alloc=np.empty) -> dict:
     """Rows of utterances ``(flac bytes, num_samples)`` → the fixed-shape arrays of one batch.
 
     ``rows[i]`` holds the utterances of row i (empty for a dummy row). Each is cropped as the
     policy says, decoded straight into the row at its next free sample and normalised over
     its own samples; the rest is exact zeros. Audio that fails to decode leaves zeros and a
     count in ``skipped``. Masks and negatives stay inside each utterance's frames.
-    ``alloc(shape, dtype)`` makes the zeroed big arrays (the loader puts them straight into
-    shared memory so nothing is copied on the way to the trainer).
+    ``alloc(shape, dtype)`` makes the big arrays, uninitialised like ``np.empty``: every
+    element is written here (the loader builds them in reused shared memory, so nothing is
+    copied or freshly mapped on the way to the trainer).
     """
     plan = config.plan
     k = batch.bucket
@@ -187,16 +188,14 @@ def assemble(config: StreamConfig, batch: Batch, rows: list[list[tuple[bytes, in
         for flac, num_samples in pieces:
             target = length if plan.policy == "crop" else length - offset
             take = min(num_samples, target)
-            start = rs.randint(0, num_samples - take + 1) if num_samples > take else 0
+            start = int(rng.integers(0, num_samples - take + 1)) if num_samples > take else 0
             end = offset + take
             try:
                 decode_piece(flac, values[i, offset:end], start, num_samples,
                              plan.sample_rate)
-            except BadUtterance as bad:
-                values[i, offset:end] = 0.0
+            except BadUtterance as bad:  # the next piece (or the zeros below) goes here
                 skipped[bad.reason] += 1
                 continue
-            attention[i, offset:end] = True
             first = -(-offset // stride)
             last = (end - field) // stride + 1 if end >= field else 0
             if last > first:
@@ -204,10 +203,13 @@ def assemble(config: StreamConfig, batch: Batch, rows: list[list[tuple[bytes, in
             offset = end
             audio_samples += take
             utterances += 1
+        values[i, offset:] = 0.0  # exact zeros after the row's audio
+        attention[i, :offset] = True
+        attention[i, offset:] = False
         segments.append(row_segments)
     mask = compute_mask(segments, frames, config.mask_time_prob, config.mask_time_length,
-                        config.mask_time_min_masks, rs)
-    negatives = sample_negatives(mask, segments, config.num_negatives, rs, alloc)
+                        config.mask_time_min_masks, rng)
+    negatives = sample_negatives(mask, segments, config.num_negatives, rng, alloc)
     frame_mask = np.zeros((size, frames), dtype=bool)
     for i, row_segments in enumerate(segments):
         for first, last in row_segments:
@@ -224,7 +226,7 @@ def batch_seed(seed: int, epoch: int, stream: int, index: int) -> np.ndarray:
 
 
 def stream_batches(config: StreamConfig, num_workers: int, worker: int, start_epoch: int,
-                   start_position: int, alloc=np.zeros) -> Iterator[dict]:
+                   start_position: int, alloc=np.empty) -> Iterator[dict]:
     """The endless batch stream of one loader worker.
 
     Rank-level position p (batches this rank has yielded in the epoch) comes from worker
@@ -274,8 +276,8 @@ def _epoch_batches(config: StreamConfig, eplan: EpochPlan, stream: int, epoch: i
                 except BadUtterance as bad:
                     skipped[bad.reason] += 1
             rows.append(pieces)
-        rs = np.random.RandomState(batch_seed(config.seed, epoch, stream, index))
-        out = assemble(config, batch, rows, rs, alloc)
+        rng = np.random.Generator(np.random.PCG64(batch_seed(config.seed, epoch, stream, index)))
+        out = assemble(config, batch, rows, rng, alloc)
         skipped.update(out["skipped"])
         out.update(epoch=epoch, skipped=dict(skipped))
         yield out
