@@ -79,3 +79,27 @@ def test_a_streamed_flac_gets_its_length_back_from_its_last_frame(tmp_path):
     assert flac.with_length(bytes(streamed)) == whole
     assert flac.with_length(bytes(streamed[:-30])) is None  # its last frame cut: no length
     assert flac.with_length(whole) is None  # nothing to give
+
+
+def test_the_loaders_decode_gives_libsndfiles_floats_and_names_faults(tmp_path):
+    data = _flac(tmp_path, seconds=3.3).read_bytes()
+    whole = sf.read(io.BytesIO(data), dtype="float32")[0]
+    n = whole.shape[0]
+    out = np.full(n, 9.0, dtype=np.float32)
+    audio.read_into(data, out, 0, 16000, n)
+    assert np.array_equal(out, whole)
+    piece = np.empty(5000, dtype=np.float32)
+    audio.read_into(data, piece, 12345, 16000, n)  # a crop: seek, then decode
+    assert np.array_equal(piece, whole[12345:17345])
+    with pytest.raises(audio.AudioFormatError, match="expected 22050 Hz"):
+        audio.read_into(data, out, 0, 22050, n)
+    with pytest.raises(audio.AudioError, match="the index"):
+        audio.read_into(data, out[:-1], 0, 16000, n - 1)
+    with pytest.raises(audio.AudioError, match="lost sync"):  # dr_flac stops short
+        audio.read_into(data[:len(data) // 2], out, 0, 16000, n)
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0xFF  # dr_flac drops the frame; libsndfile names the fault
+    with pytest.raises(audio.AudioError):
+        audio.read_into(bytes(flipped), out, 0, 16000, n)
+    with pytest.raises(audio.AudioError, match="not a readable audio file"):
+        audio.read_into(b"garbage" * 50, out, 0, 16000, n)

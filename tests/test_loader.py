@@ -294,24 +294,28 @@ def test_bad_audio_and_metadata_are_skipped_by_reason_and_good_data_kept(shard_d
         assert not batch["mask_time_indices"][empty].any()
 
 
-def test_worker_slots_are_reused_and_waited_for():
-    from w2v_stream.loader import SlotRing
+def test_worker_slots_are_reused_and_waited_for(shard_dir):
+    from w2v_stream.loader import BatchRing
 
-    busy = torch.zeros(2, dtype=torch.int32).share_memory_()
-    ring = SlotRing(busy.numpy())
-    assert ring.acquire() == 0
-    first = ring((3, 1000), np.float32)
-    tensor = ring.tensor(first)
-    assert tensor.is_shared() and tensor.shape == (3, 1000)
-    assert ring.acquire() == 1 and busy.tolist() == [1, 1]
-    ring((3, 1000), np.float32)
-    threading.Timer(0.2, lambda: busy.__setitem__(0, 0)).start()
+    config = make_config(shard_dir)
+    ring = BatchRing(config, num_workers=1, slots=2)
+    writer = ring.writer(0)
+    writer.acquire()
+    values = writer("input_values", (2, 1000), np.float32)
+    values[1, 5] = 2.5
+    first = writer.handed_over({"input_values": values, "bucket": 1})
+    assert (first.slot, first.shapes, first.info) == (0, {"input_values": (2, 1000)},
+                                                      {"bucket": 1})
+    writer.acquire()
+    assert writer.slot == 1 and ring.busy.tolist() == [[1, 1]]
+    threading.Timer(0.2, lambda: ring.take(first)).start()  # the trainer copies slot 0 out
     began = time.perf_counter()
-    assert ring.acquire() == 0  # waits until the trainer's side gives slot 0 back
-    assert time.perf_counter() - began >= 0.15
-    again = ring((2, 1000), np.float32)  # a smaller shape reuses the slot's buffer
-    assert ring.tensor(again).untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr()
-    assert ring.tensor(np.zeros(3)).dtype == torch.float64  # not the ring's: as it is
+    writer.acquire()  # waits until then
+    assert time.perf_counter() - began >= 0.15 and writer.slot == 0
+    writer("input_values", (2, 1000), np.float32)[1, 5] = 7.0  # slot 0 is reused
+    taken = ring.take(first)
+    assert float(taken["input_values"][1, 5]) == 7.0 and taken["bucket"] == 1
+    assert not taken["input_values"].is_shared()  # a copy: the trainer's own
 
 
 def test_kept_worker_batches_are_the_in_process_batches(shard_dir):

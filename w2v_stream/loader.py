@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .stream import ErrorBudgetExceeded, StreamConfig, stream_batches
+from .stream import ErrorBudgetExceeded, StreamConfig, batch_arrays, stream_batches
 
 STATE_VERSION = 1
 
@@ -26,104 +26,117 @@ class ShardStream(IterableDataset):
     """One rank's batches; each DataLoader worker runs one stream of the plan."""
 
     def __init__(self, config: StreamConfig, num_workers: int, epoch: int, position: int,
-                 busy: torch.Tensor | None = None):
+                 ring: "BatchRing | None" = None):
         self.config = config
         self.num_workers = num_workers
         self.epoch = epoch
         self.position = position
-        self.busy = busy  # (workers, RING_SLOTS) int32 in shared memory: see SlotRing
+        self.ring = ring
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator:
         info = get_worker_info()
         if info is None:  # in the trainer's own process: nothing to hand over
             yield from stream_batches(self.config, self.num_workers, 0, self.epoch,
-                                      self.position, np.empty)
+                                      self.position)
             return
         torch.set_num_threads(1)  # a worker's own torch work stays on one thread
-        ring = SlotRing(self.busy[info.id].numpy())
+        writer = self.ring.writer(info.id)
         batches = stream_batches(self.config, self.num_workers, info.id, self.epoch,
-                                 self.position, ring)
+                                 self.position, writer)
         while True:
-            slot = ring.acquire()  # the batch below is built in this slot's buffers
-            batch = next(batches)
-            out = {k: ring.tensor(v) if isinstance(v, np.ndarray) else v
-                   for k, v in batch.items()}
-            out["slot"] = (info.id, slot)
-            yield out
+            writer.acquire()  # the batch below is built in this slot's buffers
+            yield writer.handed_over(next(batches))
 
 
-# Buffers each worker cycles through: the DataLoader holds at most prefetch_factor of a
-# worker's batches before the trainer takes one, plus the one being built.
-RING_SLOTS_EXTRA = 2
+@dataclass
+class SlotBatch:
+    """What crosses from a worker: where its batch lies in the ring, and its small values."""
+
+    worker: int
+    slot: int
+    shapes: dict[str, tuple[int, ...]]
+    info: dict
 
 
-class SlotRing:
-    """An ``alloc(shape, dtype)`` for loader workers: arrays in shared memory, reused.
+class BatchRing:
+    """Shared-memory buffers the trainer's process makes once and the workers fill in turn.
 
-    Every batch of a worker is built in one of a few slots, each a set of shared-memory
-    buffers (one per array of the batch, grown to the largest shape asked), so a batch
-    crosses to the trainer without a copy and without fresh shared memory (whose page
-    faults cost a fresh 16 MB batch 10 ms: 5x its hand-over). ``busy[slot]`` is 1 from
-    ``acquire`` until the trainer's process has copied the batch out (``release_slot``);
-    the worker waits for a free slot, so a batch is never overwritten while it is read.
-    Arrays come back uninitialised (``np.empty``): ``assemble`` writes every element.
+    Each worker cycles through a few slots, each a buffer per array of a batch, sized for the
+    plan's largest bucket. A worker builds a batch in place in a free slot and sends only its
+    shapes; the trainer's side copies it out of the slot (into page-locked memory for CUDA)
+    and gives the slot back. Against a batch made in fresh shared memory and passed as file
+    descriptors, nothing is mapped, faulted in or sent per batch (a fresh 16 MB batch cost 10
+    ms of page faults), and what the trainer holds is its own, whatever it keeps.
     """
 
-    def __init__(self, busy: np.ndarray):
-        self.busy = busy  # (slots,) int32 shared with the trainer's process
-        self.buffers: list[dict[tuple[str, int], torch.Tensor]] = [{} for _ in busy]
-        self.slot = -1
-        self._calls: Counter = Counter()
-        self._tensors: dict[int, torch.Tensor] = {}
+    def __init__(self, config: StreamConfig, num_workers: int, slots: int):
+        layouts = [batch_arrays(config, k) for k in range(len(config.plan.lengths))]
+        self.dtypes = {name: np.dtype(dtype) for name, (_, dtype) in layouts[0].items()}
+        nbytes = {name: max(int(np.prod(layout[name][0])) for layout in layouts)
+                  * self.dtypes[name].itemsize for name in self.dtypes}
+        # busy[w, s] is 1 while worker w's slot s holds a batch the trainer has not copied.
+        self.busy = torch.zeros(num_workers, slots, dtype=torch.int32).share_memory_()
+        self.buffers = [[{name: torch.UntypedStorage._new_shared(max(n, 1))
+                          for name, n in nbytes.items()} for _ in range(slots)]
+                        for _ in range(num_workers)]
 
-    def acquire(self) -> int:
-        """Wait for a free slot, mark it busy and build the next batch in it."""
+    def writer(self, worker: int) -> "SlotWriter":
+        return SlotWriter(self, worker)
+
+    def take(self, batch: SlotBatch, pin_memory: bool = False) -> dict:
+        """The batch copied out of its slot, which goes back to its worker."""
+        out = dict(batch.info)
+        for name, shape in batch.shapes.items():
+            dtype = _TORCH_DTYPES[self.dtypes[name]]
+            view = torch.empty(0, dtype=dtype).set_(self.buffers[batch.worker][batch.slot][name],
+                                                   0, shape)
+            copy = torch.empty(shape, dtype=dtype, pin_memory=pin_memory)
+            # numpy's copy runs on this thread; torch's would wake its thread pool, whose
+            # spinning threads fight the workers for the cores (10 ms against 1 a batch).
+            np.copyto(copy.numpy(), view.numpy())
+            out[name] = copy
+        self.busy[batch.worker, batch.slot] = 0
+        return out
+
+
+class SlotWriter:
+    """A worker's side of the ring: the ``alloc(name, shape, dtype)`` that ``assemble``
+    builds a batch with, as views of the current slot's buffers (uninitialised)."""
+
+    def __init__(self, ring: BatchRing, worker: int):
+        self.ring, self.worker = ring, worker
+        self.busy = ring.busy[worker].numpy()
+        self.slot = -1
+
+    def acquire(self) -> None:
+        """Wait until a slot is free (the trainer copied its batch out), and take it."""
         slots = len(self.busy)
         while True:
             for step in range(1, slots + 1):
                 candidate = (self.slot + step) % slots
                 if not self.busy[candidate]:
                     self.busy[candidate] = 1
-                    self.slot, self._calls = candidate, Counter()
-                    return candidate
+                    self.slot = candidate
+                    return
             time.sleep(0.0005)
 
-    def __call__(self, shape: tuple[int, ...], dtype) -> np.ndarray:
-        dtype = np.dtype(dtype)
-        key = (dtype.str, self._calls[dtype.str])  # the n-th array of this dtype
-        self._calls[dtype.str] += 1
-        count = int(np.prod(shape))
-        nbytes = max(count * dtype.itemsize, 1)
-        buffers = self.buffers[self.slot]
-        if key not in buffers or buffers[key].nbytes() < nbytes:
-            buffers[key] = torch.UntypedStorage._new_shared(nbytes)
-        tensor = torch.empty(0, dtype=_TORCH_DTYPES[dtype]).set_(buffers[key], 0, shape)
-        array = tensor.numpy()
-        self._tensors[array.ctypes.data] = tensor
-        return array
+    def __call__(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+        storage = self.ring.buffers[self.worker][self.slot][name]
+        tensor = torch.empty(0, dtype=_TORCH_DTYPES[np.dtype(dtype)]).set_(storage, 0, shape)
+        return tensor.numpy()
 
-    def tensor(self, array: np.ndarray) -> torch.Tensor:
-        """The shared tensor behind an array this ring made; others become tensors as they
-        are (torch moves them to shared memory on the way out)."""
-        tensor = self._tensors.pop(array.ctypes.data, None)
-        return tensor if tensor is not None else torch.from_numpy(array)
+    def handed_over(self, batch: dict) -> SlotBatch:
+        shapes = {k: v.shape for k, v in batch.items() if k in self.ring.dtypes}
+        info = {k: v for k, v in batch.items() if k not in self.ring.dtypes}
+        return SlotBatch(self.worker, self.slot, shapes, info)
 
+
+# Slots per worker: the DataLoader holds at most prefetch_factor of a worker's batches
+# before the trainer takes one, plus the one being built.
+RING_SLOTS_EXTRA = 1
 
 _TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.bool_): torch.bool,
-                 np.dtype(np.int32): torch.int32, np.dtype(np.int16): torch.int16}
-
-
-def release_slot(batch: dict, busy: torch.Tensor) -> dict:
-    """The batch with its tensors out of the worker's slot, and the slot given back.
-
-    Pinned batches (CUDA) were copied into page-locked memory by the DataLoader already;
-    others are copied here, so what the trainer holds is its own whatever it keeps.
-    """
-    worker, slot = batch.pop("slot")
-    out = {k: v if not isinstance(v, torch.Tensor) or v.is_pinned() else v.clone()
-           for k, v in batch.items()}
-    busy[worker, slot] = 0
-    return out
+                 np.dtype(np.int32): torch.int32}
 
 
 @dataclass
@@ -151,8 +164,8 @@ class StreamingLoader:
                  state: dict | None = None, multiprocessing_context: str = "fork",
                  pin_memory: bool = False):
         self.config = config
-        # CUDA: batches land in page-locked memory (a thread of this process copies them), so
-        # the trainer's non_blocking copies to the GPU overlap its compute.
+        # CUDA: batches land in page-locked memory (copied there out of the workers' ring),
+        # so the trainer's non_blocking copies to the GPU overlap its compute.
         self.pin_memory = pin_memory
         # "fork" starts workers fastest; a process that already runs threads (a gloo or NCCL
         # process group) should use "forkserver": forking it can deadlock at shutdown.
@@ -198,11 +211,9 @@ class StreamingLoader:
         return out
 
     def __iter__(self) -> Iterator[dict]:
-        # Made here and shared with the workers: which of each worker's slots the trainer's
-        # side still reads (SlotRing).
-        busy = torch.zeros(max(self.num_workers, 1), self.prefetch_factor + RING_SLOTS_EXTRA,
-                           dtype=torch.int32).share_memory_()
-        dataset = ShardStream(self.config, self.num_workers, self.epoch, self.position, busy)
+        ring = (BatchRing(self.config, self.num_workers, self.prefetch_factor + RING_SLOTS_EXTRA)
+                if self.num_workers else None)
+        dataset = ShardStream(self.config, self.num_workers, self.epoch, self.position, ring)
         extra = ({"prefetch_factor": self.prefetch_factor,
                   "multiprocessing_context": self.multiprocessing_context}
                  if self.num_workers else {})
@@ -210,10 +221,10 @@ class StreamingLoader:
         # global torch RNG, and a resumed run would then see different dropout and gumbel noise.
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                             generator=torch.Generator().manual_seed(self.config.seed),
-                            pin_memory=self.pin_memory, **extra)
+                            pin_memory=self.pin_memory and not self.num_workers, **extra)
         for batch in loader:
-            if "slot" in batch:
-                batch = release_slot(batch, busy)
+            if isinstance(batch, SlotBatch):
+                batch = ring.take(batch, self.pin_memory)
             self._count(batch)
             self.position += 1
             if self.position >= self._batches_in_epoch():

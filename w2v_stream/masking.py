@@ -26,13 +26,19 @@ Segment = tuple[int, int]  # [start, end) frames of one utterance within a row
 
 
 def compute_mask(segments: Sequence[Sequence[Segment]], num_frames: int, mask_prob: float,
-                 mask_length: int, min_masks: int, rng: np.random.Generator) -> np.ndarray:
-    """(B, T) bool: spans of ``mask_length`` covering about ``mask_prob`` of each segment."""
+                 mask_length: int, min_masks: int, rng: np.random.Generator,
+                 out: np.ndarray | None = None) -> np.ndarray:
+    """(B, T) bool: spans of ``mask_length`` covering about ``mask_prob`` of each segment.
+
+    Written into ``out`` when given (any contents: it is cleared first)."""
     if mask_length < 1:
         raise ValueError("mask_length must be >= 1")
     if mask_length > num_frames:
         raise ValueError(f"mask_length {mask_length} > {num_frames} frames")
-    mask = np.zeros((len(segments), num_frames), dtype=bool)
+    if out is None:
+        out = np.empty((len(segments), num_frames), dtype=bool)
+    mask = out
+    mask.fill(False)
     epsilon = rng.random(1).item()  # one probabilistic rounding for the whole batch
 
     def spans_for(length: int) -> int:
@@ -59,11 +65,11 @@ def compute_mask(segments: Sequence[Sequence[Segment]], num_frames: int, mask_pr
 
 def sample_negatives(mask: np.ndarray, segments: Sequence[Sequence[Segment]],
                      num_negatives: int, rng: np.random.Generator,
-                     alloc=np.empty) -> np.ndarray:
+                     out: np.ndarray | None = None) -> np.ndarray:
     """(B, T, K) int32 indices into the flattened (B*T) features, batch offset included.
 
     int32 halves what crosses from loader workers; widen to int64 on the device for indexing.
-    ``alloc(shape, dtype)`` makes the output array (every element is written).
+    Written into ``out`` when given (every element is written).
 
     For each masked frame, ``num_negatives`` other masked frames of the same segment, drawn
     uniformly with replacement, never the frame itself. Unmasked frames point at their row's
@@ -71,7 +77,8 @@ def sample_negatives(mask: np.ndarray, segments: Sequence[Sequence[Segment]],
     ``mask`` (in place).
     """
     batch, frames = mask.shape
-    out = alloc((batch, frames, num_negatives), np.int32)
+    if out is None:
+        out = np.empty((batch, frames, num_negatives), np.int32)
     for row, row_segments in enumerate(segments):
         offset = row * frames
         out[row].fill(offset)  # unmasked frames point at the row's first frame

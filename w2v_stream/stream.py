@@ -161,24 +161,27 @@ def read_stream(config: StreamConfig, reads, needed: set[tuple[int, int]]
 
 
 def assemble(config: StreamConfig, batch: Batch, rows: list[list[tuple[bytes, int]]],
-             rng: np.random.Generator, alloc=np.empty) -> dict:
+             rng: np.random.Generator, alloc=None) -> dict:
     """Rows of utterances ``(flac bytes, num_samples)`` → the fixed-shape arrays of one batch.
 
     ``rows[i]`` holds the utterances of row i (empty for a dummy row). Each is cropped as the
     policy says, decoded straight into the row at its next free sample and normalised over
     its own samples; the rest is exact zeros. Audio that fails to decode leaves zeros and a
     count in ``skipped``. Masks and negatives stay inside each utterance's frames.
-    ``alloc(shape, dtype)`` makes the big arrays, uninitialised like ``np.empty``: every
+    ``alloc(name, shape, dtype)`` makes the arrays, uninitialised like ``np.empty``: every
     element is written here (the loader builds them in reused shared memory, so nothing is
     copied or freshly mapped on the way to the trainer).
     """
     plan = config.plan
     k = batch.bucket
-    size, length, frames = plan.batch_sizes[k], plan.lengths[k], plan.frames[k]
+    frames = plan.frames[k]
     stride = int(np.prod(config.conv_stride))
     field = frames_to_min_samples(1, config.conv_kernel, config.conv_stride)
-    values = alloc((size, length), np.float32)
-    attention = alloc((size, length), np.bool_)  # 1 byte a sample; transformers only sums it
+    alloc = alloc or _fresh
+    arrays = {name: alloc(name, shape, dtype)
+              for name, (shape, dtype) in batch_arrays(config, k).items()}
+    values, attention = arrays["input_values"], arrays["attention_mask"]
+    size, length = values.shape
     segments: list[list[tuple[int, int]]] = []
     skipped: Counter = Counter()
     audio_samples = utterances = 0
@@ -208,17 +211,34 @@ def assemble(config: StreamConfig, batch: Batch, rows: list[list[tuple[bytes, in
         attention[i, offset:] = False
         segments.append(row_segments)
     mask = compute_mask(segments, frames, config.mask_time_prob, config.mask_time_length,
-                        config.mask_time_min_masks, rng)
-    negatives = sample_negatives(mask, segments, config.num_negatives, rng, alloc)
-    frame_mask = np.zeros((size, frames), dtype=bool)
+                        config.mask_time_min_masks, rng, out=arrays["mask_time_indices"])
+    sample_negatives(mask, segments, config.num_negatives, rng,
+                     out=arrays["sampled_negative_indices"])
+    frame_mask = arrays["frame_mask"]
+    frame_mask.fill(False)
     for i, row_segments in enumerate(segments):
         for first, last in row_segments:
             frame_mask[i, first:last] = True
-    return {"input_values": values, "attention_mask": attention,
-            "mask_time_indices": mask, "sampled_negative_indices": negatives,
-            "frame_mask": frame_mask, "bucket": k, "num_utterances": utterances,
+    return {**arrays, "bucket": k, "num_utterances": utterances,
             "audio_samples": audio_samples, "padded_samples": size * length,
             "skipped": dict(skipped)}
+
+
+def batch_arrays(config: StreamConfig, bucket: int) -> dict[str, tuple[tuple[int, ...], type]]:
+    """Name → (shape, dtype) of each array of a batch of ``bucket``: the batch layout."""
+    plan = config.plan
+    rows, length, frames = plan.batch_sizes[bucket], plan.lengths[bucket], plan.frames[bucket]
+    return {"input_values": ((rows, length), np.float32),
+            # 1 byte a sample; transformers only sums it
+            "attention_mask": ((rows, length), np.bool_),
+            "mask_time_indices": ((rows, frames), np.bool_),
+            # int32 halves what crosses from the workers; the device widens it for indexing
+            "sampled_negative_indices": ((rows, frames, config.num_negatives), np.int32),
+            "frame_mask": ((rows, frames), np.bool_)}
+
+
+def _fresh(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    return np.empty(shape, dtype)
 
 
 def batch_seed(seed: int, epoch: int, stream: int, index: int) -> np.ndarray:
@@ -226,7 +246,7 @@ def batch_seed(seed: int, epoch: int, stream: int, index: int) -> np.ndarray:
 
 
 def stream_batches(config: StreamConfig, num_workers: int, worker: int, start_epoch: int,
-                   start_position: int, alloc=np.empty) -> Iterator[dict]:
+                   start_position: int, alloc=None) -> Iterator[dict]:
     """The endless batch stream of one loader worker.
 
     Rank-level position p (batches this rank has yielded in the epoch) comes from worker
