@@ -318,6 +318,14 @@ def test_worker_slots_are_reused_and_waited_for(shard_dir):
     assert not taken["input_values"].is_shared()  # a copy: the trainer's own
 
 
+def test_a_ring_larger_than_shared_memory_is_refused_with_a_message(tmp_path):
+    from w2v_stream.loader import _check_shared_memory
+
+    _check_shared_memory(1 << 20, str(tmp_path))
+    with pytest.raises(RuntimeError, match="shm-size"):
+        _check_shared_memory(1 << 62, str(tmp_path))
+
+
 def test_kept_worker_batches_are_the_in_process_batches(shard_dir):
     """Workers reuse a few shared buffers: batches the trainer keeps must not change, and
     every element of a reused buffer must be written again (in-process batches are fresh)."""

@@ -8,6 +8,7 @@ keeps the counters a trainer logs and enforces the bad-data budget.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -74,6 +75,7 @@ class BatchRing:
         self.dtypes = {name: np.dtype(dtype) for name, (_, dtype) in layouts[0].items()}
         nbytes = {name: max(int(np.prod(layout[name][0])) for layout in layouts)
                   * self.dtypes[name].itemsize for name in self.dtypes}
+        _check_shared_memory(num_workers * slots * sum(nbytes.values()))
         # busy[w, s] is 1 while worker w's slot s holds a batch the trainer has not copied.
         self.busy = torch.zeros(num_workers, slots, dtype=torch.int32).share_memory_()
         self.buffers = [[{name: torch.UntypedStorage._new_shared(max(n, 1))
@@ -97,6 +99,21 @@ class BatchRing:
             out[name] = copy
         self.busy[batch.worker, batch.slot] = 0
         return out
+
+
+def _check_shared_memory(needed: int, folder: str = "/dev/shm") -> None:
+    """Refuse a ring that the shared-memory file system cannot hold: a worker writing past
+    its end would die of SIGBUS instead of an error that says what to do."""
+    try:
+        stat = os.statvfs(folder)
+    except OSError:
+        return  # no such folder here: torch's shared memory lives elsewhere
+    free = stat.f_bavail * stat.f_frsize
+    if needed > free:
+        raise RuntimeError(
+            f"the loader's batch buffers need {needed / 2**20:.0f} MiB of shared memory but "
+            f"{folder} has {free / 2**20:.0f} MiB free; give the container more (docker run "
+            f"--shm-size=...), or lower --num_workers or the batch budget")
 
 
 class SlotWriter:
