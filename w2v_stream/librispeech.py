@@ -262,14 +262,17 @@ def open_sources(inputs: list[str], splits: tuple[str, ...] = (),
             sources.append(ArchiveSource(path, splits))
         elif path.is_file() and name.endswith(".parquet"):
             sources.append(ParquetSource(path, split_name))
-        elif path.is_dir() and any(path.rglob("*.parquet")):
-            files = sorted(path.rglob("*.parquet"))
-            sources.extend(ParquetSource(f, split_name) for f in files)
         elif path.is_dir() and is_split_folder(path):
             sources.append(FolderSource(path))
         elif path.is_dir():
+            # Split folders are looked for one level down before any search for parquet,
+            # which walks the whole tree (a LibriSpeech root holds ~290,000 files).
             found = sorted(p for p in path.iterdir() if p.is_dir() and is_split_folder(p))
-            if splits:
+            files = [] if found else sorted(path.rglob("*.parquet"))
+            if files:
+                sources.extend(ParquetSource(f, split_name) for f in files)
+                continue
+            if found and splits:
                 absent = [s for s in splits if not (path / s).is_dir()]
                 if absent:
                     raise ValueError(f"{raw}: no split folder(s) {absent} inside")
