@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -20,7 +21,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .stream import ErrorBudgetExceeded, StreamConfig, batch_arrays, stream_batches
 
-STATE_VERSION = 1
+# 2: masks, negatives and crops drawn from PCG64 (1: the legacy Mersenne Twister). A version 1
+# state still resumes the same data in the same order, with a warning that they differ.
+STATE_VERSION = 2
 
 
 class ShardStream(IterableDataset):
@@ -274,6 +277,12 @@ class StreamingLoader:
                 "counters": self.counters.to_json()}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("version") == 1:
+            warnings.warn("this loader state was written before masks and negatives were drawn "
+                          "from PCG64: the same utterances come in the same order, but their "
+                          "masks, negatives and crops differ from the interrupted run's",
+                          stacklevel=2)
+            state = {**state, "version": STATE_VERSION}
         expect = {"version": STATE_VERSION, "seed": self.config.seed,
                   "world_size": self.config.world_size, "num_workers": self.num_workers,
                   "plan": self.config.plan.to_json(), "num_shards": len(self.config.shards.urls)}
