@@ -3,6 +3,7 @@ remote sources and bad shards."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import http.server
@@ -320,6 +321,10 @@ def test_worker_slots_are_reused_and_waited_for(shard_dir):
     taken = ring.take(first)
     assert float(taken["input_values"][1, 5]) == 7.0 and taken["bucket"] == 1
     assert not taken["input_values"].is_shared()  # a copy: the trainer's own
+    with pytest.raises(TypeError, match="holds float32"):
+        writer("input_values", (2, 1000), np.float64)
+    bare = BatchRing(dataclasses.replace(config, num_negatives=0), num_workers=1, slots=1)
+    assert bare.view(0, 0, "sampled_negative_indices", (2, 40, 0)).shape == (2, 40, 0)
 
 
 def test_a_ring_larger_than_shared_memory_is_refused_with_a_message(tmp_path):

@@ -31,7 +31,7 @@ import soundfile as sf
 from w2v_stream import audio, buckets, convert, shards, sources
 from w2v_stream.demo_corpus import make_demo_corpus
 from w2v_stream.librispeech import open_sources
-from w2v_stream.loader import STATE_VERSION, StreamingLoader
+from w2v_stream.loader import StreamingLoader
 from w2v_stream.stream import StreamConfig, stream_batches
 
 
@@ -164,9 +164,8 @@ def main() -> None:
         print(f"| {label} | {workers} | {rate:.0f} | {per:.0f} | {100 * per / raw:.0f} % | "
               f"{100 * per / raw_dr:.0f} % | {'' if eff is None else f'{eff:.3f}'} |")
     epoch_batches = config.epoch_plan(0, 1).batches_per_stream
-    late = {"version": STATE_VERSION, "epoch": 0, "position": epoch_batches - 2, "seed": config.seed,
-            "world_size": 1, "num_workers": 1, "plan": config.plan.to_json(),
-            "num_shards": len(config.shards.urls)}
+    # A fresh loader's own state, moved to near the end of the first epoch.
+    late = {**StreamingLoader(config, num_workers=1).state_dict(), "position": epoch_batches - 2}
     fresh = first_batch_seconds(config, None)
     resumed = first_batch_seconds(config, late)
     print(f"first batch: fresh {fresh:.2f} s, resumed at batch {epoch_batches - 2} of "

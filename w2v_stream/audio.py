@@ -168,12 +168,8 @@ def read_into(data: bytes, out: np.ndarray, start: int, sample_rate: int,
     handle = _drflac.ma_dr_flac_open_memory(data, len(data), _ffi.NULL)
     if handle != _ffi.NULL:
         try:
-            if handle.sampleRate != sample_rate or handle.channels != 1:
-                raise AudioFormatError(f"{handle.sampleRate} Hz, {handle.channels} channels; "
-                                       f"expected {sample_rate} Hz mono")
-            if handle.totalPCMFrameCount != num_samples:
-                raise AudioError(f"header says {handle.totalPCMFrameCount} samples, the index "
-                                 f"{num_samples}")
+            _check_header(handle.sampleRate, handle.channels, handle.totalPCMFrameCount,
+                          sample_rate, num_samples)
             if not start or _drflac.ma_dr_flac_seek_to_pcm_frame(handle, start):
                 target = _ffi.from_buffer("float[]", out, require_writable=True)
                 if _drflac.ma_dr_flac_read_pcm_frames_f32(handle, out.shape[0],
@@ -188,11 +184,7 @@ def _read_into_libsndfile(data: bytes, out: np.ndarray, start: int, sample_rate:
                           num_samples: int) -> None:
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
-            if f.samplerate != sample_rate or f.channels != 1:
-                raise AudioFormatError(f"{f.samplerate} Hz, {f.channels} channels; expected "
-                                       f"{sample_rate} Hz mono")
-            if f.frames != num_samples:
-                raise AudioError(f"header says {f.frames} samples, the index {num_samples}")
+            _check_header(f.samplerate, f.channels, f.frames, sample_rate, num_samples)
             if start:
                 f.seek(start)
             got = f.read(out.shape[0], dtype="float32", out=out).shape[0]
@@ -202,6 +194,15 @@ def _read_into_libsndfile(data: bytes, out: np.ndarray, start: int, sample_rate:
         raise AudioError(_short(exc)) from None
     if got != out.shape[0]:
         raise AudioError(f"decoded {start + got} of {num_samples} samples: truncated")
+
+
+def _check_header(rate: int, channels: int, frames: int, sample_rate: int,
+                  num_samples: int) -> None:
+    """What a shard's FLAC header must say: the expected rate, mono, the index's length."""
+    if rate != sample_rate or channels != 1:
+        raise AudioFormatError(f"{rate} Hz, {channels} channels; expected {sample_rate} Hz mono")
+    if frames != num_samples:
+        raise AudioError(f"header says {frames} samples, the index {num_samples}")
 
 
 def _short(exc: Exception) -> str:

@@ -30,7 +30,7 @@ class ShardStream(IterableDataset):
     """One rank's batches; each DataLoader worker runs one stream of the plan."""
 
     def __init__(self, config: StreamConfig, num_workers: int, epoch: int, position: int,
-                 ring: "BatchRing | None" = None):
+                 ring: BatchRing | None = None):
         self.config = config
         self.num_workers = num_workers
         self.epoch = epoch
@@ -85,20 +85,25 @@ class BatchRing:
                           for name, n in nbytes.items()} for _ in range(slots)]
                         for _ in range(num_workers)]
 
-    def writer(self, worker: int) -> "SlotWriter":
+    def writer(self, worker: int) -> SlotWriter:
         return SlotWriter(self, worker)
+
+    def view(self, worker: int, slot: int, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """Array ``name`` of a slot, as ``shape``: a view of its shared buffer."""
+        storage = self.buffers[worker][slot][name]
+        flat = torch.empty(0, dtype=torch.uint8).set_(storage).numpy()  # the whole buffer
+        dtype = self.dtypes[name]
+        return flat[:int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
 
     def take(self, batch: SlotBatch, pin_memory: bool = False) -> dict:
         """The batch copied out of its slot, which goes back to its worker."""
         out = dict(batch.info)
         for name, shape in batch.shapes.items():
-            dtype = _TORCH_DTYPES[self.dtypes[name]]
-            view = torch.empty(0, dtype=dtype).set_(self.buffers[batch.worker][batch.slot][name],
-                                                   0, shape)
-            copy = torch.empty(shape, dtype=dtype, pin_memory=pin_memory)
+            view = self.view(batch.worker, batch.slot, name, shape)
+            copy = torch.empty(shape, dtype=torch.from_numpy(view).dtype, pin_memory=pin_memory)
             # numpy's copy runs on this thread; torch's would wake its thread pool, whose
             # spinning threads fight the workers for the cores (10 ms against 1 a batch).
-            np.copyto(copy.numpy(), view.numpy())
+            np.copyto(copy.numpy(), view)
             out[name] = copy
         self.busy[batch.worker, batch.slot] = 0
         return out
@@ -141,9 +146,9 @@ class SlotWriter:
             time.sleep(0.0005)
 
     def __call__(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
-        storage = self.ring.buffers[self.worker][self.slot][name]
-        tensor = torch.empty(0, dtype=_TORCH_DTYPES[np.dtype(dtype)]).set_(storage, 0, shape)
-        return tensor.numpy()
+        if np.dtype(dtype) != self.ring.dtypes[name]:
+            raise TypeError(f"{name}: the ring holds {self.ring.dtypes[name]}, not {dtype}")
+        return self.ring.view(self.worker, self.slot, name, shape)
 
     def handed_over(self, batch: dict) -> SlotBatch:
         shapes = {k: v.shape for k, v in batch.items() if k in self.ring.dtypes}
@@ -154,9 +159,6 @@ class SlotWriter:
 # Slots per worker: the DataLoader holds at most prefetch_factor of a worker's batches
 # before the trainer takes one, plus the one being built.
 RING_SLOTS_EXTRA = 1
-
-_TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.bool_): torch.bool,
-                 np.dtype(np.int32): torch.int32}
 
 
 @dataclass

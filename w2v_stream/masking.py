@@ -35,9 +35,7 @@ def compute_mask(segments: Sequence[Sequence[Segment]], num_frames: int, mask_pr
         raise ValueError("mask_length must be >= 1")
     if mask_length > num_frames:
         raise ValueError(f"mask_length {mask_length} > {num_frames} frames")
-    if out is None:
-        out = np.empty((len(segments), num_frames), dtype=bool)
-    mask = out
+    mask = np.empty((len(segments), num_frames), dtype=bool) if out is None else out
     mask.fill(False)
     epsilon = rng.random(1).item()  # one probabilistic rounding for the whole batch
 
