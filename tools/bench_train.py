@@ -107,35 +107,33 @@ def main() -> None:
     args = p.parse_args()
     from torch._dynamo.utils import counters
 
-    compile_backend = args.compile or ("inductor" if args.device == "cuda" else None)
-    backend = TorchBackend(args.device, args.precision, compile_backend)
+    backend = TorchBackend(args.device, args.precision, args.compile)
+    compile_backend = backend.compile_backend
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     torch.manual_seed(0)
     config = resolve_config(args.preset, None, {"layerdrop": 0.0})
     shard_list = sources.resolve(args.shards)
     max_samples = int(args.max_seconds * 16_000)
-    lengths = [n for s in shard_list.lengths for n in s]
-    plan = buckets.make_plan(lengths, "pad", 8, batch_size=args.rows, min_samples=32_000,
-                             max_samples=max_samples)
+    plan = buckets.plan_for_shards(shard_list.lengths, shard_list.sample_rate,
+                                   config.conv_kernel, config.conv_stride, policy="pad",
+                                   num_buckets=8, batch_size=args.rows, min_seconds=2.0,
+                                   max_seconds=args.max_seconds)
     results = {}
     graphs = 0
     for name in ("ours", "hf"):
         torch.manual_seed(0)
         model = build_model(config).train().to(backend.device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        if name == "ours":
-            objective = backend.prepare(PretrainingObjective(model).train())
+        if name == "ours":  # the trainer's own update: forward, backward, clip, step
+            backend.prepare(PretrainingObjective(model).train(),
+                            [{"params": list(model.parameters())}], 1e-4, (0.9, 0.98), 1e-6,
+                            None)
             loader = StreamingLoader(StreamConfig(shard_list, plan), num_workers=0)
             batches = ((b, b["audio_samples"]) for b in loader)
-            temperature = torch.tensor(2.0, device=backend.device)
 
             def step(batch):
-                with backend.autocast():
-                    out = objective(**backend.to_device(batch), temperature=temperature)
-                out["loss"].backward()
-                optimizer.step()
-                optimizer.zero_grad()
+                backend.update(iter([batch]), None, 0, 1, lambda update: (1e-4, 2.0))
         else:
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
             batches = hf_batches(shard_list, args.rows, max_samples, config, 0)
             model.set_gumbel_temperature(2.0)
 

@@ -25,8 +25,12 @@ updates of a call (the value of its first update), as poptorch cannot change it 
 from __future__ import annotations
 
 import inspect
+import math
+import os
 
 import torch
+
+from . import LoaderNeeds, UpdateResult
 
 INSTALL_HINT = ("poptorch is not installed. It ships with Graphcore's Poplar SDK, not PyPI: "
                 "install the SDK (https://www.graphcore.ai/downloads), source its enable.sh, "
@@ -108,18 +112,30 @@ def call_size(upcoming: list[int], update: int, device_iterations: int,
 
 
 class IpuBackend:
-    """Training updates on IPUs; the trainer's loop stays the same for every backend."""
+    """Training updates on IPUs, one process; eval runs on the host's copy of the weights."""
 
+    name = "ipu"
+    rank, world_size = 0, 1  # data parallel is poptorch replication inside this process
     device = torch.device("cpu")  # where the host keeps weights, and where eval runs
 
     def __init__(self, replication_factor: int, gradient_accumulation: int,
-                 device_iterations: int, executable_cache_dir: str, seed: int):
-        self.poptorch = import_poptorch()
+                 device_iterations: int, executable_cache_dir: str, seed: int,
+                 precision: str = "auto"):
+        self.poptorch = import_poptorch()  # fails first, with how to get the Poplar SDK
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("--backend ipu runs as one process: data parallel comes from "
+                             "--ipu_replicas (poptorch replication), not torchrun")
+        if precision not in ("auto", "fp32"):
+            raise ValueError(f"--precision {precision!r}: the IPU path trains in fp32 here")
+        self.precision = "fp32"
         self.settings = (replication_factor, gradient_accumulation, executable_cache_dir, seed)
         self.device_iterations = device_iterations
         self.split = replication_factor * gradient_accumulation
+        self.loader_needs = LoaderNeeds(split=self.split, bucket_runs=True,
+                                        multiprocessing_context="fork", pin_memory=False)
         self.models: dict[tuple[int, ...], object] = {}
         self.current = None
+        self.objective = self.optimizer = None
 
     def _options(self, device_iterations: int):
         replicas, accumulation, cache_dir, seed = self.settings
@@ -134,8 +150,7 @@ class IpuBackend:
         options.enableExecutableCaching(cache_dir)
         return options
 
-    def optimizer(self, param_groups, lr: float, betas, eps: float,
-                  max_grad_norm: float | None):
+    def prepare(self, objective, param_groups, lr, betas, eps, max_grad_norm):
         kwargs = {}
         if max_grad_norm:
             accepted = inspect.signature(self.poptorch.optim.AdamW).parameters
@@ -143,30 +158,50 @@ class IpuBackend:
                 raise ValueError("--max_grad_norm: this poptorch's AdamW cannot clip; leave "
                                  "it unset on the IPU")
             kwargs["max_grad_norm"] = max_grad_norm
-        return self.poptorch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, **kwargs)
+        self.objective = objective
+        self.optimizer = self.poptorch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps,
+                                                   **kwargs)
+        return self.optimizer
 
-    def update(self, objective, optimizer, batches: list[dict], temperatures: list[float],
-               normalisers: list[float], lr: float) -> dict:
-        """``len(batches)`` optimizer updates in one host call; the batches share a shape.
-
-        Returns sums over the call's micro-batches: the loss (before normalisation), its two
-        parts, the two perplexities (summed: divide by ``micro_batches``) and valid frames.
-        """
-        inputs = host_batch(batches, self.split, temperatures, normalisers)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        model = self._activate((len(batches),) + tuple(inputs[0].shape), objective, optimizer)
-        model.setOptimizer(optimizer)  # the same object: only the changed lr is sent
-        outputs = model(*inputs)
+    def update(self, batches, upcoming, step, limit, schedule) -> UpdateResult:
+        """``d`` optimizer updates in one host call (``call_size``); the learning rate of the
+        first holds for the call, each update gets its own temperature and normaliser."""
+        d = call_size(upcoming(self.device_iterations) if self.device_iterations > 1 else [],
+                      step, self.device_iterations, limit)
+        group = [next(batches) for _ in range(d)]
+        lr = schedule(step)[0]
+        temperatures = [schedule(step + i)[1] for i in range(d)]
+        normalisers = [max(float(b["mask_time_indices"].sum()), 1.0) for b in group]
+        inputs = host_batch(group, self.split, temperatures, normalisers)
+        for param_group in self.optimizer.param_groups:
+            param_group["lr"] = lr
+        model = self._activate((d,) + tuple(inputs[0].shape))
+        model.setOptimizer(self.optimizer)  # the same object: only the changed lr is sent
         # Outputs come back summed over iterations and accumulation (one per replica).
         _, loss, contrastive, diversity, prob_ppl, code_ppl, frames = (
-            float(torch.as_tensor(x).sum()) for x in outputs)
-        return {"loss": loss, "contrastive_loss": contrastive,
-                "diversity_loss": diversity, "codevector_perplexity": prob_ppl,
-                "code_perplexity": code_ppl, "num_frames": frames,
-                "micro_batches": self.split * len(batches)}
+            float(torch.as_tensor(x).sum()) for x in model(*inputs))
+        finite = math.isfinite(loss)
+        return UpdateResult(
+            updates=d, masked_frames=sum(normalisers), loss=loss, contrastive_loss=contrastive,
+            diversity_loss=diversity, prob_perplexity=prob_ppl, code_perplexity=code_ppl,
+            num_frames=frames, micro_batches=self.split * d,
+            audio_samples=sum(int(b["audio_samples"]) for b in group),
+            temperature=temperatures[-1], grad_norm=None, finite=finite, applied=True)
 
-    def _activate(self, key: tuple[int, ...], objective, optimizer):
+    def eval_forward(self, batch: dict, temperature: float) -> dict:
+        with torch.no_grad():
+            return self.objective(batch["input_values"], batch["attention_mask"],
+                                  batch["mask_time_indices"],
+                                  batch["sampled_negative_indices"].long(),
+                                  torch.tensor(temperature))
+
+    def all_sum(self, values: list) -> list:
+        return [float(v) for v in values]
+
+    def all_gather(self, value) -> list:
+        return [value]
+
+    def _activate(self, key: tuple[int, ...]):
         """The executable for ``(updates per call,) + host input shape``, on the devices."""
         model = self.models.get(key)
         if model is not None and model is self.current:
@@ -175,16 +210,16 @@ class IpuBackend:
             # One executable on the devices at a time: weights and optimizer state go
             # through the host to the next one.
             self.current.copyWeightsToHost()
-            state = optimizer.state_dict()  # read back from the executable in use
+            state = self.optimizer.state_dict()  # read back from the executable in use
             self.current.detachFromDevice()
-            optimizer.load_state_dict(state)  # the host state the next one starts from
+            self.optimizer.load_state_dict(state)  # the host state the next one starts from
         if model is None:  # compiled (or loaded from the cache) on its first call
-            model = self.poptorch.trainingModel(_IpuStep(objective, self.poptorch),
+            model = self.poptorch.trainingModel(_IpuStep(self.objective, self.poptorch),
                                                 options=self._options(key[0]),
-                                                optimizer=optimizer)
+                                                optimizer=self.optimizer)
             self.models[key] = model
         else:
-            model.setOptimizer(optimizer)
+            model.setOptimizer(self.optimizer)
             model.attachToDevice()  # uploads the host weights and optimizer state
         self.current = model
         return model
@@ -194,7 +229,9 @@ class IpuBackend:
         if self.current is not None:
             self.current.copyWeightsToHost()
 
-    def close(self) -> None:
+    def close(self) -> float:
+        self.weights_to_host()
         for model in self.models.values():
             model.destroy()
         self.models, self.current = {}, None
+        return sum(float(p.detach().double().sum()) for p in self.objective.parameters())
