@@ -74,6 +74,7 @@ def test_train_eval_checkpoint_and_load_with_transformers(shard_dir, tmp_path):
     assert config["model"]["mask_time_prob"] == 0.65 and config["model"]["apply_spec_augment"]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_identical_losses(shard_dir, tmp_path):
     args = ("--max_train_steps", 8, "--logging_steps", 1, "--saving_steps", 4)
     whole = tmp_path / "whole"
@@ -92,23 +93,52 @@ def test_sigkill_then_resume_gives_identical_losses(shard_dir, tmp_path):
     assert [got[s] for s in range(5, 9)] == [expected[s] for s in range(5, 9)]
 
 
-def test_sigterm_saves_and_exits_cleanly(shard_dir, tmp_path):
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+def test_a_signal_to_the_whole_process_group_saves_and_exits_0(shard_dir, tmp_path, signum):
+    # What `timeout`, `kill -TERM -PGID`, Slurm's scancel and Ctrl-C do: every process of the
+    # group gets the signal, loader workers included.
     out = tmp_path / "run"
     proc = subprocess.Popen(train_cmd(shard_dir, out, "--max_train_steps", 10_000,
-                                      "--logging_steps", 1, "--saving_steps", 10_000),
+                                      "--logging_steps", 1, "--saving_steps", 10_000,
+                                      "--num_workers", 2),
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, start_new_session=True)
     deadline = time.time() + 300
     while not (out / "metrics.jsonl").exists() and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(1.0)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signum)
     text, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, text[-2000:]
+    assert proc.returncode == 0, text[-3000:]
+    assert "Traceback" not in text and "killed by signal" not in text, text[-3000:]
     saved = list(out.glob("checkpoint-*"))
-    assert len(saved) == 1 and "checkpoint saved" in text
+    assert len(saved) == 1 and f"signal {int(signum)}: checkpoint saved" in text
+    state = json.loads((saved[0] / "trainer_state.json").read_text())
+    assert saved[0].name == f"checkpoint-{state['update']}" and state["update"] >= 1
 
 
+def test_a_second_ctrl_c_aborts_at_once():
+    from w2v_stream.train import StopRequest
+
+    before = {s: signal.getsignal(s) for s in StopRequest.SIGNALS}
+    try:
+        stop = StopRequest()
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)  # the handler runs between bytecodes of this thread
+        assert stop and stop.signum == signal.SIGINT
+        os.kill(os.getpid(), signal.SIGINT)  # a launcher's forward of the same Ctrl-C
+        time.sleep(0.01)
+        stop.at -= 2.0  # a person pressing again, seconds later
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
+@pytest.mark.slow
 def test_two_ranks_take_the_same_steps_and_end_identical(shard_dir, tmp_path):
     out = tmp_path / "ddp"
     with socket.socket() as free:
@@ -130,6 +160,7 @@ def test_two_ranks_take_the_same_steps_and_end_identical(shard_dir, tmp_path):
     assert set(state["loader"]) == {"0", "1"}
 
 
+@pytest.mark.slow
 def test_accelerate_launch_runs_the_same_data_parallel_job(shard_dir, tmp_path):
     # accelerate's torchrun launcher is its --multi_gpu mode; on a CPU-only machine it starts
     # CPU processes and the trainer picks gloo, as under torchrun.
@@ -348,6 +379,7 @@ def test_ipu_host_call_split_like_poptorch_gives_each_update_its_loss():
         host_batch(updates[:1], 3, [1.0], [1.0])
 
 
+@pytest.mark.slow
 def test_ipu_loop_on_simulated_poptorch_runs_device_iterations_and_resumes_exactly(
         shard_dir, tmp_path):
     # tests/sim_poptorch runs a trainingModel on the CPU the way poptorch documents it, so

@@ -94,11 +94,9 @@ def resolve_config(preset: str | None, model_name_or_path: str | None,
     return config
 
 
-def build_model(config: Wav2Vec2Config, gradient_checkpointing: bool = False
-                ) -> Wav2Vec2ForPreTraining:
+def build_model(config: Wav2Vec2Config) -> Wav2Vec2ForPreTraining:
     model = Wav2Vec2ForPreTraining(config)
     model.config.use_cache = False
-    model.gradient_checkpointing_flag = gradient_checkpointing
     return model
 
 
