@@ -116,8 +116,8 @@ def _perplexity(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def _gumbel_softmax_hard(logits: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """torch's ``gumbel_softmax(hard=True)`` (same draws, same result) except that an
-    exponential draw of exactly 0, which makes torch's noise infinite and the step NaN about
-    once in a few hundred demo updates, is clamped to the smallest positive float."""
+    exponential draw of exactly 0, which makes torch's noise infinite and the step NaN, is
+    clamped to the smallest positive float."""
     noise = -torch.empty_like(logits).exponential_().clamp_min(
         torch.finfo(logits.dtype).tiny).log()
     soft = ((logits + noise) / tau).softmax(-1)

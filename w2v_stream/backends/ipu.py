@@ -1,8 +1,8 @@
 """Graphcore IPU through poptorch: the only module that imports poptorch.
 
-Written against the poptorch 3.x API (Poplar SDK 3.x) and NOT run on IPU hardware here: no
-IPU and no Poplar SDK were available while it was written. The package never imports this
-module unless ``--backend ipu`` is asked for.
+Written against the poptorch 3.x API (Poplar SDK 3.x). Its host side runs in the tests against
+``tests/sim_poptorch``; it has not run on IPU hardware or under Poplar's compiler. The package
+never imports this module unless ``--backend ipu`` is asked for.
 
 One compiled executable per bucket shape and call size: poptorch compiles a model for one input
 shape and one number of device iterations, so each pair gets its own ``trainingModel`` over the
