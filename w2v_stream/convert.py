@@ -353,8 +353,10 @@ def _verify_shard(job: VerifyJob) -> ShardVerified:
                 if count < len(expected):
                     errors += _verify_sample(name, key, parts, expected[count])
                 count += 1
-    except Exception as exc:  # tarfile raises many kinds; each is a broken shard here
-        errors.append(f"{name}: unreadable tar ({exc})")
+    except ShardFormatError as exc:  # its message names the shard
+        errors.append(str(exc))
+    except OSError as exc:
+        errors.append(f"{name}: unreadable ({exc.strerror or exc})")
     if count != len(expected):
         errors.append(f"{name}: {count} samples, the index lists {len(expected)}")
     return ShardVerified(count, errors)

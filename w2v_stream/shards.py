@@ -168,7 +168,10 @@ def iter_samples(fileobj: BinaryIO,
     try:
         for member, data in iter_members(fileobj, name):
             key, _, ext = member.partition(".")
-            check_id(key)
+            try:
+                check_id(key)
+            except ShardFormatError as exc:
+                raise ShardFormatError(f"{name}: member {member!r}: {exc}") from None
             if key != current:
                 if current is not None:
                     yield current, parts
