@@ -47,7 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="shuffle which shard each utterance goes to (else: sorted by id)")
     p.add_argument("--seed", type=int, default=0, help="seed for --shuffle")
     p.add_argument("--num_workers", type=int, default=1,
-                   help="processes probing and writing; output is the same for any count")
+                   help="processes probing and writing (at most the CPU count); output is "
+                        "the same for any count")
     p.add_argument("--full_decode", action="store_true",
                    help="decode every utterance fully while scanning (default: header and "
                         "the last frame, which catches truncation)")
