@@ -105,10 +105,14 @@ def test_index_round_trip_and_version_check(tmp_path):
 ])
 def test_every_bad_index_is_refused_naming_the_file(tmp_path, change, message):
     index = {**_index(tmp_path), **change}
-    shards.write_index(tmp_path, index)
+    path = tmp_path / shards.INDEX_NAME
+    with pytest.raises(shards.ShardFormatError, match=message):
+        shards.write_index(tmp_path, index)  # the writer never writes what readers refuse
+    assert not path.exists()
+    path.write_text(json.dumps(index))
     with pytest.raises(shards.ShardFormatError, match=message) as caught:
         shards.read_index(tmp_path)
-    assert str(caught.value).startswith(str(tmp_path / shards.INDEX_NAME) + ": ")
+    assert str(caught.value).startswith(f"{path}: ")
 
 
 def test_shard_entries_are_plain_file_names_with_consistent_counts(tmp_path):

@@ -442,8 +442,10 @@ def parse_index(data: bytes | str, where: str) -> dict:
 
 
 def write_index(output_dir: Path, index: dict) -> None:
-    """Write ``index.json`` atomically (temp file, fsync, rename)."""
+    """Write ``index.json`` atomically (temp file, fsync, rename), once ``check_index``
+    accepts it: what is written is always what the readers read."""
     path = output_dir / INDEX_NAME
+    check_index(index, str(path))
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(index, f, indent=1, sort_keys=True, ensure_ascii=False)
