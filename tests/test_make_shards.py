@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -326,3 +327,91 @@ def test_first_transcript_line_wins_across_speaker_folders(corpus_copy, tmp_path
     assert victim in own.read_text()  # its own folder's line was there, and lost
     assert texts["1"] == texts["2"]
 
+
+
+def test_archive_members_outside_split_speaker_chapter_are_problems(corpus, corpus_archive,
+                                                                   tmp_path):
+    flac = sorted((corpus / SPLIT).rglob("*.flac"))[0].read_bytes()
+    bad = {"../../etc/1-2-0090.flac": "unsafe_member",
+           f"/abs/{SPLIT}/1/2/1-2-0091.flac": "unsafe_member",
+           f"{SPLIT}/1/../2/1-2-0092.flac": "unsafe_member",
+           "LibriSpeech/1/2/1-2-0093.flac": "misplaced_member",
+           "1-2-0094.flac": "misplaced_member",
+           f"{SPLIT}/x/2/1-2-0095.flac": "misplaced_member",
+           "LibriSpeech/1/2/1-2.trans.txt": "misplaced_member"}
+    archive = tmp_path / f"{SPLIT}.tar.gz"
+    with tarfile.open(corpus_archive) as good, tarfile.open(archive, "w:gz") as tar:
+        for member in good:
+            tar.addfile(member, good.extractfile(member) if member.isfile() else None)
+        for name in bad:
+            data = b"1-2-0093 TEXT\n" if name.endswith(".txt") else flac
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(archive) as tar:
+        assert set(bad) <= set(tar.getnames())  # the names are in the archive as written
+    out, clean = tmp_path / "out", tmp_path / "clean"
+    proc = run_tool(TOOL, archive, "--output_dir", out, "--samples_per_shard", "5")
+    run_tool(TOOL, corpus_archive, "--output_dir", clean, "--samples_per_shard", "5")
+    assert ({k: v for k, v in folder_bytes(out).items() if k.endswith(".tar")}
+            == {k: v for k, v in folder_bytes(clean).items() if k.endswith(".tar")})
+    index = shards.read_index(out)
+    assert list(index["splits"]) == [SPLIT] and index["totals"]["utterances"] == 12
+    for reason in ("unsafe_member", "misplaced_member"):
+        listed = index["problems"][reason]
+        expected = sorted(f"{archive}:{name}" for name, why in bad.items() if why == reason)
+        assert listed["count"] == len(expected) and not listed["kept"]
+        assert sorted(p["location"] for p in listed["items"]) == expected
+    assert re.search(r"skipped: unsafe_member\s+3 ", proc.stdout)
+    assert re.search(r"skipped: misplaced_member\s+4 ", proc.stdout)
+
+
+def test_every_flag_is_checked_before_any_work(corpus, tmp_path):
+    out = tmp_path / "o"
+    for flags, message in [
+            (["--num_workers", "-3"], "--num_workers must be >= 1, got -3"),
+            (["--samples_per_shard", "0"], "samples_per_shard must be >= 1, got 0"),
+            (["--max_shard_bytes", "-5"], "--max_shard_bytes must be >= 1 (or 0: no limit)"),
+            (["--max_buffer_bytes", "0"], "max_buffer_bytes must be >= 1, got 0"),
+            (["--min_duration_in_seconds", "-1"], "min_duration_in_seconds must be a finite"),
+            (["--max_duration_in_seconds", "inf"], "max_duration_in_seconds must be a finite"),
+            (["--max_duration_in_seconds", "nan"], "max_duration_in_seconds must be a finite"),
+            (["--min_duration_in_seconds", "3", "--max_duration_in_seconds", "3"],
+             "min_duration_in_seconds 3.0 >= max_duration_in_seconds 3.0")]:
+        proc = run_tool(TOOL, corpus, "--output_dir", out, *flags, check=False)
+        assert proc.returncode == 2, flags
+        errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+        assert len(errors) == 1 and message in errors[0], (flags, proc.stderr)
+        assert not out.exists()  # refused before any work
+
+
+def test_too_many_workers_are_capped_at_the_cpu_count(corpus, tmp_path):
+    out = tmp_path / "o"
+    proc = run_tool(TOOL, corpus, "--output_dir", out, "--num_workers",
+                    "100000000000000000000")
+    cpus = os.cpu_count()
+    assert f"is more than the {cpus} CPUs here; using {cpus}" in proc.stderr
+    assert shards.read_index(out)["totals"]["utterances"] == 12
+
+
+def test_verify_names_missing_truncated_and_mismatched_shards(shard_dir, tmp_path):
+    import shutil
+
+    from w2v_stream import convert
+
+    out = tmp_path / "shards"
+    shutil.copytree(shard_dir, out)
+    (out / "shard-000001.tar").unlink()
+    data = (out / "shard-000002.tar").read_bytes()
+    (out / "shard-000002.tar").write_bytes(data[:1500])
+    index = json.loads((out / "index.json").read_text())
+    index["shards"][3]["num_samples"][0] += 1
+    (out / "index.json").write_text(json.dumps(index))
+    errors = convert.verify(out).errors
+    assert "shard-000001.tar: missing (listed in index.json)" in errors
+    assert any(e.startswith("shard-000002.tar: truncated tar member") for e in errors)
+    assert "shard-000002.tar: 0 samples, the index lists 2" in errors
+    assert any(e.startswith("shard-000003.tar: sample ") and "index_mismatch" in e
+               for e in errors)
+    assert not any(e.startswith(("shard-000000", "shard-000004", "shard-000005"))
+                   for e in errors)

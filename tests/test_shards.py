@@ -70,19 +70,90 @@ def test_reader_refuses_path_traversal_members():
         info.size = 1
         tar.addfile(info, io.BytesIO(b"x"))
     buf.seek(0)
-    with pytest.raises(shards.ShardFormatError, match="unsafe"):
-        list(shards.iter_samples(buf))
+    with pytest.raises(shards.ShardFormatError, match="^s.tar: member '../../etc/passwd.flac'"
+                                                      ": unsafe"):
+        list(shards.iter_samples(buf, "s.tar"))
+
+
+def _index(tmp_path) -> dict:
+    """The index of one shard of SAMPLES, as the converter builds it."""
+    record = shards.write_shard(tmp_path / "shard-000000.tar", iter(SAMPLES), 16000)
+    totals = {"dev-clean": shards.SplitTotal(2, 30 / 16000)}
+    return shards.build_index([record], totals, {}, {"seed": 0}, frozenset(), 16000)
 
 
 def test_index_round_trip_and_version_check(tmp_path):
-    shards.write_index(tmp_path, {"format": shards.FORMAT_NAME,
-                                  "format_version": shards.FORMAT_VERSION, "shards": []})
-    assert shards.read_index(tmp_path)["shards"] == []
+    index = _index(tmp_path)
+    shards.write_index(tmp_path, index)
+    assert shards.read_index(tmp_path) == index
+    assert index["shards"][0]["num_samples"] == [10, 20]
+    assert index["totals"]["utterances"] == 2 and index["splits"]["dev-clean"]["utterances"] == 2
     (tmp_path / shards.INDEX_NAME).write_text('{"format": "other", "format_version": 9}')
     with pytest.raises(shards.ShardFormatError, match="expected"):
         shards.read_index(tmp_path)
     with pytest.raises(shards.ShardFormatError, match="no index"):
         shards.read_index(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"format_version": 99}, "version 99, expected 'w2v_stream.shards' version 1"),
+    ({"format": "webdataset"}, "format 'webdataset' version 1, expected"),
+    ({"sample_rate": None}, "sample_rate None"),
+    ({"shards": None}, "'shards' is missing"),
+    ({"totals": {}}, "'totals' is missing"),
+    ({"shards": [{"file": "shard-000000.tar"}]}, "shards\\[0\\]: 'num_utterances' is missing"),
+])
+def test_every_bad_index_is_refused_naming_the_file(tmp_path, change, message):
+    index = {**_index(tmp_path), **change}
+    path = tmp_path / shards.INDEX_NAME
+    with pytest.raises(shards.ShardFormatError, match=message):
+        shards.write_index(tmp_path, index)  # the writer never writes what readers refuse
+    assert not path.exists()
+    path.write_text(json.dumps(index))
+    with pytest.raises(shards.ShardFormatError, match=message) as caught:
+        shards.read_index(tmp_path)
+    assert str(caught.value).startswith(f"{path}: ")
+
+
+def test_shard_entries_are_plain_file_names_with_consistent_counts(tmp_path):
+    for entry, message in [({"file": "../../etc/passwd.tar"}, "not a plain file name"),
+                           ({"file": "/abs.tar"}, "not a plain file name"),
+                           ({"num_samples": [10]}, "1 num_samples for 2 utterances"),
+                           ({"num_samples": [10, "x"]}, "other than counts")]:
+        index = _index(tmp_path)
+        index["shards"][0].update(entry)
+        with pytest.raises(shards.ShardFormatError, match=message):
+            shards.check_index(index, "somewhere/index.json")
+
+
+def test_bad_json_and_non_objects_name_the_file(tmp_path):
+    (tmp_path / shards.INDEX_NAME).write_bytes(b'{"format": ')
+    with pytest.raises(shards.ShardFormatError, match="index.json: not valid JSON"):
+        shards.read_index(tmp_path)
+    with pytest.raises(shards.ShardFormatError, match="^u/index.json: not a shard index"):
+        shards.parse_index(b"[1, 2]", "u/index.json")
+
+
+def test_check_sample_reasons():
+    flac, meta = SAMPLES[0][1], SAMPLES[0][2]
+    assert shards.check_sample({"flac": flac, "json": meta, "txt": b"extra"}, 10) == flac
+    for parts, expected, reason in [(None, 10, "missing_sample"),
+                                    ({"flac": flac}, 10, "missing_member"),
+                                    ({"flac": flac, "json": b"{"}, 10, "bad_metadata"),
+                                    ({"flac": flac, "json": b"[]"}, 10, "index_mismatch"),
+                                    ({"flac": flac, "json": meta}, 11, "index_mismatch")]:
+        with pytest.raises(shards.BadSample) as caught:
+            shards.check_sample(parts, expected)
+        assert caught.value.reason == reason
+
+
+def test_the_loader_uses_the_same_sample_check():
+    from w2v_stream import stream
+
+    with pytest.raises(stream.BadUtterance) as caught:
+        stream.check_utterance({"flac": b"x"}, 1)
+    assert caught.value.reason == "missing_member"
+    assert stream.check_utterance is shards.check_sample
 
 
 @pytest.mark.parametrize("name,size", [("1-2-0000.flac", 12345), ("x.json", 0),

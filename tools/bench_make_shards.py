@@ -5,8 +5,8 @@
 
 Makes (once, cached) a synthetic LibriSpeech split of at least --hours of audio, then times:
 the raw-copy limit (read each FLAC, write one tar with Python's tarfile, no checks), the same
-copy into tars of the shards' size (one big file is erratic on this VM's page cache: from 1x
-to 6x slower than the same bytes in 10 MB files), the copy split over two processes (how far
+copy into tars of the shards' size (one big file can be erratic in a VM's page cache next to
+the same bytes in 10 MB files), the copy split over two processes (how far
 the machine itself scales), and make_shards' conversion from the folder with 1 and 2 workers
 (and from the .tar.gz). Prints a Markdown table: audio hours converted per minute of wall
 time, per worker, % of each limit, and the CPU seconds all processes spent per audio hour

@@ -13,6 +13,7 @@ Exit status: 0 done (problems are listed, not fatal), 1 nothing usable or --veri
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -46,7 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="shuffle which shard each utterance goes to (else: sorted by id)")
     p.add_argument("--seed", type=int, default=0, help="seed for --shuffle")
     p.add_argument("--num_workers", type=int, default=1,
-                   help="processes probing and writing; output is the same for any count")
+                   help="processes probing and writing (at most the CPU count); output is "
+                        "the same for any count")
     p.add_argument("--full_decode", action="store_true",
                    help="decode every utterance fully while scanning (default: header and "
                         "the last frame, which catches truncation)")
@@ -59,8 +61,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.num_workers < 1:
         p.error(f"--num_workers must be >= 1, got {args.num_workers}")
+    cpus = os.cpu_count() or 1
+    if args.num_workers > cpus:
+        print(f"make_shards: warning: --num_workers {args.num_workers} is more than the "
+              f"{cpus} CPUs here; using {cpus}", file=sys.stderr)
+        args.num_workers = cpus
+    if args.max_shard_bytes < 0:
+        p.error(f"--max_shard_bytes must be >= 1 (or 0: no limit), got {args.max_shard_bytes}")
     if not args.verify and not args.inputs:
         p.error("give at least one INPUT (or --verify)")
+    try:
+        args.options = convert.ShardOptions(
+            samples_per_shard=args.samples_per_shard,
+            max_shard_bytes=args.max_shard_bytes or None,
+            min_duration_in_seconds=args.min_duration_in_seconds,
+            max_duration_in_seconds=args.max_duration_in_seconds,
+            shuffle=args.shuffle, seed=args.seed, full_decode=args.full_decode,
+            max_buffer_bytes=args.max_buffer_bytes)
+    except ValueError as exc:  # its messages name the options by their flags' names
+        p.error(str(exc))
     return args
 
 
@@ -69,13 +88,6 @@ def main(argv=None) -> int:
     if args.verify:
         return run_verify(args)
     try:
-        options = convert.ShardOptions(
-            samples_per_shard=args.samples_per_shard,
-            max_shard_bytes=args.max_shard_bytes or None,
-            min_duration_in_seconds=args.min_duration_in_seconds,
-            max_duration_in_seconds=args.max_duration_in_seconds,
-            shuffle=args.shuffle, seed=args.seed, full_decode=args.full_decode,
-            max_buffer_bytes=args.max_buffer_bytes)
         sources = open_sources(args.inputs, tuple(args.splits), args.split_name)
     except ValueError as exc:
         print(f"make_shards: error: {exc}", file=sys.stderr)
@@ -92,7 +104,7 @@ def main(argv=None) -> int:
         bar.update(utterances)
 
     try:
-        summary = convert.convert(sources, args.output_dir, options, args.num_workers,
+        summary = convert.convert(sources, args.output_dir, args.options, args.num_workers,
                                   overwrite=args.overwrite, progress=progress)
     except convert.NothingUsable as exc:
         print(f"make_shards: {exc}", file=sys.stderr)

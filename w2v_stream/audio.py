@@ -161,7 +161,7 @@ def read_into(data: bytes, out: np.ndarray, start: int, sample_rate: int,
     (AudioFormatError otherwise); a file that stops early raises AudioError.
 
     The loader's hot path: dr_flac (through miniaudio's bindings) decodes the same FLAC to
-    the same float32 values as libsndfile (sample / 32768) in about 60 % of its time. What
+    the same float32 values as libsndfile (sample / 32768), faster. What
     dr_flac will not open, or decodes short (it drops a frame whose CRC fails), goes to
     libsndfile, which either reads it after all or names the fault.
     """

@@ -1,37 +1,31 @@
-"""Turning LibriSpeech sources into shards: scan, plan, write, index, verify.
+"""Turning LibriSpeech sources into shards: plan, write, index, verify.
 
-Two passes. The scan reads every source once, probes each utterance's audio (header plus a
-decode of its tail, or a full decode) and joins transcripts; it keeps only small facts. The
-plan orders the good utterances by id (or a seeded shuffle of that order) and cuts them into
-shards; it depends only on the inputs and options, never on the worker count. The write pass
-produces each planned shard that is not already complete, fetching audio again: plain files
-by path, streamed sources (archives, parquet) by re-reading them once per window of shards
-that fits ``max_buffer_bytes``, so memory stays bounded whatever the corpus size.
+The scan (``scan.py``) reads every source once and keeps small facts. The plan orders the
+good utterances by id (or a seeded shuffle of that order) and cuts them into shards; it
+depends only on the inputs and options, never on the worker count. The write pass produces
+each planned shard that is not already complete, fetching audio again: plain files by path,
+streamed sources (archives, parquet) by re-reading them once per window of shards that fits
+``max_buffer_bytes``, so memory stays bounded whatever the corpus size. ``verify`` checks a
+finished folder against its index.json.
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing
-import os
+import math
 import random
-from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
-from . import __version__, audio
-from .librispeech import AudioFound, Problem, Source, TranscriptFound
-from .shards import (FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, ShardFormatError, ShardRecord,
-                     archive_bytes, check_id, encode_metadata, file_sha256, iter_samples,
-                     member_bytes, read_index, record_for, shard_name, write_index, write_shard)
+from . import audio
+from .librispeech import AudioFound, Problem, Source
+from .scan import KEPT_REASONS, Mapper, Planned, read_file, scan, select
+from .shards import (AUDIO_EXT, INDEX_NAME, META_EXT, BadSample, ShardFormatError, ShardRecord,
+                     SplitTotal, archive_bytes, build_index, check_sample, file_sha256,
+                     iter_samples, member_bytes, read_index, record_for, shard_name,
+                     write_index, write_shard)
 
-# Problems that mean an utterance was left out (the rest are notes on utterances kept).
-NOTE_REASONS = ("converted", "no_transcript")
-MAX_LISTED = 1000  # ids listed per reason in index.json; counts are always complete
-SCAN_BATCH_BYTES = 32 << 20  # audio bytes handed to the workers at once while scanning
-SCAN_BATCH_ITEMS = 512  # utterances handed to the workers at once while scanning
-SCAN_IN_FLIGHT = 2  # batches probed while the walk reads on
 # Shards finished by a run that has not yet written index.json, with their sha256: a rerun
 # keeps a shard only if its bytes still hash to what was written.
 JOURNAL_NAME = ".make_shards.journal"
@@ -43,6 +37,8 @@ class NothingUsable(RuntimeError):
 
 @dataclass(frozen=True)
 class ShardOptions:
+    """What decides the shards' bytes (all but ``max_buffer_bytes``, recorded in the index)."""
+
     samples_per_shard: int | None = None
     max_shard_bytes: int | None = 100_000_000
     min_duration_in_seconds: float | None = None
@@ -53,33 +49,20 @@ class ShardOptions:
     max_buffer_bytes: int = 1 << 30
 
     def __post_init__(self):
-        if self.samples_per_shard is not None and self.samples_per_shard < 1:
-            raise ValueError(f"samples_per_shard must be >= 1, got {self.samples_per_shard}")
-        if self.max_shard_bytes is not None and self.max_shard_bytes < 1:
-            raise ValueError(f"max_shard_bytes must be >= 1, got {self.max_shard_bytes}")
+        for name in ("samples_per_shard", "max_shard_bytes", "max_buffer_bytes"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         lo, hi = self.min_duration_in_seconds, self.max_duration_in_seconds
-        if lo is not None and hi is not None and lo > hi:
-            raise ValueError(f"min_duration_in_seconds {lo} > max_duration_in_seconds {hi}")
-        if self.max_buffer_bytes < 1:
-            raise ValueError("max_buffer_bytes must be >= 1")
+        for name, value in (("min_duration_in_seconds", lo), ("max_duration_in_seconds", hi)):
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if lo is not None and hi is not None and lo >= hi:
+            raise ValueError(f"min_duration_in_seconds {lo} >= max_duration_in_seconds {hi}: "
+                             f"nothing could be kept")
 
     def for_index(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "max_buffer_bytes"}
-
-
-@dataclass(frozen=True)
-class Planned:
-    """One good utterance, everything needed to write it again."""
-
-    utt_id: str
-    source: int  # index into the sources list
-    split: str
-    location: str
-    path: str | None  # a plain file's path (AudioFound.path)
-    convert: bool
-    flac_size: int
-    num_samples: int
-    meta: bytes  # canonical JSON
 
 
 @dataclass
@@ -93,237 +76,60 @@ class ConversionSummary:
     problems: dict[str, list[Problem]] = field(default_factory=dict)
 
     def skipped(self) -> int:
-        return sum(len(v) for k, v in self.problems.items() if k not in NOTE_REASONS)
+        return sum(len(v) for k, v in self.problems.items() if k not in KEPT_REASONS)
+
+
+class WriteJob(NamedTuple):
+    path: Path
+    items: list[Planned]
+    data: list[bytes | None]  # each item's audio from a streamed source; None: read its path
+
+
+class Written(NamedTuple):
+    records: list[ShardRecord]  # every planned shard's, in shard order
+    written: int  # how many of them this run wrote (the others were complete already)
+
+
+class CheckJob(NamedTuple):
+    path: Path
+    items: list[Planned]
+    written_sha256: str | None  # what the journal or index says was written, if anything
 
 
 # ---------------------------------------------------------------- worker functions (picklable)
 
-def _read_file(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def _probe_job(job: tuple[str | None, bytes | None, bool]) -> tuple:
-    """(info, convert, flac_size, num_samples, error) for one utterance's audio."""
-    path, data, full_decode = job
-    try:
-        info = audio.probe(path if data is None else data, full_decode=full_decode)
-        if info.is_target:
-            size = os.stat(path).st_size if data is None else len(data)
-            return info, False, size, info.num_samples, None
-        flac, num_samples = audio.to_target_flac(_read_file(path) if data is None else data)
-        return info, True, len(flac), num_samples, None
-    except (audio.AudioError, OSError) as exc:
-        return None, False, 0, 0, str(exc)
-
-
-def _walk_probe_job(job: tuple[Source, str, bool]) -> tuple[list, list[tuple], list]:
-    """The events of one piece of a folder source, the probe of each audio event, and its
-    metadata made ahead as ``(text, JSON bytes)`` with the transcript this piece holds.
-
-    Encoding the metadata here takes it off the main process, whose ``_select`` runs on one
-    core while the workers wait; ``_select`` keeps it when the text it joins is the same.
-    """
-    source, part, full_decode = job
-    events = list(source.events(part))
-    texts: dict[str, str] = {}
-    for event in events:
-        if isinstance(event, TranscriptFound):
-            texts.setdefault(event.utt_id, event.text)
-    audio_events = [e for e in events if isinstance(e, AudioFound)]
-    probes = [_probe_job((e.path, e.data, full_decode)) for e in audio_events]
-    made = []
-    for event, probed in zip(audio_events, probes):
-        text = event.text if event.text is not None else texts.get(event.utt_id)
-        made.append(None if probed[4] is not None else (text, _metadata(event, text, probed)))
-    return events, probes, made
-
-
-def _write_job(job: tuple[Path, list[tuple[Planned, bytes | None]]]) -> ShardRecord:
-    path, items = job
-
+def _write_job(job: WriteJob) -> ShardRecord:
     def samples():
-        for item, data in items:
+        for item, data in zip(job.items, job.data):
             if data is None:
-                data = _read_file(item.path)
+                data = read_file(item.path)
             if item.convert:
                 data, _ = audio.to_target_flac(data)
             yield item.utt_id, data, item.meta, item.num_samples
 
-    return write_shard(path, samples(), audio.SAMPLE_RATE)
+    return write_shard(job.path, samples(), audio.SAMPLE_RATE)
 
 
-def _check_job(job: tuple[Path, list[Planned], str | None]) -> ShardRecord | None:
+def _check_job(job: CheckJob) -> ShardRecord | None:
     """The record of an existing shard that is intact and holds the planned samples, else None.
 
     Intact: its sha256 is the one recorded when it was written (journal or index). Planned:
     the same ids in the same order, the same metadata bytes and FLAC sizes.
     """
-    path, items, written_sha256 = job
-    if written_sha256 is None or file_sha256(path) != written_sha256:
+    if job.written_sha256 is None or file_sha256(job.path) != job.written_sha256:
         return None
     try:
-        with open(path, "rb") as f:
-            got = [(key, len(parts.get("flac", b"")), parts.get("json"))
-                   for key, parts in iter_samples(f, path.name)]
+        with open(job.path, "rb") as f:
+            got = [(key, len(parts.get(AUDIO_EXT, b"")), parts.get(META_EXT))
+                   for key, parts in iter_samples(f, job.path.name)]
     except Exception:  # any damage (bad tar, bad name, I/O) means: write it again
         return None
-    if got != [(p.utt_id, p.flac_size, p.meta) for p in items]:
+    if got != [(p.utt_id, p.flac_size, p.meta) for p in job.items]:
         return None
-    return record_for(path, [p.num_samples for p in items], audio.SAMPLE_RATE)
+    return record_for(job.path, [p.num_samples for p in job.items], audio.SAMPLE_RATE)
 
 
-class _Mapper:
-    """Ordered map over a process pool (or in-process for one worker)."""
-
-    def __init__(self, num_workers: int):
-        self.num_workers = num_workers
-        self.pool = (multiprocessing.get_context("fork").Pool(num_workers)
-                     if num_workers > 1 else None)
-
-    def map(self, fn: Callable, jobs: Sequence, chunksize: int | None = None) -> Iterator:
-        if self.pool is None:
-            return map(fn, jobs)
-        # Few big chunks by default: per-chunk round trips, not the work, limit small jobs
-        # (probes); big jobs (whole shards) go one at a time so no worker idles at the end.
-        chunksize = chunksize or max(1, len(jobs) // (4 * self.num_workers))
-        return self.pool.imap(fn, jobs, chunksize=chunksize)
-
-    def close(self):
-        if self.pool is not None:
-            self.pool.terminate()
-
-
-# ---------------------------------------------------------------- the passes
-
-def _scan(sources: Sequence[Source], options: ShardOptions, mapper: _Mapper,
-          progress) -> tuple[list[tuple], dict[str, str], list[Problem]]:
-    """Read every source once; probe audio in the workers; keep only small facts.
-
-    A folder is walked by the workers themselves, a piece (subfolder) each, so the main
-    process only gathers. Other sources are read here and their audio goes to the workers in
-    batches while the reading goes on (at most SCAN_IN_FLIGHT batches out at once, so memory
-    stays bounded for sources that carry their bytes).
-    """
-    found: list[tuple[int, AudioFound, tuple, tuple | None]] = []
-    transcripts: dict[str, str] = {}
-    problems: list[Problem] = []
-    in_flight: deque = deque()
-
-    def collect(keep: int) -> None:
-        while len(in_flight) > keep:
-            index, events, results = in_flight.popleft()
-            for event, result in zip(events, results):
-                # Drop the bytes now: the write pass reads them again, memory stays bounded.
-                found.append((index, AudioFound(event.utt_id, event.speaker_id,
-                                                event.chapter_id, event.split, event.location,
-                                                path=event.path, text=event.text), result,
-                              None))
-                progress(1, result[3])
-
-    def submit(index: int, batch: list[AudioFound]) -> None:
-        if batch:
-            jobs = [(e.path, e.data, options.full_decode) for e in batch]
-            in_flight.append((index, batch, mapper.map(_probe_job, jobs)))
-        collect(SCAN_IN_FLIGHT)
-
-    for index, source in enumerate(sources):
-        if hasattr(source, "parts"):  # a folder: workers walk its pieces and probe them
-            collect(0)
-            jobs = [(source, part, options.full_decode) for part in source.parts()]
-            for events, results, made in mapper.map(_walk_probe_job, jobs, chunksize=1):
-                probed, premade = iter(results), iter(made)
-                for event in events:
-                    if isinstance(event, AudioFound):
-                        found.append((index, event, next(probed), next(premade)))
-                        progress(1, found[-1][2][3])
-                    elif isinstance(event, TranscriptFound):
-                        transcripts.setdefault(event.utt_id, event.text)
-                    else:
-                        problems.append(event)
-            continue
-        batch: list[AudioFound] = []
-        batch_bytes = 0
-        for event in source.events():
-            if isinstance(event, AudioFound):
-                batch.append(event)
-                batch_bytes += len(event.data or b"")
-                if batch_bytes >= SCAN_BATCH_BYTES or len(batch) >= SCAN_BATCH_ITEMS:
-                    submit(index, batch)
-                    batch, batch_bytes = [], 0
-            elif isinstance(event, TranscriptFound):
-                transcripts.setdefault(event.utt_id, event.text)
-            else:
-                problems.append(event)
-        submit(index, batch)
-    collect(0)
-    return found, transcripts, problems
-
-
-def _select(found, transcripts, options: ShardOptions,
-            problems: list[Problem]) -> list[Planned]:
-    """Join transcripts, drop bad, duplicate and out-of-range utterances, say why for each."""
-    planned: list[Planned] = []
-    seen: set[str] = set()
-    lo, hi = options.min_duration_in_seconds, options.max_duration_in_seconds
-    for source, event, probed, made in found:
-        info, convert, flac_size, num_samples, error = probed
-        utt_id = event.utt_id
-        try:
-            check_id(utt_id)
-        except ShardFormatError as exc:
-            problems.append(Problem("unsafe_id", None, event.location, str(exc)))
-            continue
-        if utt_id in seen:
-            problems.append(Problem("duplicate_id", utt_id, event.location,
-                                    "an utterance with this id came earlier; the first is kept"))
-            continue
-        seen.add(utt_id)
-        if error is not None:
-            problems.append(Problem("unreadable_audio", utt_id, event.location, error))
-            continue
-        seconds = num_samples / audio.SAMPLE_RATE
-        if lo is not None and seconds < lo:
-            problems.append(Problem("too_short", utt_id, event.location,
-                                    f"{seconds:.2f} s < --min_duration_in_seconds {lo}"))
-            continue
-        if hi is not None and seconds > hi:
-            problems.append(Problem("too_long", utt_id, event.location,
-                                    f"{seconds:.2f} s > --max_duration_in_seconds {hi}"))
-            continue
-        text = event.text if event.text is not None else transcripts.get(utt_id)
-        if text is None:
-            problems.append(Problem("no_transcript", utt_id, event.location,
-                                    "no transcript line; kept with text null"))
-        if convert:
-            why = "" if info.length_in_header else " (no length in its header)"
-            problems.append(Problem("converted", utt_id, event.location,
-                                    f"{info.format} {info.sample_rate} Hz {info.channels} ch"
-                                    f"{why} → FLAC 16000 Hz mono"))
-        # A walking worker made it ahead from the same facts; only the text may differ (a
-        # transcript line elsewhere that came first).
-        meta = made[1] if made is not None and made[0] == text else _metadata(event, text, probed)
-        planned.append(Planned(utt_id, source, event.split, event.location, event.path, convert,
-                               flac_size, num_samples, meta))
-    for utt_id in sorted(set(transcripts) - seen):
-        problems.append(Problem("transcript_without_audio", utt_id, "", "no audio file found"))
-    return planned
-
-
-def _metadata(event: AudioFound, text: str | None, probed: tuple) -> bytes:
-    """A sample's JSON member: canonical bytes, the same whichever process makes them."""
-    info, convert, _, num_samples, _ = probed
-    meta = {"id": event.utt_id, "speaker_id": event.speaker_id,
-            "chapter_id": event.chapter_id, "split": event.split, "text": text,
-            "sample_rate": audio.SAMPLE_RATE, "num_samples": num_samples,
-            "duration": round(num_samples / audio.SAMPLE_RATE, 6), "converted": convert}
-    if convert:
-        meta["original"] = {"format": info.format, "sample_rate": info.sample_rate,
-                            "channels": info.channels}
-        if not info.length_in_header:
-            meta["original"]["length_in_header"] = False
-    return encode_metadata(meta)
-
+# ---------------------------------------------------------------- plan and write
 
 def plan_shards(planned: list[Planned], options: ShardOptions) -> list[list[Planned]]:
     """Order by id (or a seeded shuffle of that order) and cut into shards by the limits."""
@@ -413,7 +219,7 @@ def _written_hashes(output_dir: Path) -> dict[str, str]:
     known: dict[str, str] = {}
     try:
         known.update((e["file"], e["sha256"]) for e in read_index(output_dir)["shards"])
-    except (ShardFormatError, KeyError, TypeError):
+    except ShardFormatError:
         pass  # no usable index: only the journal can vouch for shards
     journal = output_dir / JOURNAL_NAME
     if journal.exists():
@@ -424,6 +230,17 @@ def _written_hashes(output_dir: Path) -> dict[str, str]:
             except (ValueError, KeyError, TypeError):
                 continue  # a line torn by the kill
     return known
+
+
+def _split_totals(shards: list[list[Planned]]) -> dict[str, SplitTotal]:
+    """Utterances and seconds per split, summed in shard order."""
+    totals: dict[str, SplitTotal] = {}
+    for items in shards:
+        for item in items:
+            utterances, seconds = totals.get(item.split, SplitTotal(0, 0.0))
+            totals[item.split] = SplitTotal(utterances + 1,
+                                            seconds + item.num_samples / audio.SAMPLE_RATE)
+    return totals
 
 
 def convert(sources: Sequence[Source], output_dir: Path, options: ShardOptions,
@@ -437,91 +254,66 @@ def convert(sources: Sequence[Source], output_dir: Path, options: ShardOptions,
     """
     output_dir = Path(output_dir)
     report = progress or (lambda stage, n, seconds: None)
-    mapper = _Mapper(num_workers)
+    mapper = Mapper(num_workers)
     try:
-        found, transcripts, problems = _scan(
-            sources, options, mapper,
-            lambda n, samples: report("scan", n, samples / audio.SAMPLE_RATE))
-        planned = _select(found, transcripts, options, problems)
-        del found
+        scanned = scan(sources, options.full_decode, mapper,
+                       lambda n, samples: report("scan", n, samples / audio.SAMPLE_RATE))
+        planned = select(scanned, options.min_duration_in_seconds,
+                         options.max_duration_in_seconds)
+        problems = scanned.problems
+        del scanned
         if not planned:
             raise NothingUsable("no usable utterance was found in the inputs")
         shards = plan_shards(planned, options)
         paths = [output_dir / shard_name(i) for i in range(len(shards))]
         _prepare_output(output_dir, {p.name for p in paths}, overwrite)
-
-        records: list[ShardRecord | None] = [None] * len(shards)
-        written = _written_hashes(output_dir)
-        existing = [i for i, p in enumerate(paths) if p.exists()]
-        checks = mapper.map(_check_job, [(paths[i], shards[i], written.get(paths[i].name))
-                                         for i in existing])
-        for i, record in zip(existing, checks):
-            records[i] = record
-            if record:
-                report("write", len(shards[i]), record.seconds)
-        todo = [i for i, r in enumerate(records) if r is None]
-        journal_path = output_dir / JOURNAL_NAME
-        with open(journal_path, "w", encoding="utf-8") as journal:
-            for record in records:
-                if record:
-                    _journal(journal, record)
-            if todo:
-                (output_dir / INDEX_NAME).unlink(missing_ok=True)  # never beside new shards
-            for window in _windows(todo, shards, sources, options.max_buffer_bytes):
-                fetched = _fetch((p for i in window for p in shards[i]), sources)
-                jobs = [(paths[i], [(p, fetched.pop(p.utt_id, None)) for p in shards[i]])
-                        for i in window]
-                for i, record in zip(window, mapper.map(_write_job, jobs, chunksize=1)):
-                    records[i] = record
-                    _journal(journal, record)
-                    report("write", record.num_utterances, record.seconds)
+        done = _write_shards(sources, shards, paths, options.max_buffer_bytes, mapper, report)
     finally:
         mapper.close()
 
     by_reason: dict[str, list[Problem]] = {}
     for problem in problems:
         by_reason.setdefault(problem.reason, []).append(problem)
-    write_index(output_dir, build_index(records, shards, by_reason, options))
-    journal_path.unlink()
+    records = done.records
+    write_index(output_dir, build_index(records, _split_totals(shards), by_reason,
+                                        options.for_index(), KEPT_REASONS, audio.SAMPLE_RATE))
+    (output_dir / JOURNAL_NAME).unlink()
     return ConversionSummary(
-        output_dir, shards_written=len(todo), shards_kept=len(shards) - len(todo),
+        output_dir, shards_written=done.written, shards_kept=len(shards) - done.written,
         utterances=sum(r.num_utterances for r in records),
         seconds=sum(r.seconds for r in records), bytes=sum(r.bytes for r in records),
         problems=by_reason)
 
 
-def build_index(records: list[ShardRecord], shards: list[list[Planned]],
-                problems: dict[str, list[Problem]], options: ShardOptions) -> dict:
-    lengths = [n for r in records for n in r.num_samples]
-    bins = Counter(int(n // audio.SAMPLE_RATE) for n in lengths)
-    splits: dict[str, list[float]] = {}
-    for items in shards:
-        for item in items:
-            entry = splits.setdefault(item.split, [0, 0.0])
-            entry[0] += 1
-            entry[1] += item.num_samples / audio.SAMPLE_RATE
-    seconds = sum(lengths) / audio.SAMPLE_RATE
-    return {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "created_by": f"w2v_stream {__version__} tools/make_shards.py",
-        "sample_rate": audio.SAMPLE_RATE,
-        "options": options.for_index(),
-        "shards": [r.to_json() for r in records],
-        "totals": {"shards": len(records), "utterances": len(lengths),
-                   "seconds": round(seconds, 3), "hours": round(seconds / 3600, 4),
-                   "bytes": sum(r.bytes for r in records),
-                   "min_seconds": round(min(lengths) / audio.SAMPLE_RATE, 4),
-                   "max_seconds": round(max(lengths) / audio.SAMPLE_RATE, 4)},
-        "splits": {k: {"utterances": n, "hours": round(s / 3600, 4)}
-                   for k, (n, s) in sorted(splits.items())},
-        "duration_histogram": {"bin_seconds": 1,
-                               "counts": [bins.get(b, 0) for b in range(max(bins) + 1)]},
-        "problems": {reason: {"count": len(items), "kept": reason in NOTE_REASONS,
-                              "items": [{"id": p.utt_id, "location": p.location,
-                                         "detail": p.detail} for p in items[:MAX_LISTED]]}
-                     for reason, items in sorted(problems.items())},
-    }
+def _write_shards(sources: Sequence[Source], shards: list[list[Planned]], paths: list[Path],
+                  budget: int, mapper: Mapper, report: Callable) -> Written:
+    """Write each planned shard that is not already complete and intact, journalling each."""
+    output_dir = paths[0].parent
+    records: list[ShardRecord | None] = [None] * len(shards)
+    hashes = _written_hashes(output_dir)
+    existing = [i for i, p in enumerate(paths) if p.exists()]
+    checks = mapper.map(_check_job, [CheckJob(paths[i], shards[i], hashes.get(paths[i].name))
+                                     for i in existing])
+    for i, record in zip(existing, checks):
+        records[i] = record
+        if record:
+            report("write", len(shards[i]), record.seconds)
+    todo = [i for i, r in enumerate(records) if r is None]
+    with open(output_dir / JOURNAL_NAME, "w", encoding="utf-8") as journal:
+        for record in records:
+            if record:
+                _journal(journal, record)
+        if todo:
+            (output_dir / INDEX_NAME).unlink(missing_ok=True)  # never beside new shards
+        for window in _windows(todo, shards, sources, budget):
+            fetched = _fetch((p for i in window for p in shards[i]), sources)
+            jobs = [WriteJob(paths[i], shards[i], [fetched.pop(p.utt_id, None) for p in shards[i]])
+                    for i in window]
+            for i, record in zip(window, mapper.map(_write_job, jobs, chunksize=1)):
+                records[i] = record
+                _journal(journal, record)
+                report("write", record.num_utterances, record.seconds)
+    return Written(records, len(todo))
 
 
 # ---------------------------------------------------------------- verification
@@ -533,40 +325,56 @@ class VerifyReport:
     errors: list[str] = field(default_factory=list)
 
 
-def _verify_shard(job: tuple[Path, dict]) -> tuple[int, list[str]]:
+class VerifyJob(NamedTuple):
+    path: Path
+    entry: dict  # the shard's entry in index.json, checked by shards.check_index
+
+
+class ShardVerified(NamedTuple):
+    utterances: int  # samples read from the shard
+    errors: list[str]
+
+
+def _verify_shard(job: VerifyJob) -> ShardVerified:
     path, entry = job
-    errors: list[str] = []
-    name = entry.get("file", "?")
+    name = entry["file"]
     if not path.exists():
-        return 0, [f"{name}: missing"]
-    if path.stat().st_size != entry.get("bytes"):
-        errors.append(f"{name}: {path.stat().st_size} bytes, index says {entry.get('bytes')}")
-    if file_sha256(path) != entry.get("sha256"):
+        return ShardVerified(0, [f"{name}: missing (listed in {INDEX_NAME})"])
+    errors: list[str] = []
+    if path.stat().st_size != entry["bytes"]:
+        errors.append(f"{name}: {path.stat().st_size} bytes, index says {entry['bytes']}")
+    if file_sha256(path) != entry["sha256"]:
         errors.append(f"{name}: sha256 differs from the index")
-    lengths: list[int] = []
+    expected = entry["num_samples"]
+    count = 0
     try:
         with open(path, "rb") as f:
             for key, parts in iter_samples(f, name):
-                if set(parts) != {"flac", "json"}:
-                    errors.append(f"{name}: sample {key} has members {sorted(parts)}, "
-                                  f"expected flac and json")
-                    continue
-                try:
-                    meta = json.loads(parts["json"])
-                    info = audio.probe(parts["flac"], full_decode=True)
-                except (ValueError, audio.AudioError) as exc:
-                    errors.append(f"{name}: sample {key}: {exc}")
-                    continue
-                if not info.is_target or info.num_samples != meta.get("num_samples"):
-                    errors.append(f"{name}: sample {key}: {info} disagrees with its metadata "
-                                  f"{meta.get('num_samples')} samples")
-                lengths.append(int(meta.get("num_samples", -1)))
-    except Exception as exc:  # tarfile raises many kinds; each is a broken shard here
-        errors.append(f"{name}: unreadable tar ({exc})")
-    if lengths != entry.get("num_samples"):
-        errors.append(f"{name}: {len(lengths)} samples whose lengths differ from the index "
-                      f"({entry.get('num_utterances')} listed)")
-    return len(lengths), errors
+                if count < len(expected):
+                    errors += _verify_sample(name, key, parts, expected[count])
+                count += 1
+    except ShardFormatError as exc:  # its message names the shard
+        errors.append(str(exc))
+    except OSError as exc:
+        errors.append(f"{name}: unreadable ({exc.strerror or exc})")
+    if count != len(expected):
+        errors.append(f"{name}: {count} samples, the index lists {len(expected)}")
+    return ShardVerified(count, errors)
+
+
+def _verify_sample(name: str, key: str, parts: dict[str, bytes], expected: int) -> list[str]:
+    """The loader's check (``shards.check_sample``), then a full decode of the FLAC."""
+    extra = sorted(set(parts) - {AUDIO_EXT, META_EXT})
+    errors = [f"{name}: sample {key} has members {sorted(parts)}, expected flac and json"
+              ] if extra else []
+    try:
+        info = audio.probe(check_sample(parts, expected), full_decode=True)
+    except (BadSample, audio.AudioError) as exc:
+        return errors + [f"{name}: sample {key}: {exc}"]
+    if not info.is_target or info.num_samples != expected:
+        errors.append(f"{name}: sample {key}: {info} disagrees with the index's {expected} "
+                      f"samples")
+    return errors
 
 
 def verify(output_dir: Path, num_workers: int = 1) -> VerifyReport:
@@ -574,12 +382,12 @@ def verify(output_dir: Path, num_workers: int = 1) -> VerifyReport:
     output_dir = Path(output_dir)
     index = read_index(output_dir)
     report = VerifyReport(shards=len(index["shards"]))
-    mapper = _Mapper(num_workers)
+    mapper = Mapper(num_workers)
     try:
-        jobs = [(output_dir / e["file"], e) for e in index["shards"]]
-        for count, errors in mapper.map(_verify_shard, jobs):
-            report.utterances += count
-            report.errors += errors
+        jobs = [VerifyJob(output_dir / e["file"], e) for e in index["shards"]]
+        for verified in mapper.map(_verify_shard, jobs):
+            report.utterances += verified.utterances
+            report.errors += verified.errors
     finally:
         mapper.close()
     if report.utterances != index["totals"]["utterances"]:
@@ -597,7 +405,7 @@ def format_summary(summary: ConversionSummary) -> str:
             ("audio", f"{summary.seconds / 3600:.3f} h"),
             ("bytes", f"{summary.bytes / 1e6:.1f} MB")]
     for reason, items in sorted(summary.problems.items()):
-        kind = "kept" if reason in NOTE_REASONS else "skipped"
+        kind = "kept" if reason in KEPT_REASONS else "skipped"
         example = next((p.utt_id or p.location for p in items), "")
         rows.append((f"{kind}: {reason}", f"{len(items)}  (e.g. {example})"))
     width = max(len(k) for k, _ in rows)

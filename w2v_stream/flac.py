@@ -2,7 +2,7 @@
 
 The shard tool must know that every input FLAC is whole before it plans shards. Decoding the
 last sample through libsndfile proves it, but costs a seek (a bisection over the file) that
-weighs as much as copying the file. ``quick_check`` reads the two ends of the file instead:
+is slow next to copying the file. ``quick_check`` reads the two ends of the file instead:
 the STREAMINFO block (rate, channels, length) and the last frame, whose header CRC-8, CRC-16
 over the whole frame and sample position must all agree with STREAMINFO. It only ever
 vouches for a file; anything it cannot vouch for (no STREAMINFO length, tags after the audio,

@@ -19,13 +19,16 @@ import tarfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterator, Protocol
+from typing import Iterator, NamedTuple, Protocol
 
 from .shards import ShardFormatError, check_id
 
 AUDIO_SUFFIXES = (".flac", ".wav", ".ogg", ".mp3")
 TRANSCRIPT_SUFFIX = ".trans.txt"
 _LIBRISPEECH_ID = re.compile(r"(\d+)-(\d+)-(\d+)")
+# A split folder's name as it can appear in an archive member's path.
+_SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_NUMBER = re.compile(r"[0-9]+")  # a speaker or chapter folder
 # Hugging Face split names (file names like "train.clean.100-00000-of-00014.parquet", or
 # folders "clean/train.100/") to the OpenSLR ones used in ids and metadata.
 _HF_SPLITS = {
@@ -46,7 +49,7 @@ class AudioFound:
     split: str
     location: str  # human-readable: a path, "archive.tar.gz:member", "file.parquet#row"
     # Set when the audio can be re-read at random (a plain file). A str, not a Path: events
-    # cross between processes by the thousand, and a Path costs 3x as much to unpickle.
+    # cross between processes by the thousand, and a Path is slower to unpickle.
     path: str | None = None
     data: bytes | None = None  # set when the audio came from a stream
     text: str | None = None  # set when the layout keeps text beside the audio (parquet)
@@ -161,18 +164,20 @@ class ArchiveSource:
                 for member in tar:
                     if not member.isfile():
                         continue
-                    parts = PurePosixPath(member.name).parts
-                    is_audio = PurePosixPath(member.name).suffix.lower() in AUDIO_SUFFIXES
-                    if not (is_audio or member.name.endswith(TRANSCRIPT_SUFFIX)):
+                    name = member.name
+                    is_audio = PurePosixPath(name).suffix.lower() in AUDIO_SUFFIXES
+                    if not (is_audio or name.endswith(TRANSCRIPT_SUFFIX)):
                         continue
-                    # <...>/<split>/<speaker>/<chapter>/<file>
-                    split = parts[-4] if len(parts) >= 4 else self.archive.name.split(".")[0]
-                    if self.splits and split not in self.splits:
+                    location = f"{self.archive}:{name}"
+                    split = member_split(name)
+                    if isinstance(split, str) and self.splits and split not in self.splits:
                         continue
-                    location = f"{self.archive}:{member.name}"
+                    if not isinstance(split, str):
+                        yield Problem(split.reason, None, location, split.detail)
+                        continue
                     data = tar.extractfile(member).read()
                     if is_audio:
-                        yield _audio_from_name(member.name, split, location, data=data)
+                        yield _audio_from_name(name, split, location, data=data)
                     else:
                         yield from parse_transcript(data.decode("utf-8", errors="replace"),
                                                     location)
@@ -180,6 +185,28 @@ class ArchiveSource:
             yield Problem("broken_archive", None, self.location,
                           f"archive unreadable past this point ({exc}); what came before "
                           f"it was kept")
+
+
+class _Misplaced(NamedTuple):
+    reason: str
+    detail: str
+
+
+def member_split(name: str) -> str | _Misplaced:
+    """The split of an archive member ``[...]/<split>/<speaker>/<chapter>/<file>``, or why
+    it cannot be used: an absolute path or one with ``..`` (``unsafe_member``), or a path not
+    under a split, a speaker and a chapter folder (``misplaced_member``)."""
+    parts = name.split("/")
+    if name.startswith("/") or ".." in parts:
+        return _Misplaced("unsafe_member", "absolute path or '..' in an archive member name")
+    parts = [p for p in parts if p not in ("", ".")]
+    # "LibriSpeech" is the corpus root that holds the split folders, never a split.
+    if (len(parts) < 4 or not _SPLIT_NAME.fullmatch(parts[-4])
+            or parts[-4].lower() == "librispeech"
+            or not _NUMBER.fullmatch(parts[-3]) or not _NUMBER.fullmatch(parts[-2])):
+        return _Misplaced("misplaced_member", "not under <split>/<speaker>/<chapter>/ "
+                                              "(the OpenSLR layout)")
+    return parts[-4]
 
 
 class ParquetSource:
@@ -266,7 +293,7 @@ def open_sources(inputs: list[str], splits: tuple[str, ...] = (),
             sources.append(FolderSource(path))
         elif path.is_dir():
             # Split folders are looked for one level down before any search for parquet,
-            # which walks the whole tree (a LibriSpeech root holds ~290,000 files).
+            # which walks the whole tree (a LibriSpeech root holds every utterance's file).
             found = sorted(p for p in path.iterdir() if p.is_dir() and is_split_folder(p))
             files = [] if found else sorted(path.rglob("*.parquet"))
             if files:

@@ -5,6 +5,11 @@ followed by ``<id>.json`` (metadata, UTF-8, sorted keys). Tar headers carry no t
 host, so the same samples always give the same bytes. ``index.json`` beside the shards lists
 every shard with its sha256 and the ``num_samples`` of each sample in order, so a loader can
 plan batch shapes without decoding audio.
+
+This module is the format's one owner: writing and reading tars, building, writing, parsing
+and validating ``index.json`` (``check_index`` is the one version check, used by the
+converter, ``--verify`` and the loader), and the per-sample check (``check_sample``) that the
+loader and ``--verify`` share.
 """
 
 from __future__ import annotations
@@ -14,9 +19,12 @@ import json
 import os
 import re
 import tarfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, Mapping, NamedTuple, Protocol, Sequence
+
+from . import __version__
 
 FORMAT_NAME = "w2v_stream.shards"
 FORMAT_VERSION = 1
@@ -147,7 +155,8 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def iter_samples(fileobj: BinaryIO, name: str = "<shard>") -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_samples(fileobj: BinaryIO,
+                 name: str = "<shard>") -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield ``(id, {ext: bytes})`` per sample from a shard read as a stream.
 
     Members of one sample are adjacent; a member with an unsafe name raises ShardFormatError
@@ -159,7 +168,10 @@ def iter_samples(fileobj: BinaryIO, name: str = "<shard>") -> Iterator[tuple[str
     try:
         for member, data in iter_members(fileobj, name):
             key, _, ext = member.partition(".")
-            check_id(key)
+            try:
+                check_id(key)
+            except ShardFormatError as exc:
+                raise ShardFormatError(f"{name}: member {member!r}: {exc}") from None
             if key != current:
                 if current is not None:
                     yield current, parts
@@ -176,9 +188,9 @@ def iter_samples(fileobj: BinaryIO, name: str = "<shard>") -> Iterator[tuple[str
 def iter_members(fileobj: BinaryIO, name: str = "<shard>") -> Iterator[tuple[str, bytes]]:
     """Yield ``(member name, data)`` for each regular file of a tar read as a stream.
 
-    A direct reader of ustar, GNU and pax headers (what tarfile and webdataset write):
-    ``tarfile`` in stream mode costs a tenth of a loader worker's time, this a fraction of
-    that. Headers are checksummed; links, folders and devices are skipped, never followed.
+    A direct reader of ustar, GNU and pax headers (what tarfile and webdataset write), as
+    ``tarfile`` in stream mode is slow on the loader's hot path. Headers are checksummed;
+    links, folders and devices are skipped, never followed.
     """
     read = _full_reader(fileobj)
     long_name: str | None = None
@@ -285,9 +297,155 @@ def _pax_records(data: bytes, name: str) -> dict[str, str]:
     return records
 
 
+class BadSample(ValueError):
+    """One sample that cannot be used: ``reason`` is a short stable key that readers count
+    (``missing_sample``, ``missing_member``, ``bad_metadata``, ``index_mismatch``, ...),
+    ``detail`` says what was wrong."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def check_sample(parts: dict[str, bytes] | None, expected_samples: int) -> bytes:
+    """A sample's FLAC bytes, once its members and metadata agree with the index.
+
+    ``parts`` is what ``iter_samples`` gave for the sample (None: it was not there);
+    ``expected_samples`` is its ``num_samples`` in index.json. Raises BadSample otherwise.
+    """
+    if parts is None:
+        raise BadSample("missing_sample", "not found where the index puts it")
+    if META_EXT not in parts or AUDIO_EXT not in parts:
+        raise BadSample("missing_member", f"members {sorted(parts)}, need flac and json")
+    try:
+        meta = json.loads(parts[META_EXT])
+    except ValueError as exc:
+        raise BadSample("bad_metadata", str(exc)) from None
+    if not isinstance(meta, dict) or meta.get("num_samples") != expected_samples:
+        got = meta.get("num_samples") if isinstance(meta, dict) else meta
+        raise BadSample("index_mismatch", f"metadata says {got} samples, index.json "
+                        f"{expected_samples}; re-run make_shards")
+    return parts[AUDIO_EXT]
+
+
+# ---------------------------------------------------------------- index.json
+
+MAX_LISTED = 1000  # problem items listed per reason in index.json; counts are always complete
+# A shard entry's file is a plain name in the index's folder: nothing that climbs out of it.
+_SAFE_FILE = re.compile(r"(?!\.\.?$)[^/\\\0]+")
+_SHARD_KEYS = {"file": str, "num_utterances": int, "seconds": (int, float), "bytes": int,
+               "sha256": str, "num_samples": list}
+
+
+class SplitTotal(NamedTuple):
+    """What the index says of one split."""
+
+    utterances: int
+    seconds: float
+
+
+class ListedProblem(Protocol):
+    """A problem as the index lists it (``librispeech.Problem`` is one)."""
+
+    utt_id: str | None
+    location: str
+    detail: str
+
+
+def build_index(records: Sequence[ShardRecord], splits: Mapping[str, SplitTotal],
+                problems: Mapping[str, Sequence[ListedProblem]], options: Mapping,
+                kept_reasons: frozenset[str], sample_rate: int) -> dict:
+    """The content of index.json for shards ``records`` (in shard order).
+
+    ``problems`` maps a reason to its problems; those in ``kept_reasons`` are notes on
+    utterances that were kept, the rest name what was left out. ``options`` are the
+    conversion options, recorded as given.
+    """
+    lengths = [n for r in records for n in r.num_samples]
+    bins = Counter(int(n // sample_rate) for n in lengths)
+    seconds = sum(lengths) / sample_rate
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "created_by": f"w2v_stream {__version__} tools/make_shards.py",
+        "sample_rate": sample_rate,
+        "options": dict(options),
+        "shards": [r.to_json() for r in records],
+        "totals": {"shards": len(records), "utterances": len(lengths),
+                   "seconds": round(seconds, 3), "hours": round(seconds / 3600, 4),
+                   "bytes": sum(r.bytes for r in records),
+                   "min_seconds": round(min(lengths) / sample_rate, 4),
+                   "max_seconds": round(max(lengths) / sample_rate, 4)},
+        "splits": {name: {"utterances": total.utterances,
+                          "hours": round(total.seconds / 3600, 4)}
+                   for name, total in sorted(splits.items())},
+        "duration_histogram": {"bin_seconds": 1,
+                               "counts": [bins.get(b, 0) for b in range(max(bins) + 1)]},
+        "problems": {reason: {"count": len(items), "kept": reason in kept_reasons,
+                              "items": [{"id": p.utt_id, "location": p.location,
+                                         "detail": p.detail} for p in items[:MAX_LISTED]]}
+                     for reason, items in sorted(problems.items())},
+    }
+
+
+def check_index(index: object, where: str) -> dict:
+    """``index`` if it is an index this version reads, else ShardFormatError naming ``where``.
+
+    The one check of format name and version, used by the converter, ``--verify`` and the
+    loader; it also checks the keys any of them reads, so a reader never meets a KeyError.
+    """
+    if not isinstance(index, dict):
+        raise ShardFormatError(f"{where}: not a shard index (a JSON {type(index).__name__}, "
+                               f"expected an object)")
+    name, version = index.get("format"), index.get("format_version")
+    if name != FORMAT_NAME or version != FORMAT_VERSION:
+        raise ShardFormatError(
+            f"{where}: format {name!r} version {version!r}, expected {FORMAT_NAME!r} version "
+            f"{FORMAT_VERSION}; re-run tools/make_shards.py with this w2v_stream")
+    rate, shards, totals = index.get("sample_rate"), index.get("shards"), index.get("totals")
+    if not isinstance(rate, int) or rate < 1:
+        raise ShardFormatError(f"{where}: sample_rate {rate!r} is not a positive integer")
+    if not isinstance(shards, list):
+        raise ShardFormatError(f"{where}: 'shards' is missing or not a list")
+    if not isinstance(totals, dict) or not isinstance(totals.get("utterances"), int):
+        raise ShardFormatError(f"{where}: 'totals' is missing or has no utterance count")
+    for number, entry in enumerate(shards):
+        _check_shard_entry(entry, f"{where}: shards[{number}]")
+    return index
+
+
+def _check_shard_entry(entry: object, where: str) -> None:
+    if not isinstance(entry, dict):
+        raise ShardFormatError(f"{where} is not an object")
+    for key, kind in _SHARD_KEYS.items():
+        if not isinstance(entry.get(key), kind) or isinstance(entry.get(key), bool):
+            raise ShardFormatError(f"{where}: {key!r} is missing or of the wrong type")
+    if not _SAFE_FILE.fullmatch(entry["file"]):
+        raise ShardFormatError(f"{where}: file {entry['file']!r} is not a plain file name")
+    lengths = entry["num_samples"]
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in lengths):
+        raise ShardFormatError(f"{where}: num_samples holds something other than counts")
+    if len(lengths) != entry["num_utterances"]:
+        raise ShardFormatError(f"{where}: {len(lengths)} num_samples for "
+                               f"{entry['num_utterances']} utterances")
+
+
+def parse_index(data: bytes | str, where: str) -> dict:
+    """index.json's bytes → the checked index; ShardFormatError naming ``where`` if bad."""
+    try:
+        index = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ShardFormatError(f"{where}: not valid JSON ({exc}); re-run "
+                               f"tools/make_shards.py") from None
+    return check_index(index, where)
+
+
 def write_index(output_dir: Path, index: dict) -> None:
-    """Write ``index.json`` atomically (temp file, fsync, rename)."""
+    """Write ``index.json`` atomically (temp file, fsync, rename), once ``check_index``
+    accepts it: what is written is always what the readers read."""
     path = output_dir / INDEX_NAME
+    check_index(index, str(path))
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(index, f, indent=1, sort_keys=True, ensure_ascii=False)
@@ -298,15 +456,12 @@ def write_index(output_dir: Path, index: dict) -> None:
 
 
 def read_index(output_dir: Path) -> dict:
+    """The checked index.json of a local shard folder."""
     path = Path(output_dir) / INDEX_NAME
     try:
-        index = json.loads(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ShardFormatError(f"{path}: no index; run tools/make_shards.py first") from None
-    except json.JSONDecodeError as exc:
-        raise ShardFormatError(f"{path}: not valid JSON ({exc})") from None
-    if index.get("format") != FORMAT_NAME or index.get("format_version") != FORMAT_VERSION:
-        raise ShardFormatError(
-            f"{path}: format {index.get('format')!r} v{index.get('format_version')!r}, "
-            f"expected {FORMAT_NAME!r} v{FORMAT_VERSION}")
-    return index
+    except OSError as exc:
+        raise ShardFormatError(f"{path}: unreadable ({exc.strerror or exc})") from None
+    return parse_index(data, str(path))

@@ -1,16 +1,21 @@
-"""Where shards come from: local paths and brace patterns, folders, http(s) and s3 URLs.
+"""Where shards come from: local paths and brace patterns, folders, http(s), s3 and pipe URLs.
 
 Owns opening a shard or index by URL as a byte stream, with retries for remote stores.
 Nothing here runs a shell: ``pipe:`` URLs are refused unless the caller opts in, and even
-then the command is split into arguments and run without a shell.
+then the command is split into arguments (``shlex.split``) and run without a shell.
+
+A ``pipe:`` source is a command template with ``{}`` where a file name goes
+(``pipe:aws s3 cp s3://bucket/shards/{} -``): the index is read through the command with
+``index.json`` in place of ``{}``, and each shard it lists through the command with the
+shard's file name. A command that cannot start or exits non-zero is a SourceError.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -20,9 +25,11 @@ from typing import BinaryIO
 
 import braceexpand
 
-from .shards import INDEX_NAME, FORMAT_NAME, ShardFormatError
+from .shards import INDEX_NAME, parse_index
 
 REMOTE_SCHEMES = ("http://", "https://", "s3://")
+PIPE = "pipe:"
+STDERR_TAIL = 500  # characters of a failed command's stderr quoted in its SourceError
 RETRIES = 4  # attempts for a remote open, with exponential backoff from BACKOFF_SECONDS
 BACKOFF_SECONDS = 0.5
 
@@ -39,6 +46,9 @@ class ShardList:
 
 
 def _join(base: str, name: str) -> str:
+    """The URL of file ``name`` in ``base``: a folder URL, or a pipe: template."""
+    if base.startswith(PIPE):
+        return base.replace("{}", name)
     return base.rstrip("/") + "/" + name
 
 
@@ -48,12 +58,11 @@ def _parent(url: str) -> str:
 
 def open_url(url: str, allow_pipe: bool = False, s3_endpoint_url: str | None = None) -> BinaryIO:
     """A readable binary stream for a local path, http(s)://, s3:// or (opt-in) pipe: URL."""
-    if url.startswith("pipe:"):
+    if url.startswith(PIPE):
         if not allow_pipe:
             raise SourceError(f"{url}: pipe: URLs run a command and are refused; pass "
                               f"--allow_pipe_urls if you trust this source")
-        proc = subprocess.Popen(shlex.split(url[5:]), stdout=subprocess.PIPE)
-        return proc.stdout
+        return PipeStream(url)
     if url.startswith(("http://", "https://")):
         return _retry(url, lambda: urllib.request.urlopen(url, timeout=60))
     if url.startswith("s3://"):
@@ -62,6 +71,60 @@ def open_url(url: str, allow_pipe: bool = False, s3_endpoint_url: str | None = N
         return open(url.removeprefix("file://"), "rb")
     except OSError as exc:
         raise SourceError(f"{url}: {exc.strerror or exc}") from None
+
+
+class PipeStream:
+    """The stdout of a ``pipe:`` URL's command as a readable binary stream.
+
+    The command runs without a shell; its stderr goes to a temporary file so a chatty
+    command never blocks. Reaching the end of the output checks the exit status: a command
+    that failed raises SourceError with the URL and the tail of its stderr. Closing early
+    (a reader that has what it needs) ends the command without an error.
+    """
+
+    def __init__(self, url: str):
+        self.url = url
+        try:
+            args = shlex.split(url[len(PIPE):])
+        except ValueError as exc:
+            raise SourceError(f"{url}: cannot split the command ({exc})") from None
+        if not args:
+            raise SourceError(f"{url}: no command after pipe:")
+        self._stderr = tempfile.TemporaryFile()
+        try:
+            self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL,
+                                          stdout=subprocess.PIPE, stderr=self._stderr)
+        except OSError as exc:
+            self._stderr.close()
+            raise SourceError(f"{url}: cannot start {args[0]!r} "
+                              f"({exc.strerror or exc})") from None
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._proc.stdout.read(n)
+        if n != 0 and (n < 0 or len(data) < n):  # a short read: the output has ended
+            self._check_exit()
+        return data
+
+    def _check_exit(self) -> None:
+        code = self._proc.wait()
+        if code != 0:
+            self._stderr.seek(0)
+            tail = self._stderr.read().decode("utf-8", "replace").strip()[-STDERR_TAIL:]
+            raise SourceError(f"{self.url}: the command exited with status {code}"
+                              + (f": {tail}" if tail else ""))
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.stdout.close()
+        self._proc.wait()
+        self._stderr.close()
+
+    def __enter__(self) -> "PipeStream":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 def _retry(url: str, opener):
@@ -94,20 +157,12 @@ def _open_s3(url: str, endpoint_url: str | None):
     return client.get_object(Bucket=bucket, Key=key)["Body"]
 
 
-def read_json(url: str, **open_args) -> dict:
-    with open_url(url, **open_args) as f:
-        data = f.read()
-    try:
-        return json.loads(data)
-    except json.JSONDecodeError as exc:
-        raise SourceError(f"{url}: not valid JSON ({exc})") from None
-
-
 def resolve(spec: str | list[str], allow_pipe: bool = False,
             s3_endpoint_url: str | None = None) -> ShardList:
     """Shards and their lengths from a folder/URL holding index.json, an index.json itself,
-    or shard paths/URLs and brace patterns (``shard-{000000..000009}.tar``) whose folder
-    holds index.json. Lengths always come from the index: planning needs them."""
+    shard paths/URLs and brace patterns (``shard-{000000..000009}.tar``) whose folder holds
+    index.json, or a ``pipe:`` command template (every shard its index lists). Lengths
+    always come from the index: planning needs them."""
     open_args = {"allow_pipe": allow_pipe, "s3_endpoint_url": s3_endpoint_url}
     specs = [spec] if isinstance(spec, str) else list(spec)
     urls: list[str] = []
@@ -115,11 +170,16 @@ def resolve(spec: str | list[str], allow_pipe: bool = False,
     rate = None
     indexes: dict[str, dict] = {}
     for item in specs:
-        expanded = list(braceexpand.braceexpand(item))
+        if item.startswith(PIPE) and "{}" not in item:
+            raise SourceError(f"{item}: a pipe: source is a command with {{}} where a file "
+                              f"name goes, e.g. 'pipe:aws s3 cp s3://bucket/shards/{{}} -'")
+        expanded = [item] if item.startswith(PIPE) else list(braceexpand.braceexpand(item))
         for url in expanded:
-            if url.endswith(INDEX_NAME):
+            if url.startswith(PIPE):
+                base, names = url, None
+            elif url.endswith(INDEX_NAME):
                 base, names = _parent(url), None
-            elif url.endswith(".tar") or url.startswith("pipe:"):
+            elif url.endswith(".tar"):
                 base, names = _parent(url), [url.rsplit("/", 1)[-1]]
             else:
                 base, names = url.rstrip("/"), None
@@ -129,11 +189,13 @@ def resolve(spec: str | list[str], allow_pipe: bool = False,
             by_name = {e["file"]: e for e in index["shards"]}
             for name in names or [e["file"] for e in index["shards"]]:
                 if name not in by_name:
-                    raise SourceError(f"{_join(base, name)}: not listed in {base}/{INDEX_NAME}")
+                    raise SourceError(f"{_join(base, name)}: not listed in "
+                                      f"{_join(base, INDEX_NAME)}")
                 urls.append(url if names else _join(base, name))
                 lengths.append(tuple(int(n) for n in by_name[name]["num_samples"]))
             if rate not in (None, index["sample_rate"]):
-                raise SourceError(f"{base}: sample rate {index['sample_rate']} differs from "
+                raise SourceError(f"{_join(base, INDEX_NAME)}: sample rate "
+                                  f"{index['sample_rate']} differs from "
                                   f"the other shards' {rate}")
             rate = index["sample_rate"]
     if not urls:
@@ -142,10 +204,11 @@ def resolve(spec: str | list[str], allow_pipe: bool = False,
 
 
 def _load_index(url: str, open_args: dict) -> dict:
-    if not url.startswith(REMOTE_SCHEMES) and not Path(url).exists():
+    """The checked index at ``url`` (shards.parse_index: the converter's own check)."""
+    local = not url.startswith((*REMOTE_SCHEMES, PIPE))
+    if local and not Path(url.removeprefix("file://")).exists():
         raise SourceError(f"{url}: no index.json; shards need one (tools/make_shards.py "
                           f"writes it)")
-    index = read_json(url, **open_args)
-    if index.get("format") != FORMAT_NAME:
-        raise ShardFormatError(f"{url}: not a w2v_stream shard index")
-    return index
+    with open_url(url, **open_args) as f:
+        data = f.read()
+    return parse_index(data, url)

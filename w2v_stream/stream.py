@@ -14,7 +14,6 @@ dummy row in its batch, never a new shape, and is counted by reason; the loader 
 
 from __future__ import annotations
 
-import json
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
@@ -26,7 +25,9 @@ from .audio import AudioError, AudioFormatError, read_into
 from .buckets import ShapePlan, frames_to_min_samples
 from .epochs import Batch, EpochPlan, plan_epoch
 from .masking import compute_mask, sample_negatives
+from .shards import BadSample as BadUtterance  # a sample the loader cannot use, by reason
 from .shards import ShardFormatError, iter_samples
+from .shards import check_sample as check_utterance  # the per-sample check --verify runs too
 from .sources import ShardList, SourceError, open_url
 
 NORM_EPS = 1e-7  # as transformers' Wav2Vec2FeatureExtractor zero_mean_unit_var_norm
@@ -70,29 +71,6 @@ class StreamConfig:
         shards = len(self.shards.urls)
         virtual = shards * -(-streams // shards)
         return -(-16 * streams // virtual)
-
-
-class BadUtterance(ValueError):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-
-
-def check_utterance(parts: dict[str, bytes] | None, expected_samples: int) -> bytes:
-    """FLAC + JSON members → the FLAC bytes, once the metadata agrees with the index."""
-    if parts is None:
-        raise BadUtterance("missing_sample", "not found where the index puts it")
-    if "json" not in parts or "flac" not in parts:
-        raise BadUtterance("missing_member", f"members {sorted(parts)}, need flac and json")
-    try:
-        meta = json.loads(parts["json"])
-    except ValueError as exc:
-        raise BadUtterance("bad_metadata", str(exc)) from None
-    if not isinstance(meta, dict) or meta.get("num_samples") != expected_samples:
-        got = meta.get("num_samples") if isinstance(meta, dict) else meta
-        raise BadUtterance("index_mismatch", f"metadata says {got} samples, index.json "
-                           f"{expected_samples}; re-run make_shards")
-    return parts["flac"]
 
 
 def decode_piece(flac: bytes, out: np.ndarray, start: int, num_samples: int,
