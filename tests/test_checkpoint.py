@@ -145,6 +145,9 @@ def test_a_checkpoint_without_a_file_list_loads_and_its_weights_are_still_checke
     truncate(old / "model.safetensors")
     with pytest.raises(CheckpointError, match="model.safetensors: truncated or unreadable"):
         checkpoint.verify(old)
+    truncate(old / "rng.pt")
+    with pytest.raises(CheckpointError, match="rng.pt: unreadable"):
+        checkpoint.verify(old)
 
 
 def test_latest_skips_a_damaged_newest_checkpoint_and_says_so(tmp_path):

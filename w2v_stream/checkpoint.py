@@ -12,8 +12,8 @@ under ``"files"`` each other file's size and sha256).
 complete: a folder without it is incomplete, and a kill during a save never leaves a broken
 latest checkpoint. A weight that is not finite is never saved. Loading checks every listed
 file's size and sha256 and that every weight is finite before it touches the model or the
-optimizer; a checkpoint without ``"files"`` (written before the list existed) is checked for
-its files' presence, readable safetensors and finite weights.
+optimizer; a checkpoint without ``"files"`` (an older trainer's) is checked for its files'
+presence, readable safetensors, optimizer and RNG files, and finite weights.
 """
 
 from __future__ import annotations
@@ -181,11 +181,14 @@ def _verified(path: Path) -> VerifiedCheckpoint:
     for name in _REQUIRED:
         if not (path / name).is_file():
             raise CheckpointError(f"{path / name}: missing")
-    files = state.get("files", {})  # none in a checkpoint written before the list existed
-    if not isinstance(files, dict):
+    if "files" not in state:  # an older trainer's checkpoint: no sizes or hashes to compare
+        for name in (OPTIMIZER_FILE, RNG_FILE):
+            _torch_load(path / name, mmap=True)  # maps the tensors, reads the structure
+    elif not isinstance(state["files"], dict):
         raise CheckpointError(f"{path / STATE_FILE}: 'files' is not a mapping of file names")
-    for name, expected in sorted(files.items()):
-        _check_file(path / name, expected)
+    else:
+        for name, expected in sorted(state["files"].items()):
+            _check_file(path / name, expected)
     return VerifiedCheckpoint(state, _read_weights(path))
 
 
@@ -230,9 +233,9 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def _torch_load(file: Path):
+def _torch_load(file: Path, mmap: bool = False):
     try:
-        return torch.load(file, weights_only=True)
+        return torch.load(file, weights_only=True, mmap=mmap)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
         raise CheckpointError(f"{file}: unreadable ({err})") from err
 
