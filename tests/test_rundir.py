@@ -14,10 +14,13 @@ import pytest
 from w2v_stream.rundir import OutputDirBusy, lock_output_dir
 
 REPO = Path(__file__).resolve().parents[1]
-HOLD = ("import sys, time\n"
+# Takes the lock, then forks a child as a "fork" DataLoader starts its workers.
+HOLD = ("import multiprocessing, sys, time\n"
         "from w2v_stream.rundir import lock_output_dir\n"
         "lock = lock_output_dir(sys.argv[1])\n"
-        "print('locked', flush=True)\n"
+        "worker = multiprocessing.get_context('fork').Process(target=time.sleep, args=(600,))\n"
+        "worker.start()\n"
+        "print(worker.pid, flush=True)\n"
         "time.sleep(600)\n")
 
 
@@ -25,22 +28,27 @@ def test_a_second_trainer_is_refused_until_the_first_is_killed(tmp_path):
     out = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], cwd=REPO,
                               stdout=subprocess.PIPE, text=True)
+    worker = int(holder.stdout.readline())
     try:
-        assert holder.stdout.readline() == "locked\n"
         with pytest.raises(OutputDirBusy) as raised:
             lock_output_dir(out)
         message = str(raised.value)
         assert str(out) in message
         assert f"host {socket.gethostname()} pid {holder.pid}, started " in message
-    finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    # The killed holder's file is still there, naming it; the kernel dropped its lock.
-    assert f" {holder.pid} " in (out / ".lock").read_text()
-    with lock_output_dir(out) as lock:
-        assert (out / ".lock").read_text().split()[:2] == [socket.gethostname(),
-                                                            str(os.getpid())]
-        assert lock.path == out / ".lock"
+        # The killed holder's file is still there, naming it, and its forked worker still
+        # runs; the lock went with the holder.
+        assert f" {holder.pid} " in (out / ".lock").read_text()
+        os.kill(worker, 0)
+        with lock_output_dir(out) as lock:
+            assert (out / ".lock").read_text().split()[:2] == [socket.gethostname(),
+                                                                str(os.getpid())]
+            assert lock.path == out / ".lock"
+    finally:
+        holder.kill()
+        holder.wait()
+        os.kill(worker, signal.SIGKILL)
 
 
 def test_the_lock_is_free_again_after_release_and_one_process_cannot_take_it_twice(tmp_path):

@@ -2,8 +2,9 @@
 
 ``OUTPUT_DIR/.lock`` is held with ``flock`` for the run's life and names its holder
 ("host pid started-at"). The kernel releases a flock when the process holding it ends, however
-it ends, so the file a crashed run leaves behind never blocks the next one. The lock belongs to
-the open file: a process forked while it is held (a loader worker) holds it too until it ends.
+it ends, so the file a crashed run leaves behind never blocks the next one. A flock belongs to
+the open file, which a forked process (a loader worker) would share and keep locked after its
+parent dies: a forked child closes its copy at once.
 """
 
 from __future__ import annotations
@@ -16,6 +17,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 LOCK_FILE = ".lock"
+# Descriptors of the locks this process holds; a forked child closes its copies.
+_held: set[int] = set()
+
+
+def _close_copies_in_child() -> None:
+    for fd in _held:
+        os.close(fd)
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_close_copies_in_child)
 
 
 class OutputDirBusy(RuntimeError):
@@ -34,6 +46,7 @@ class OutputDirLock:
             return
         os.ftruncate(self._fd, 0)  # the holder's name goes while the lock is still ours
         fcntl.flock(self._fd, fcntl.LOCK_UN)
+        _held.discard(self._fd)
         os.close(self._fd)
         self._fd = None
 
@@ -66,4 +79,5 @@ def lock_output_dir(output_dir: Path) -> OutputDirLock:
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{socket.gethostname()} {os.getpid()} {started}\n".encode(), 0)
+    _held.add(fd)
     return OutputDirLock(path, fd)
