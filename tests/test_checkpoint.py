@@ -183,7 +183,7 @@ def test_a_model_with_a_non_finite_weight_is_never_saved(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]
 
 
-def test_rotation_keeps_the_newest_and_never_the_one_just_written_goes(tmp_path):
+def test_rotation_keeps_the_newest_and_the_one_just_written_and_clears_partials(tmp_path):
     model, optimizer = tiny_model_and_optimizer(seed=1, stepped=False)
     for limit in (0, -1):
         with pytest.raises(ValueError, match=f"save_total_limit {limit}"):
@@ -196,9 +196,12 @@ def test_rotation_keeps_the_newest_and_never_the_one_just_written_goes(tmp_path)
     # Resumed from an earlier checkpoint, a run writes a lower number than one on disk.
     save(tmp_path, 1, model, optimizer, total_limit=1)
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["checkpoint-1"]
+    (tmp_path / "checkpoint-5.tmp").mkdir()  # a killed save's partial folder
+    (tmp_path / "checkpoint-5.tmp" / "optimizer.pt").write_bytes(b"partial")
     for update in (2, 3):
         save(tmp_path, update, model, optimizer)
-    assert len(checkpoint.list_checkpoints(tmp_path)) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-2",
+                                                          "checkpoint-3"]
 
 
 @pytest.fixture

@@ -76,7 +76,8 @@ def feature_extractor_for(config) -> Wav2Vec2FeatureExtractor:
 
 def save(output_dir: Path, update: int, model, optimizer, trainer_state: dict,
          total_limit: int | None = None) -> Path:
-    """Write ``checkpoint-<update>`` and keep the newest ``total_limit`` checkpoints (None: all).
+    """Write ``checkpoint-<update>`` and keep the newest ``total_limit`` checkpoints (None: all);
+    the partial folders of killed saves go. Only the holder of the output folder's lock saves.
 
     Raises ``NonFiniteWeights`` (nothing written) when a weight is NaN or infinite, and
     ``CheckpointSaveError`` when the disk refuses a write.
@@ -94,7 +95,8 @@ def save(output_dir: Path, update: int, model, optimizer, trainer_state: dict,
     tmp = output_dir / f"checkpoint-{update}.tmp"
     writing = f"folder {tmp.name}"
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for partial in output_dir.glob("checkpoint-*.tmp"):  # what killed saves left
+            shutil.rmtree(partial, ignore_errors=True)
         tmp.mkdir(parents=True)
         writing = "the model (model.safetensors, config.json)"
         model.save_pretrained(tmp, safe_serialization=True)
