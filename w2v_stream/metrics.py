@@ -1,15 +1,16 @@
 """What a run reports: one fixed-format line per log step, metrics.jsonl, TensorBoard events,
-and a warning when the collapse signature of wav2vec 2.0 pre-training appears."""
+and a warning when the collapse signature of wav2vec 2.0 pre-training appears.
+
+metrics.jsonl holds one strict-JSON record per line, each written whole by one write call. A
+resumed run first drops the records after its checkpoint's step (and a line torn by a kill), so
+each step appears once, in metrics.jsonl and in TensorBoard."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
-
-KEYS = ("step", "loss", "contrastive_loss", "diversity_loss", "percent_masked",
-        "code_perplexity", "prob_perplexity", "lr", "temperature", "grad_norm",
-        "padding_efficiency", "audio_seconds_per_second", "skipped_updates")
 
 
 def format_line(record: dict) -> str:
@@ -38,18 +39,26 @@ def collapse_warning(record: dict, num_groups: int) -> str | None:
 
 
 class MetricsLogger:
-    """Writes records on the main rank only."""
+    """Writes records on the main rank only. ``resume_step``: the step of the checkpoint a run
+    resumes from; records after it, logged before a kill, are dropped."""
 
-    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool = True):
+    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool = True,
+                 resume_step: int | None = None):
         self.enabled = enabled
         self.writer = None
         if enabled:
-            Path(output_dir).mkdir(parents=True, exist_ok=True)
-            self.file = open(Path(output_dir) / "metrics.jsonl", "a", encoding="utf-8")
+            path = Path(output_dir) / "metrics.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists():
+                _keep_records_up_to(path, resume_step)
+            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+                # purge_step: TensorBoard hides events at and after it from earlier sessions.
+                self.writer = SummaryWriter(
+                    str(Path(output_dir) / "tensorboard"),
+                    purge_step=None if resume_step is None else resume_step + 1)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -57,8 +66,7 @@ class MetricsLogger:
         # Strict JSON: a non-finite value (a skipped update's loss, the IPU's grad norm) is null.
         plain = {k: None if isinstance(v, float) and not math.isfinite(v) else v
                  for k, v in record.items()}
-        self.file.write(json.dumps(plain, sort_keys=True, allow_nan=False) + "\n")
-        self.file.flush()
+        _write_all(self.fd, (json.dumps(plain, sort_keys=True, allow_nan=False) + "\n").encode())
         if self.writer:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
@@ -66,6 +74,38 @@ class MetricsLogger:
 
     def close(self) -> None:
         if self.enabled:
-            self.file.close()
+            os.close(self.fd)
             if self.writer:
                 self.writer.close()
+
+
+def _keep_records_up_to(path: Path, step: int | None) -> None:
+    """Rewrite ``path`` atomically without the records after ``step`` (None: keep every step)
+    and without lines that do not parse (the last one, torn by a kill mid-write)."""
+    lines = path.read_bytes().splitlines(keepends=True)
+    kept = [line for line in lines if _keep(line, step)]
+    if kept == lines:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _keep(line: bytes, step: int | None) -> bool:
+    if not line.endswith(b"\n"):
+        return False
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    return step is None or not isinstance(record, dict) or record.get("step", 0) <= step
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """One write call of the whole line (a regular file takes it whole; the loop covers the
+    partial write the system call allows)."""
+    while data:
+        data = data[os.write(fd, data):]
