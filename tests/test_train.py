@@ -91,6 +91,63 @@ def test_sigkill_then_resume_gives_identical_losses(shard_dir, tmp_path):
     run(train_cmd(shard_dir, killed, *args, "--resume_from_checkpoint", "latest"))
     expected, got = losses(whole), losses(killed)
     assert [got[s] for s in range(5, 9)] == [expected[s] for s in range(5, 9)]
+    steps = [json.loads(line)["step"] for line in open(killed / "metrics.jsonl")]
+    assert steps == list(range(1, 9))  # the killed run's steps after checkpoint-4 are gone
+
+
+@pytest.mark.slow
+def test_a_second_trainer_on_the_same_output_dir_exits_naming_the_first(shard_dir, tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.Popen(train_cmd(shard_dir, out, "--max_train_steps", 10_000,
+                                       "--saving_steps", 10_000),
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    deadline = time.time() + 300
+    while not (out / "train_config.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    second = run(train_cmd(shard_dir, out, "--max_train_steps", 2), check=False)
+    first.send_signal(signal.SIGTERM)
+    first.communicate(timeout=300)
+    assert second.returncode == 1 and f"pid {first.pid}" in second.stderr, second.stderr
+    assert "in use by another trainer" in second.stderr and "Traceback" not in second.stderr
+    assert first.returncode == 0
+
+
+@pytest.mark.slow
+def test_resume_latest_skips_a_damaged_checkpoint_and_a_named_one_is_an_error(shard_dir,
+                                                                           tmp_path):
+    out = tmp_path / "run"
+    run(train_cmd(shard_dir, out, "--max_train_steps", 4, "--saving_steps", 2))
+    weights = out / "checkpoint-4" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100:-90] = b"\xff" * 10  # bytes flipped in place, size unchanged
+    weights.write_bytes(bytes(data))
+    named = run(train_cmd(shard_dir, out, "--max_train_steps", 6, "--resume_from_checkpoint",
+                          out / "checkpoint-4"), check=False)
+    assert named.returncode == 1 and "model.safetensors" in named.stderr, named.stderr
+    assert "Traceback" not in named.stderr
+    latest = run(train_cmd(shard_dir, out, "--max_train_steps", 6, "--resume_from_checkpoint",
+                           "latest"))
+    assert "WARNING: skipping checkpoint-4" in latest.stdout + latest.stderr
+    assert f"resumed from {out / 'checkpoint-2'} at update 2" in latest.stdout
+    assert (out / "checkpoint-6").is_dir()
+
+
+def test_a_full_disk_at_a_save_names_the_file_and_leaves_no_partial_folder(shard_dir, tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(disk)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        proc = run(train_cmd(shard_dir, disk / "run", "--max_train_steps", 2,
+                             "--saving_steps", 2), check=False)
+        assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert "could not write" in proc.stderr and "No space left" in proc.stderr
+        assert "Traceback" not in proc.stderr and not list((disk / "run").glob("checkpoint-*"))
+        assert [json.loads(line)["step"] for line in open(disk / "run" / "metrics.jsonl")]
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import buckets, checkpoint, sources
+from . import buckets, checkpoint, rundir, sources
 from .backends import UpdateResult, create_backend
 from .loader import StreamingLoader
 from .metrics import MetricsLogger, collapse_warning, format_line
@@ -234,6 +234,56 @@ def update_record(step: int, result: UpdateResult, backend, lr: float, loader,
             "skipped_utterances": sum(loader.counters.skipped.values())}
 
 
+def start_run(args, backend, config) -> tuple[rundir.OutputDirLock | None, dict]:
+    """Lock OUTPUT_DIR for this run (the main rank holds the lock; every rank learns when it
+    is taken) and write the resolved configuration to train_config.json."""
+    lock, error = None, None
+    if backend.rank == 0:
+        try:
+            lock = rundir.lock_output_dir(args.output_dir)
+        except (rundir.OutputDirBusy, OSError) as exc:
+            error = str(exc)
+    agree(backend, error)
+    resolved = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    resolved.update(backend_resolved=backend.name, precision_resolved=backend.precision,
+                    world_size=backend.world_size)
+    if backend.rank == 0:
+        (args.output_dir / "train_config.json").write_text(json.dumps(
+            {"args": resolved, "model": config.to_dict()}, indent=1, sort_keys=True,
+            default=str))
+        print(f"config: {json.dumps(resolved, sort_keys=True, default=str)}", flush=True)
+    return lock, resolved
+
+
+def agree(backend, error: str | None) -> None:
+    """Every rank raises the first rank's error, so no rank waits on one that stopped."""
+    errors = [e for e in backend.all_gather(error) if e]
+    if errors:
+        raise RuntimeError(errors[0])
+
+
+def save_checkpoint(args, backend, model, optimizer, loader, at: int, state: dict) -> None:
+    """``OUTPUT_DIR/checkpoint-AT`` with every rank's loader position, written by the main
+    rank; a save that fails (a non-finite weight, a full disk) stops every rank with why."""
+    backend.weights_to_host()  # the optimizer state comes back through state_dict()
+    states = backend.all_gather(loader.state_dict())
+    error = None
+    if backend.rank == 0:
+        try:
+            path = checkpoint.save(args.output_dir, at, model, optimizer, {
+                "loader": {str(r): s for r, s in enumerate(states)}, **state},
+                args.save_total_limit)
+            print(f"saved {path}", flush=True)
+        except checkpoint.NonFiniteWeights as exc:
+            good = checkpoint.list_checkpoints(args.output_dir)
+            error = (f"{exc}: checkpoint-{at} not written, stopping. The last good checkpoint "
+                     f"is {good[-1] if good else 'none'}; resume from it with a lower "
+                     f"--learning_rate, a longer warmup or --max_grad_norm")
+        except checkpoint.CheckpointSaveError as exc:
+            error = str(exc)
+    agree(backend, error)
+
+
 class StopRequest:
     """SIGTERM, SIGINT and SIGUSR1 (Slurm's ``--signal`` warning) ask the loop to stop after
     the update in flight, with a checkpoint; a second Ctrl-C aborts at once."""
@@ -273,15 +323,7 @@ def train(args: argparse.Namespace) -> None:
     overrides = {"mask_time_prob": args.mask_time_prob,
                  "mask_time_length": args.mask_time_length, "num_negatives": args.num_negatives}
     config = resolve_config(args.preset, args.model_name_or_path, overrides)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    resolved = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    resolved.update(backend_resolved=backend.name, precision_resolved=backend.precision,
-                    world_size=world)
-    if main:
-        (args.output_dir / "train_config.json").write_text(json.dumps(
-            {"args": resolved, "model": config.to_dict()}, indent=1, sort_keys=True,
-            default=str))
-        print(f"config: {json.dumps(resolved, sort_keys=True, default=str)}", flush=True)
+    lock, resolved = start_run(args, backend, config)
 
     # 2. Data: the shape plan from index.json, the stream of this rank.
     needs = backend.loader_needs
@@ -302,7 +344,8 @@ def train(args: argparse.Namespace) -> None:
                                 args.adam_epsilon, args.max_grad_norm)
     update, skipped_in_a_row, skipped_total, loader_state = 0, 0, 0, None
     if args.resume_from_checkpoint:
-        path = checkpoint.find(args.output_dir, args.resume_from_checkpoint)
+        path = checkpoint.find(args.output_dir, args.resume_from_checkpoint,
+                               warn=lambda text: main and print(f"WARNING: {text}", flush=True))
         state = checkpoint.load(path, model, optimizer)
         update, skipped_total = state["update"], state.get("skipped_updates", 0)
         loader_state = state["loader"].get(str(rank))
@@ -314,24 +357,14 @@ def train(args: argparse.Namespace) -> None:
                              max_bad_fraction=args.max_bad_fraction, state=loader_state,
                              multiprocessing_context=needs.multiprocessing_context,
                              pin_memory=needs.pin_memory)
-    logger = MetricsLogger(args.output_dir, main, tensorboard=not args.no_tensorboard)
+    logger = MetricsLogger(args.output_dir, main, tensorboard=not args.no_tensorboard,
+                           resume_step=update if args.resume_from_checkpoint else None)
 
     def schedule(step: int) -> tuple[float, float]:
         return (args.learning_rate * lr_factor(step, args.num_warmup_steps,
                                                args.max_train_steps, args.lr_scheduler_type),
                 gumbel_temperature(step, args.max_gumbel_temperature,
                                    args.min_gumbel_temperature, args.gumbel_temperature_decay))
-
-    def save(at: int) -> None:
-        backend.weights_to_host()  # the optimizer state comes back through state_dict()
-        states = backend.all_gather(loader.state_dict())
-        if main:
-            path = checkpoint.save(args.output_dir, at, model, optimizer, {
-                "loader": {str(r): s for r, s in enumerate(states)},
-                "skipped_updates": skipped_total, "config": resolved,
-                "model_config": config.to_dict()}, args.save_total_limit)
-            print(f"saved {path}", flush=True)
-        backend.all_sum([0.0])  # every rank waits for the save
 
     def run_eval(at: int, temperature: float) -> None:
         eval_loss = evaluate(objective, backend, eval_config, args.eval_batches, temperature)
@@ -384,7 +417,9 @@ def train(args: argparse.Namespace) -> None:
         if eval_config and (update % eval_every == 0 or last):
             run_eval(update, result.temperature)
         if update % args.saving_steps == 0 or last or stopping:
-            save(update)
+            save_checkpoint(args, backend, model, optimizer, loader, update, {
+                "skipped_updates": skipped_total, "config": resolved,
+                "model_config": config.to_dict()})
         if stopping:
             if main:
                 print(f"signal {stop.signum}: checkpoint saved at update {update}, exiting",
@@ -395,6 +430,8 @@ def train(args: argparse.Namespace) -> None:
     batches.close()
     logger.close()
     checksum = backend.close()
+    if lock:
+        lock.release()
     print(f"rank {rank} finished at update {update}, weights checksum {checksum!r}", flush=True)
 
 
@@ -402,7 +439,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         train(args)
-    except (ValueError, FileNotFoundError, RuntimeError, sources.SourceError) as exc:
+    except (ValueError, RuntimeError, OSError) as exc:  # each names its file or flag
         print(f"train: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
