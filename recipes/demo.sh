@@ -47,3 +47,5 @@ print(f"eval loss: {evals[0]['eval_loss']:.3f} at step {evals[0]['step']} -> "
 ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
 print(f"model saved in {ckpts[-1]} (Wav2Vec2ForPreTraining.from_pretrained loads it)")
 PY
+python -m w2v_stream.report "$WORK/model"
+log "training report: $WORK/model/report.png"

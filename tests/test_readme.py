@@ -19,6 +19,6 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_package_imports_without_optional_backends():
-    code = ("import sys, w2v_stream.shards, w2v_stream.convert, w2v_stream.librispeech; "
-            "assert 'poptorch' not in sys.modules and 'torch' not in sys.modules")
+    code = ("import sys, w2v_stream.shards, w2v_stream.convert, w2v_stream.librispeech, w2v_stream.report; "
+            "assert 'poptorch' not in sys.modules and 'torch' not in sys.modules and 'matplotlib' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
