@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from w2v_stream.demo_corpus import make_demo_corpus, write_hf_parquet, write_openslr_archive
+from w2v_stream.progress import Progress
 
 MEAN_UTTERANCE_SECONDS = 13.0  # of the duration mix in demo_corpus.sample_duration
 
@@ -47,9 +48,12 @@ def main(argv=None) -> int:
         chapters = args.num_speakers * args.chapters_per_speaker
         args.utterances_per_chapter = math.ceil(args.hours * 3600 / MEAN_UTTERANCE_SECONDS
                                                 / chapters)
+    total = args.num_speakers * args.chapters_per_speaker * args.utterances_per_chapter
+    bar = Progress(f"speaking {args.split}", total)
     paths = make_demo_corpus(args.output_dir, args.split, args.num_speakers,
                              args.chapters_per_speaker, args.utterances_per_chapter, args.seed,
-                             args.num_workers)
+                             args.num_workers, progress=bar.update)
+    bar.close()
     print(f"wrote {len(paths)} utterances under {args.output_dir / args.split}")
     if args.archive:
         write_openslr_archive(args.output_dir, args.split, args.archive)

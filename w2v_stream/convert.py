@@ -248,12 +248,13 @@ def convert(sources: Sequence[Source], output_dir: Path, options: ShardOptions,
             progress: Callable | None = None) -> ConversionSummary:
     """Scan ``sources``, write the planned shards into ``output_dir`` and its index.json.
 
-    ``progress(stage, utterances, seconds)`` is called as work is done; ``overwrite`` lets
+    ``progress(stage, utterances, seconds, total=None)`` is called as work is done (once with
+    ``total``, the planned utterances, before the write stage); ``overwrite`` lets
     the run delete shards in ``output_dir`` that its plan does not name. Re-running after a
     kill keeps the complete shards it verifies and gives byte-identical output.
     """
     output_dir = Path(output_dir)
-    report = progress or (lambda stage, n, seconds: None)
+    report = progress or (lambda stage, n, seconds, total=None: None)
     mapper = Mapper(num_workers)
     try:
         scanned = scan(sources, options.full_decode, mapper,
@@ -267,6 +268,7 @@ def convert(sources: Sequence[Source], output_dir: Path, options: ShardOptions,
         shards = plan_shards(planned, options)
         paths = [output_dir / shard_name(i) for i in range(len(shards))]
         _prepare_output(output_dir, {p.name for p in paths}, overwrite)
+        report("write", 0, 0.0, total=len(planned))
         done = _write_shards(sources, shards, paths, options.max_buffer_bytes, mapper, report)
     finally:
         mapper.close()

@@ -15,6 +15,7 @@ import multiprocessing
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import soxr
@@ -144,8 +145,10 @@ def _speak_job(job: tuple[Speaker, float, int, Path]) -> str:
 
 def make_demo_corpus(root: Path, split: str = "dev-clean", num_speakers: int = 4,
                      chapters_per_speaker: int = 2, utterances_per_chapter: int = 5,
-                     seed: int = 0, num_workers: int = 2) -> list[Path]:
-    """Write a LibriSpeech-layout split under ``root/split``; returns the FLAC paths."""
+                     seed: int = 0, num_workers: int = 2,
+                     progress: Callable[[int], None] | None = None) -> list[Path]:
+    """Write a LibriSpeech-layout split under ``root/split``; returns the FLAC paths.
+    ``progress(n)`` is called as utterances are spoken."""
     rng = np.random.default_rng(seed)
     split_dir = Path(root) / split
     paths: list[Path] = []
@@ -168,7 +171,11 @@ def make_demo_corpus(root: Path, split: str = "dev-clean", num_speakers: int = 4
                 jobs.append((speaker, sample_duration(rng), int(rng.integers(2**31)), paths[-1]))
     # One fresh process per utterance (maxtasksperchild=1): the engine starts clean each time.
     with multiprocessing.get_context("fork").Pool(num_workers, maxtasksperchild=1) as pool:
-        texts = dict(zip(paths, pool.imap(_speak_job, jobs, chunksize=1)))
+        texts = {}
+        for path, text in zip(paths, pool.imap(_speak_job, jobs, chunksize=1)):
+            texts[path] = text
+            if progress:
+                progress(1)
     for trans, ids in chapters:
         trans.write_text("".join(f"{i} {texts[trans.parent / f'{i}.flac']}\n" for i in ids),
                          encoding="utf-8")
