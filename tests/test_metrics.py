@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 RECORD = {"step": 10, "loss": 4.2, "contrastive_loss": 4.1, "diversity_loss": 0.1,
           "percent_masked": 49.0, "prob_perplexity": 120.0, "code_perplexity": 110.0,
           "lr": 1e-3, "temperature": 1.99, "grad_norm": 0.5, "padding_efficiency": 0.9,
-          "audio_seconds_per_second": 40.0}
+          "audio_seconds_per_second": 40.0, "audio_hours": 1.25, "elapsed_seconds": 3725.0,
+          "eta_seconds": 59.0}
 
 
 def test_records_are_strict_json_and_tensorboard_gets_events(tmp_path):
@@ -33,6 +34,7 @@ def test_records_are_strict_json_and_tensorboard_gets_events(tmp_path):
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert "step      10 | loss 4.2000" in format_line(RECORD)
     assert "grad nan" in format_line({**RECORD, "grad_norm": math.nan})
+    assert format_line(RECORD).endswith("| 1.25 h audio | 1:02:05 elapsed, ETA 0:00:59")
 
 
 def test_collapse_warning_names_each_sign_and_stays_quiet_otherwise():

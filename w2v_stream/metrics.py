@@ -13,12 +13,23 @@ import os
 from pathlib import Path
 
 
+def clock(seconds: float) -> str:
+    """``H:MM:SS``."""
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 def format_line(record: dict) -> str:
+    """One fixed-format line per log step: the record's numbers, then the time (elapsed in
+    this process, and the ETA at its pace) and the audio seen since the run began."""
     return ("step {step:>7d} | loss {loss:.4f} | contrastive {contrastive_loss:.4f} | "
             "diversity {diversity_loss:.4f} | masked {percent_masked:5.1f}% | "
             "ppl code {code_perplexity:7.1f} prob {prob_perplexity:7.1f} | lr {lr:.3e} | "
             "temp {temperature:.4f} | grad {grad_norm:.3f} | pad eff {padding_efficiency:.3f}"
-            " | {audio_seconds_per_second:7.1f} audio s/s").format(**record)
+            " | {audio_seconds_per_second:7.1f} audio s/s | {audio_hours:.2f} h audio"
+            " | {elapsed} elapsed, ETA {eta}").format(
+                **record, elapsed=clock(record["elapsed_seconds"]),
+                eta=clock(record["eta_seconds"]))
 
 
 def collapse_warning(record: dict, num_groups: int) -> str | None:

@@ -8,10 +8,7 @@ import sys
 import time
 from typing import TextIO
 
-
-def _clock(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+from .metrics import clock as _clock
 
 
 class Progress:

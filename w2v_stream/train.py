@@ -215,11 +215,15 @@ def evaluate(objective, backend, stream_config, eval_batches: int, temperature: 
 
 
 def update_record(step: int, result: UpdateResult, backend, lr: float, loader,
-                  audio_per_second: float, skipped_updates: int) -> dict:
-    """The per-update record: losses per masked frame of the update, all ranks summed."""
+                  audio_per_second: float, skipped_updates: int, clock: tuple) -> dict:
+    """The per-update record: losses per masked frame of the update, all ranks summed.
+    ``clock`` is (seconds since this process began training, the update it began at, the
+    last update)."""
     names = ("loss", "contrastive_loss", "diversity_loss", "prob_perplexity",
              "code_perplexity", "num_frames", "micro_batches")
     total = dict(zip(names, backend.all_sum([float(getattr(result, n)) for n in names])))
+    (audio,) = backend.all_sum([float(loader.counters.audio_samples)])
+    elapsed, first, last = clock
     masked = max(result.masked_frames, 1.0)
     return {"step": step, "loss": total["loss"] / masked,
             "contrastive_loss": total["contrastive_loss"] / masked,
@@ -231,7 +235,10 @@ def update_record(step: int, result: UpdateResult, backend, lr: float, loader,
             "grad_norm": math.nan if result.grad_norm is None else result.grad_norm,
             "padding_efficiency": loader.counters.padding_efficiency(),
             "audio_seconds_per_second": audio_per_second, "skipped_updates": skipped_updates,
-            "skipped_utterances": sum(loader.counters.skipped.values())}
+            "skipped_utterances": sum(loader.counters.skipped.values()),
+            "audio_hours": audio / loader.config.plan.sample_rate / 3600,
+            "elapsed_seconds": elapsed,
+            "eta_seconds": elapsed / max(step - first, 1) * (last - step)}
 
 
 def start_run(args, backend, config) -> tuple[rundir.OutputDirLock | None, dict]:
@@ -377,6 +384,7 @@ def train(args: argparse.Namespace) -> None:
     eval_every = args.eval_steps or args.saving_steps
     every = [args.logging_steps, args.saving_steps] + ([eval_every] if eval_config else [])
     interval_start, interval_audio = time.perf_counter(), 0.0
+    began, first_update = time.perf_counter(), update
     if eval_config and update == 0:
         run_eval(0, schedule(0)[1])
     while update < args.max_train_steps:
@@ -406,7 +414,8 @@ def train(args: argparse.Namespace) -> None:
         if update % args.logging_steps == 0 or last:
             audio_rate = world * interval_audio / max(time.perf_counter() - interval_start, 1e-9)
             record = update_record(update, result, backend, lr, loader, audio_rate,
-                                   skipped_total)
+                                   skipped_total, (time.perf_counter() - began, first_update,
+                                                   args.max_train_steps))
             interval_start, interval_audio = time.perf_counter(), 0.0
             logger.log(record)
             if main:
