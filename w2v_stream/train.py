@@ -76,6 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--learning_rate", type=POSITIVE, default=5e-4, help="peak learning rate")
     a("--lr_scheduler_type", choices=SCHEDULES, default="linear",
       help="decay after warmup")
+    a("--lr_power", type=POSITIVE, default=1.0,
+      help="polynomial decay's power (1.0: fairseq's and transformers' default)")
     a("--weight_decay", type=NONNEGATIVE, default=0.01,
       help="AdamW decay of linear and conv weights")
     a("--adam_beta1", type=BETA, default=0.9)
@@ -369,7 +371,8 @@ def train(args: argparse.Namespace) -> None:
 
     def schedule(step: int) -> tuple[float, float]:
         return (args.learning_rate * lr_factor(step, args.num_warmup_steps,
-                                               args.max_train_steps, args.lr_scheduler_type),
+                                               args.max_train_steps, args.lr_scheduler_type,
+                                               args.lr_power),
                 gumbel_temperature(step, args.max_gumbel_temperature,
                                    args.min_gumbel_temperature, args.gumbel_temperature_decay))
 
