@@ -13,7 +13,6 @@ from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2Model
 from w2v_stream import buckets
 
 
-
 def dev_clean_lengths():
     # Real LibriSpeech dev-clean lengths (CC BY 4.0), kept with the tests so a clean clone
     # anywhere runs them.
