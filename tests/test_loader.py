@@ -410,8 +410,9 @@ def test_kept_worker_batches_are_the_in_process_batches(shard_dir):
                 take(StreamingLoader(config, num_workers=0), 20))
 
 
-# A trainer in miniature: its handler of the signal given asks it to stop; it saves (a second), takes one
-# more batch, closes the loader and exits 0.
+# A trainer in miniature. Given a signal, its handler asks it to stop: it saves (a second),
+# takes one more batch, closes the loader and exits 0. Given "error", it fails after two
+# batches with the loader's iteration still open.
 TRAINER = """
 import signal, sys, time
 from w2v_stream import buckets, sources
@@ -423,30 +424,49 @@ plan = buckets.plan_for_shards(shard_list.lengths, shard_list.sample_rate,
                                buckets.DEFAULT_CONV_KERNEL, buckets.DEFAULT_CONV_STRIDE,
                                batch_size=2, min_seconds=1.0, max_seconds=16.0)
 stop = []
-signal.signal(int(sys.argv[2]), lambda signum, frame: stop.append(signum))
+if sys.argv[2] != "error":
+    signal.signal(int(sys.argv[2]), lambda signum, frame: stop.append(signum))
 batches = iter(StreamingLoader(StreamConfig(shard_list, plan, passes_per_epoch=1),
                                num_workers=2))
-while True:
+for taken in range(1, 10 ** 6):
     batch = next(batches)
     print("batch", int(batch["bucket"]), flush=True)
     if stop:
         time.sleep(1.0)  # saves a checkpoint
         print("batch", int(next(batches)["bucket"]), flush=True)
         break
+    if taken == 5 and sys.argv[2] == "error":
+        raise RuntimeError("the trainer fails")
 batches.close()
 print("closed", flush=True)
 """
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
-def test_a_signal_to_the_process_group_reaches_only_the_trainer(shard_dir, tmp_path, signum):
+def _run_trainer(shard_dir: Path, tmp_path: Path, mode: str) -> subprocess.Popen:
+    """The miniature trainer in its own process group (session), started."""
     script = tmp_path / "trainer.py"
     script.write_text(TRAINER)
-    proc = subprocess.Popen([sys.executable, str(script), str(shard_dir), str(int(signum))],
-                            cwd=REPO,
+    return subprocess.Popen([sys.executable, str(script), str(shard_dir), mode], cwd=REPO,
                             env={**os.environ, "PYTHONPATH": str(REPO)}, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
+
+
+def _assert_group_gone(pgid: int) -> None:
+    """No process of the group (a loader worker) outlives the trainer."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        assert time.monotonic() < deadline, "a loader worker outlived the trainer"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+def test_a_signal_to_the_process_group_reaches_only_the_trainer(shard_dir, tmp_path, signum):
+    proc = _run_trainer(shard_dir, tmp_path, str(int(signum)))
     try:
         for _ in range(5):  # the workers are up and handing over batches
             assert proc.stdout.readline().startswith("batch"), proc.stderr.read()
@@ -457,11 +477,16 @@ def test_a_signal_to_the_process_group_reaches_only_the_trainer(shard_dir, tmp_p
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, err
     assert out.splitlines()[-1] == "closed" and "killed by signal" not in err
-    deadline = time.monotonic() + 10
-    while True:  # and no worker outlives the trainer
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            break
-        assert time.monotonic() < deadline, "a loader worker outlived the trainer"
-        time.sleep(0.1)
+    _assert_group_gone(proc.pid)
+
+
+def test_a_trainer_that_fails_with_the_loader_open_exits_and_its_workers_with_it(shard_dir,
+                                                                                 tmp_path):
+    proc = _run_trainer(shard_dir, tmp_path, "error")
+    try:
+        out, err = proc.communicate(timeout=60)  # the workers ignore SIGTERM: no hang at exit
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1 and "the trainer fails" in err and out.count("batch") == 5
+    _assert_group_gone(proc.pid)

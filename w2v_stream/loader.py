@@ -15,6 +15,8 @@ workers leave when it does.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import signal
 from collections import Counter
 from dataclasses import dataclass, field
@@ -181,6 +183,11 @@ class StreamingLoader:
                             generator=torch.Generator().manual_seed(self.config.seed),
                             pin_memory=self.pin_memory and not self.num_workers, **extra)
         batches = iter(loader)
+        stop = functools.partial(_stop_workers, batches)
+        # Workers ignore SIGTERM, the DataLoader's last word at exit: an iteration left open
+        # (the trainer died of an uncaught error) stops them before the interpreter waits
+        # for them.
+        atexit.register(stop)
         try:
             for batch in batches:
                 batch = self._receive(batch, ring)
@@ -189,7 +196,8 @@ class StreamingLoader:
                 if self._finished():
                     return
         finally:
-            _stop_workers(batches)
+            atexit.unregister(stop)
+            stop()
 
     def _receive(self, batch: dict | SlotBatch, ring: BatchRing | None) -> dict | None:
         """Count a batch and move the position past it; the batch, or None when every

@@ -102,6 +102,7 @@ class SlotWriter:
         self.busy = ring.busy[worker].numpy()
         self.slot = -1
         self.holding = False  # a slot is taken for the batch being built
+        self.parent = os.getppid()  # the process that started this worker
 
     def acquire(self) -> None:
         """Wait until a slot is free (the trainer copied its batch out), and take it."""
@@ -114,6 +115,8 @@ class SlotWriter:
                     self.slot = candidate
                     self.holding = True
                     return
+            if os.getppid() != self.parent:  # the trainer is gone: no slot will be freed
+                raise RuntimeError("the trainer's process is gone; this loader worker stops")
             time.sleep(0.0005)
 
     def __call__(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
