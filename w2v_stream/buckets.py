@@ -249,17 +249,3 @@ def pack_rows(lengths: Sequence[int], row_length: int) -> list[list[int]]:
             free.append(row_length - need)
     return rows
 
-
-def plan_for_shards(shard_lengths: Sequence[Sequence[int]], sample_rate: int,
-                    conv_kernel: Sequence[int], conv_stride: Sequence[int], *,
-                    policy: str = "pad", num_buckets: int = 8, batch_size: int = 8,
-                    max_tokens: int | None = None, min_seconds: float = 2.0,
-                    max_seconds: float = 20.0, split: int = 1) -> ShapePlan:
-    """The trainer's shape plan for shards whose index lists ``shard_lengths``."""
-    lengths = [n for shard in shard_lengths for n in shard]
-    return make_plan(lengths, policy, num_buckets,
-                     max_tokens=max_tokens * split if max_tokens else None,
-                     batch_size=batch_size * split, batch_multiple=split,
-                     min_samples=int(min_seconds * sample_rate),
-                     max_samples=int(max_seconds * sample_rate), sample_rate=sample_rate,
-                     conv_kernel=conv_kernel, conv_stride=conv_stride)
