@@ -238,8 +238,9 @@ class PretrainingObjective(nn.Module):
         ``attention_mask`` is. Each utterance's frames are the frames it has when encoded
         alone; frames of padding and gaps (and frames whose receptive field crosses an
         utterance's end) attend to nothing real. The positional convolution separates
-        utterances by parity, so every utterance but a row's last must span at least half its
-        kernel in frames (64 frames, 1.3 s, for ``num_conv_pos_embeddings`` 128).
+        utterances by parity, so an utterance between two others in a row must span at least
+        half its kernel in frames (64 frames, about 1.3 s, for ``num_conv_pos_embeddings``
+        128), else its neighbours see each other.
         """
         features = self._features(input_values, attention_mask, segment_ids)
         return self._context(features.hidden, features.segments,
