@@ -6,8 +6,13 @@ the model's own submodules, rewritten so that one graph serves every step of a s
 - the gumbel temperature is a tensor input of ``forward`` (never an attribute set per step);
 - masked frames are replaced with ``torch.where`` (no boolean assignment) and always: a config
   with ``apply_spec_augment=False`` cannot make the context network see the answer;
-- padding is zeroed by multiplication; the attention mask is built from lengths with static
-  ops, and rows without audio attend to nothing real and add nothing to the loss;
+- every utterance's features are its own, whether its row is padded or packed with others:
+  segment ids per sample (0 for padding and gaps) give segment ids per conv position and per
+  frame with static ops; the first conv layer's group norm takes its statistics over the
+  utterance's own positions; attention stays within the utterance; the positional
+  convolution sees only the utterance's frames; frames whose receptive field crosses an
+  utterance's end are gap frames, as they do not exist when the utterance is alone;
+- rows without audio attend to nothing real and add nothing to the loss;
 - negatives equal to their positive get ``-inf`` logits through ``torch.where``, with no
   ``if ... .any()``;
 - layerdrop draws one number per layer and selects with ``torch.where`` (every layer runs);
@@ -23,7 +28,9 @@ update by the masked frames of the whole update.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -100,12 +107,6 @@ def build_model(config: Wav2Vec2Config) -> Wav2Vec2ForPreTraining:
     return model
 
 
-def _frames(model: Wav2Vec2ForPreTraining, samples: torch.Tensor) -> torch.Tensor:
-    for kernel, stride in zip(model.config.conv_kernel, model.config.conv_stride):
-        samples = torch.div(samples - kernel, stride, rounding_mode="floor") + 1
-    return samples.clamp(min=0)
-
-
 def _perplexity(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """transformers' codevector perplexity over the masked frames, (N, G, V) → scalar, except
     that a batch without a masked frame (only dummy rows) gives G instead of 0/0 = NaN."""
@@ -125,6 +126,52 @@ def _gumbel_softmax_hard(logits: torch.Tensor, tau: torch.Tensor) -> torch.Tenso
     return hard - soft.detach() + soft
 
 
+class Features(NamedTuple):
+    """The feature encoder's output for a batch."""
+
+    extract: torch.Tensor  # (B, T, C) layer-normed conv features: the quantizer's input
+    hidden: torch.Tensor  # (B, T, H) projected features: the context network's input
+    segments: torch.Tensor  # (B, T) int: each frame's utterance, 0 for padding and gap frames
+
+
+def _conv_segment_ids(ids: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    """(B, L_in) segment ids of a conv's inputs → (B, L_out) ids of its outputs: an output is
+    segment s when every input of its window is, else 0 (a gap: it does not exist when the
+    utterance is alone)."""
+    windows = ids.unfold(-1, conv.kernel_size[0], conv.stride[0])  # (B, L_out, kernel)
+    low, high = windows.amin(-1), windows.amax(-1)
+    return torch.where(low == high, high, 0)
+
+
+def _segment_group_norm(norm: nn.GroupNorm, hidden: torch.Tensor, ids: torch.Tensor,
+                        block: int) -> torch.Tensor:
+    """``norm`` (one group per channel) with mean and variance per row, channel and segment
+    over the segment's own positions: (B, C, T) conv output, (B, T) segment ids → (B, C, T),
+    zero at gap positions. Segments start at multiples of ``block`` positions, so a block of
+    positions holds at most one segment; a (B, blocks, blocks) same-segment matrix sums block
+    sums into segment sums. Computed in float32, as autocast runs group norm."""
+    batch, channels, length = hidden.shape
+    blocks = -(-length // block)
+    pad = blocks * block - length
+    values = nn.functional.pad(hidden.float(), (0, pad)).view(batch, channels, blocks, block)
+    ids = nn.functional.pad(ids, (0, pad)).view(batch, blocks, block)
+    inside = (ids > 0)[:, None].to(values.dtype)  # (B, 1, blocks, block)
+    block_ids = ids.amax(-1)  # (B, blocks): the segment of each block's inside positions
+    same = ((block_ids[:, :, None] == block_ids[:, None, :])
+            & (block_ids[:, None, :] > 0)).to(values.dtype)  # (B, blocks, blocks), symmetric
+
+    def segment_sum(x: torch.Tensor) -> torch.Tensor:  # (B, c, blocks, block) → (B, c, blocks, 1)
+        return torch.matmul(x.sum(-1), same).unsqueeze(-1)
+
+    count = segment_sum(inside).clamp(min=1)
+    mean = segment_sum(values * inside) / count
+    centred = (values - mean) * inside
+    scale = torch.rsqrt(segment_sum(centred.square()) / count + norm.eps)
+    out = (centred * (scale * norm.weight[:, None, None])
+           + norm.bias[:, None, None] * inside)
+    return out.reshape(batch, channels, blocks * block)[..., :length].to(norm.weight.dtype)
+
+
 class PretrainingObjective(nn.Module):
     """The contrastive + diversity loss of one micro-batch, static in shape (see above)."""
 
@@ -138,32 +185,28 @@ class PretrainingObjective(nn.Module):
 
     def forward(self, input_values: torch.Tensor, attention_mask: torch.Tensor,
                 mask_time_indices: torch.Tensor, sampled_negative_indices: torch.Tensor,
-                temperature: torch.Tensor) -> dict[str, torch.Tensor]:
+                temperature: torch.Tensor,
+                segment_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The loss of a batch: (B, L) audio, (B, L) attention mask, (B, T) mask indices,
+        (B, T, K) negative indices into the batch's B*T frames, the gumbel temperature, and
+        optionally (B, L) segment ids (see ``encode``)."""
         model, w2v, config = self.model, self.model.wav2vec2, self.model.config
-        # 1. Feature encoder: (B, L) -> (B, T, C), gradient scaled by feature_grad_mult.
-        hidden = input_values[:, None]
-        for conv in w2v.feature_extractor.conv_layers:
-            hidden = conv(hidden)
-        features = hidden.transpose(1, 2)
-        if self.feature_grad_mult != 1.0:
-            g = self.feature_grad_mult
-            features = features * g + features.detach() * (1.0 - g)
-        batch, frames, _ = features.shape
-        # 2. Frame-level padding mask from lengths: (B, T) bool; rows without audio: all False.
-        lengths = _frames(model, attention_mask.sum(-1))
-        valid = torch.arange(frames, device=features.device)[None, :] < lengths[:, None]
-        hidden, extract = w2v.feature_projection(features)
-        # 3. Replace masked frames by the learned mask embedding.
+        # 1. Feature encoder: features and each frame's utterance (0: padding or gap).
+        features = self._features(input_values, attention_mask, segment_ids)
+        batch, frames, _ = features.hidden.shape
+        valid = features.segments > 0  # (B, T) bool; rows without audio: all False
+        # 2. Replace masked frames by the learned mask embedding.
         mask = mask_time_indices.bool() & valid
-        hidden = torch.where(mask[..., None], w2v.masked_spec_embed.to(hidden.dtype), hidden)
-        # 4. Context network.
-        hidden = self._encode(hidden, valid)
+        hidden = torch.where(mask[..., None], w2v.masked_spec_embed.to(features.hidden.dtype),
+                             features.hidden)
+        # 3. Context network.
+        hidden = self._context(hidden, features.segments, one_per_row=segment_ids is None)
         transformer_features = model.project_hid(hidden)
-        # 5. Quantize all extracted features with the gumbel temperature given as a tensor.
+        # 4. Quantize all extracted features with the gumbel temperature given as a tensor.
         quantized, perplexity, code_perplexity = self._quantize(
-            model.dropout_features(extract), mask, temperature)
+            model.dropout_features(features.extract), mask, temperature)
         quantized = model.project_q(quantized.to(model.project_q.weight.dtype))
-        # 6. Contrastive logits against the positive and K negatives: (K+1, B, T).
+        # 5. Contrastive logits against the positive and K negatives: (K+1, B, T).
         size = quantized.shape[-1]
         negatives = quantized.reshape(-1, size)[sampled_negative_indices.long().reshape(-1)]
         negatives = negatives.view(batch, frames, -1, size).permute(2, 0, 1, 3)
@@ -172,7 +215,7 @@ class PretrainingObjective(nn.Module):
         logits = logits / config.contrastive_logits_temperature
         neg_is_pos = (quantized[None] == negatives).all(-1)
         logits = torch.cat([logits[:1], torch.where(neg_is_pos, float("-inf"), logits[1:])])
-        # 7. Losses, summed over masked frames.
+        # 6. Losses, summed over masked frames.
         logits = logits.permute(1, 2, 0).reshape(-1, logits.shape[0])
         target = torch.where(mask.reshape(-1), 0, -100)
         contrastive = nn.functional.cross_entropy(logits.float(), target, reduction="sum")
@@ -185,13 +228,59 @@ class PretrainingObjective(nn.Module):
                 "num_masked": num_masked,
                 "num_frames": valid.sum()}
 
-    def _encode(self, hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def encode(self, input_values: torch.Tensor, attention_mask: torch.Tensor,
+               segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) audio → (B, T, H): the context network's output, before ``project_hid``.
+
+        ``segment_ids``: (B, L) integers per sample: 1..n for the row's n utterances in order,
+        0 for padding and for gaps between them; each utterance starts at a multiple of the
+        feature encoder's total stride (320 samples). None: one utterance per row, where
+        ``attention_mask`` is. Each utterance's frames are the frames it has when encoded
+        alone; frames of padding and gaps (and frames whose receptive field crosses an
+        utterance's end) attend to nothing real. The positional convolution separates
+        utterances by parity, so an utterance between two others in a row must span at least
+        half its kernel in frames (64 frames, about 1.3 s, for ``num_conv_pos_embeddings``
+        128), else its neighbours see each other.
+        """
+        features = self._features(input_values, attention_mask, segment_ids)
+        return self._context(features.hidden, features.segments,
+                             one_per_row=segment_ids is None)
+
+    def _features(self, input_values: torch.Tensor, attention_mask: torch.Tensor,
+                  segment_ids: torch.Tensor | None) -> Features:
+        """Conv feature encoder, gradient scaled by feature_grad_mult, and projection."""
+        w2v = self.model.wav2vec2
+        layers = w2v.feature_extractor.conv_layers
+        ids = attention_mask.to(torch.int32) if segment_ids is None else segment_ids
+        hidden = input_values[:, None]  # (B, 1, L)
+        for i, layer in enumerate(layers):
+            ids = _conv_segment_ids(ids, layer.conv)
+            if isinstance(getattr(layer, "layer_norm", None), nn.GroupNorm):
+                # A block of this layer's outputs spans one total stride of samples.
+                block = math.prod([later.conv.stride[0] for later in layers[i + 1:]])
+                hidden = _segment_group_norm(layer.layer_norm, layer.conv(hidden), ids, block)
+                hidden = layer.activation(hidden)
+            else:
+                hidden = layer(hidden)
+        features = hidden.transpose(1, 2)  # (B, T, C)
+        if self.feature_grad_mult != 1.0:
+            g = self.feature_grad_mult
+            features = features * g + features.detach() * (1.0 - g)
+        hidden, extract = w2v.feature_projection(features)
+        return Features(extract=extract, hidden=hidden, segments=ids)
+
+    def _context(self, hidden: torch.Tensor, segments: torch.Tensor,
+                 one_per_row: bool) -> torch.Tensor:
+        """Transformer over (B, T, H) frames, each frame attending to its own utterance."""
         encoder = self.model.wav2vec2.encoder
         config = self.model.config
+        valid = segments > 0  # (B, T)
         hidden = hidden * valid[..., None].to(hidden.dtype)
-        # Additive mask over keys, (B, 1, 1, T): 0 where valid, the dtype's minimum elsewhere.
-        key_mask = (~valid)[:, None, None, :].to(hidden.dtype) * torch.finfo(hidden.dtype).min
-        hidden = hidden + encoder.pos_conv_embed(hidden)
+        # Additive mask (B, 1, T, T): 0 where query and key are frames of one utterance, the
+        # dtype's minimum elsewhere (padding and gap frames attend to nothing real).
+        same = (segments[:, :, None] == segments[:, None, :]) & valid[:, None, :]
+        key_mask = (~same)[:, None].to(hidden.dtype) * torch.finfo(hidden.dtype).min
+        hidden = hidden + self._positions(hidden, segments, one_per_row)
         if not config.do_stable_layer_norm:
             hidden = encoder.layer_norm(hidden)
         hidden = encoder.dropout(hidden)
@@ -208,6 +297,19 @@ class PretrainingObjective(nn.Module):
         if config.do_stable_layer_norm:
             hidden = encoder.layer_norm(hidden)
         return hidden
+
+    def _positions(self, hidden: torch.Tensor, segments: torch.Tensor,
+                   one_per_row: bool) -> torch.Tensor:
+        """The positional convolution of (B, T, H) frames with padding and gap frames zeroed,
+        each utterance seeing only its own frames: with several utterances per row, one
+        convolution over the odd-numbered utterances and one over the even-numbered ones
+        (neighbours of one parity are further apart than the kernel's half-width)."""
+        convolution = self.model.wav2vec2.encoder.pos_conv_embed
+        if one_per_row:
+            return convolution(hidden)
+        odd = (segments % 2 == 1)[..., None]  # (B, T, 1)
+        return torch.where(odd, convolution(hidden * odd.to(hidden.dtype)),
+                           convolution(hidden * (~odd).to(hidden.dtype)))
 
     def _quantize(self, extract: torch.Tensor, mask: torch.Tensor,
                   temperature: torch.Tensor) -> tuple[torch.Tensor, ...]:

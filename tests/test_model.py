@@ -1,0 +1,224 @@
+"""PretrainingObjective against transformers' Wav2Vec2ForPreTraining (loss and gradients) and
+the invariance of every utterance's features to padding and packing."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from w2v_stream.masking import compute_mask, sample_negatives
+from w2v_stream.model import PretrainingObjective, build_model, resolve_config
+
+RATE = 16_000
+STRIDE = 320  # the default conv stack's total stride in samples
+FIELD = 400  # and its receptive field
+CLIP_SECONDS = (2.3, 4.1, 6.7)
+LAYER_NORM_ENCODER = {"feat_extract_norm": "layer", "do_stable_layer_norm": True,
+                      "conv_bias": True}
+NO_DROPOUT = {"hidden_dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0,
+              "feat_proj_dropout": 0.0, "feat_quantizer_dropout": 0.0, "layerdrop": 0.0}
+
+
+def frames_of(samples: int) -> int:
+    return (samples - FIELD) // STRIDE + 1
+
+
+def clips(seed: int = 0) -> list[torch.Tensor]:
+    """Speech-like test audio: a few sines with a wandering pitch, noise, and an amplitude
+    that differs from clip to clip. The first clip is a whole number of strides long (packed,
+    the next one follows at once), the others are not (a gap follows)."""
+    rs = np.random.default_rng(seed)
+    out = []
+    for i, seconds in enumerate(CLIP_SECONDS):
+        t = np.arange(int(seconds * RATE) + (0, 101, 203)[i]) / RATE
+        pitch = 120 + 40 * np.sin(2 * np.pi * 0.7 * t + i)
+        phase = 2 * np.pi * np.cumsum(pitch) / RATE
+        wave = sum(np.sin(k * phase) / k for k in (1, 2, 3, 5))
+        wave = wave * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t)) + 0.05 * rs.standard_normal(t.size)
+        out.append(torch.from_numpy((wave * 10 ** (i - 1)).astype(np.float32)))
+    return out
+
+
+def frame_starts(pieces: list[torch.Tensor]) -> list[int]:
+    """Each piece's first frame in a row made by ``batch_of``."""
+    ends = np.cumsum([math.ceil(len(p) / STRIDE) for p in pieces])
+    return [0, *ends[:-1].tolist()]
+
+
+def batch_of(config, rows: list[list[torch.Tensor]], samples: int,
+             seed: int) -> dict[str, torch.Tensor]:
+    """A batch of rows of ``samples``, row i holding the pieces rows[i] in order, each starting
+    at a multiple of the total stride, zeros between and after: input_values, attention_mask,
+    segment_ids (int32), and mask and negative indices inside each piece's frames."""
+    rs = np.random.default_rng(seed)
+    values = torch.zeros(len(rows), samples)
+    ids = torch.zeros(len(rows), samples, dtype=torch.int32)
+    segments = []
+    for i, pieces in enumerate(rows):
+        for n, (piece, first) in enumerate(zip(pieces, frame_starts(pieces)), start=1):
+            offset = first * STRIDE
+            values[i, offset:offset + len(piece)] = piece
+            ids[i, offset:offset + len(piece)] = n
+        segments.append([(first, first + frames_of(len(piece)))
+                         for piece, first in zip(pieces, frame_starts(pieces))])
+    frames = frames_of(samples)
+    mask = compute_mask(segments, frames, 0.65, 10, 2, rs)
+    negatives = sample_negatives(mask, segments, config.num_negatives, rs)
+    return {"input_values": values, "attention_mask": ids > 0, "segment_ids": ids,
+            "mask_time_indices": torch.from_numpy(mask),
+            "sampled_negative_indices": torch.from_numpy(negatives).long()}
+
+
+def noise_rows(lengths: list[int], seed: int) -> list[list[torch.Tensor]]:
+    """One utterance of Gaussian noise per row."""
+    generator = torch.Generator().manual_seed(seed)
+    return [[torch.randn(n, generator=generator)] for n in lengths]
+
+
+def assert_own_features(objective: PretrainingObjective, pieces: list[torch.Tensor],
+                        encoded: list[torch.Tensor]) -> None:
+    """``encoded[i]`` (frames, H) begins with the frames pieces[i] has alone, to 1e-4 of the
+    largest feature value."""
+    for piece, got in zip(pieces, encoded):
+        with torch.no_grad():
+            alone = objective.encode(piece[None], torch.ones(1, len(piece), dtype=torch.bool))[0]
+        n = frames_of(len(piece))
+        assert alone.shape[0] == n
+        error = (got[:n] - alone).abs().max()
+        assert error <= 1e-4 * alone.abs().max(), (error, alone.abs().max())
+
+
+def encode(objective: PretrainingObjective, batch: dict[str, torch.Tensor],
+           with_segment_ids: bool = True) -> torch.Tensor:
+    with torch.no_grad():
+        return objective.encode(batch["input_values"], batch["attention_mask"],
+                                batch["segment_ids"] if with_segment_ids else None)
+
+
+@pytest.mark.parametrize("encoder", ["group", "layer"])
+def test_each_utterance_has_its_own_features_padded_or_packed(encoder):
+    config = resolve_config("demo", None, LAYER_NORM_ENCODER if encoder == "layer" else {})
+    torch.manual_seed(0)
+    objective = PretrainingObjective(build_model(config)).eval()
+    pieces = clips()
+    # Padded: one utterance per row in rows of 8.5 s, segment ids from the attention mask or
+    # given; the utterances' frames agree (padding frames may not).
+    padded_batch = batch_of(config, [[p] for p in pieces], int(8.5 * RATE), seed=0)
+    padded = encode(objective, padded_batch, with_segment_ids=False)
+    given = encode(objective, padded_batch)
+    for i, piece in enumerate(pieces):
+        n = frames_of(len(piece))
+        assert torch.equal(padded[i, :n], given[i, :n])
+    assert_own_features(objective, pieces, list(padded))
+    # Packed: all three in one row of 14 s.
+    together = encode(objective, batch_of(config, [pieces], 14 * RATE, seed=0))[0]
+    assert_own_features(objective, pieces, [together[s:] for s in frame_starts(pieces)])
+
+
+def test_each_utterance_has_its_own_features_at_base_size():
+    config = resolve_config("base", None, {})
+    torch.manual_seed(0)
+    objective = PretrainingObjective(build_model(config)).eval()
+    pieces = clips(seed=1)
+    together = encode(objective, batch_of(config, [pieces], 14 * RATE, seed=0))[0]
+    assert_own_features(objective, pieces, [together[s:] for s in frame_starts(pieces)])
+
+
+@pytest.mark.parametrize("encoder", ["group", "layer"])
+def test_objective_equals_transformers_loss(encoder):
+    # transformers' group norm takes padding into its statistics (huggingface/transformers
+    # #21534), so a group-norm encoder's rows are unpadded here; with a layer-norm encoder the
+    # last row is half padding. Train mode with dropout: both draw the same random numbers.
+    config = resolve_config("demo", None, LAYER_NORM_ENCODER if encoder == "layer" else {})
+    torch.manual_seed(0)
+    model = build_model(config).train()
+    lengths = [32_000, 32_000, 32_000 if encoder == "group" else 16_000]
+    batch = batch_of(config, noise_rows(lengths, seed=1), 32_000, seed=1)
+    del batch["segment_ids"]
+    model.set_gumbel_temperature(1.5)
+    torch.manual_seed(2)
+    theirs = model(**{**batch, "attention_mask": batch["attention_mask"].long()})
+    torch.manual_seed(2)
+    ours = PretrainingObjective(model, feature_grad_mult=1.0).train()(
+        **batch, temperature=torch.tensor(1.5))
+    assert torch.allclose(theirs.loss, ours["loss"], rtol=1e-5)
+    assert torch.allclose(theirs.codevector_perplexity, ours["codevector_perplexity"])
+
+
+@pytest.mark.parametrize("encoder", ["group", "layer"])
+def test_objective_gradients_equal_transformers_for_unpadded_rows(encoder):
+    # Dropout and layerdrop off, so the gumbel noise (same seed) is the only randomness.
+    overrides = {**NO_DROPOUT, **(LAYER_NORM_ENCODER if encoder == "layer" else {})}
+    config = resolve_config("demo", None, overrides)
+    torch.manual_seed(0)
+    theirs = build_model(config).train()
+    ours = copy.deepcopy(theirs)
+    batch = batch_of(config, noise_rows([32_000] * 3, seed=1), 32_000, seed=1)
+    del batch["segment_ids"]
+    theirs.set_gumbel_temperature(1.5)
+    torch.manual_seed(2)
+    their_loss = theirs(**{**batch, "attention_mask": batch["attention_mask"].long()}).loss
+    their_loss.backward()
+    torch.manual_seed(2)
+    our_loss = PretrainingObjective(ours, feature_grad_mult=1.0).train()(
+        **batch, temperature=torch.tensor(1.5))["loss"]
+    our_loss.backward()
+    assert torch.allclose(their_loss, our_loss, rtol=1e-5)
+    our_params = dict(ours.named_parameters())
+    compared = 0
+    for name, param in theirs.named_parameters():
+        if param.grad is None:
+            assert our_params[name].grad is None, name
+            continue
+        error = (our_params[name].grad - param.grad).abs().max()
+        # The floor: attention's key bias has a zero gradient in exact arithmetic (a softmax
+        # ignores a constant added to all of a query's scores), so both hold noise near 1e-9.
+        assert error <= 1e-4 * param.grad.abs().max() + 1e-7, (name, error)
+        compared += 1
+    assert compared > 20
+
+
+@pytest.mark.parametrize("with_segment_ids", [False, True])
+def test_a_batch_of_dummy_rows_gives_a_zero_finite_loss(with_segment_ids):
+    config = resolve_config("demo", None, {})
+    objective = PretrainingObjective(build_model(config)).train()
+    batch = batch_of(config, [[], []], 16_000, seed=0)
+    if not with_segment_ids:
+        del batch["segment_ids"]
+    out = objective(**batch, temperature=torch.tensor(2.0))
+    assert out["loss"].item() == 0.0 and out["num_masked"].item() == 0
+    out["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in objective.parameters()
+               if p.grad is not None)
+
+
+def test_one_compilation_per_shape_and_no_graph_break():
+    # Padded batches (segment ids from the attention mask) and packed ones (segment ids
+    # given), three shapes and two, each shape twice.
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    config = resolve_config("demo", None, {"layerdrop": 0.1})
+    objective = PretrainingObjective(build_model(config)).train()
+    compiled = torch.compile(objective, backend="aot_eager", dynamic=False, fullgraph=True)
+    pieces = clips()
+    padded = [(4, 16_000), (3, 24_000), (2, 32_000)] * 2
+    packed = [(1, 14 * RATE), (2, 15 * RATE)] * 2
+    for step, (rows, samples) in enumerate(padded + packed):
+        if step < len(padded):
+            pieces_per_row = noise_rows([samples] * (rows - 1) + [samples // 2], seed=step)
+        else:
+            pieces_per_row = [pieces[step % 2:]] * rows
+        batch = batch_of(config, pieces_per_row, samples, seed=step)
+        if step < len(padded):
+            del batch["segment_ids"]
+        out = compiled(**batch, temperature=torch.tensor(2.0 - 0.1 * step))
+        out["loss"].backward()
+        assert out["num_frames"] == sum(frames_of(len(p)) for row in pieces_per_row for p in row)
+    assert counters["stats"]["unique_graphs"] == 5
+    assert sum(counters["graph_break"].values()) == 0
