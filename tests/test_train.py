@@ -291,56 +291,6 @@ def _batch(config, rows, samples, seed):
             "sampled_negative_indices": torch.from_numpy(negatives).long()}
 
 
-def test_objective_equals_transformers_loss():
-    for stable in (False, True):
-        config = resolve_config("demo", None, {"do_stable_layer_norm": stable,
-                                               "feat_extract_norm": "layer" if stable
-                                               else "group"})
-        torch.manual_seed(0)
-        model = build_model(config).train()
-        batch = _batch(config, 3, 32_000, seed=1)
-        model.set_gumbel_temperature(1.5)
-        torch.manual_seed(2)
-        theirs = model(**{**batch, "attention_mask": batch["attention_mask"].long()})
-        torch.manual_seed(2)
-        ours = PretrainingObjective(model, feature_grad_mult=1.0).train()(
-            **batch, temperature=torch.tensor(1.5))
-        assert torch.allclose(theirs.loss, ours["loss"], rtol=1e-5)
-        assert torch.allclose(theirs.codevector_perplexity, ours["codevector_perplexity"])
-
-
-def test_a_batch_of_dummy_rows_gives_a_zero_finite_loss():
-    config = resolve_config("demo", None, {})
-    objective = PretrainingObjective(build_model(config)).train()
-    batch = _batch(config, 2, 16_000, seed=0)
-    batch["attention_mask"][:] = False
-    batch["mask_time_indices"][:] = False
-    batch["input_values"][:] = 0
-    out = objective(**batch, temperature=torch.tensor(2.0))
-    assert out["loss"].item() == 0.0 and out["num_masked"].item() == 0
-    out["loss"].backward()
-    assert all(torch.isfinite(p.grad).all() for p in objective.parameters()
-               if p.grad is not None)
-
-
-def test_one_compilation_per_shape_and_no_graph_break():
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()
-    counters.clear()
-    config = resolve_config("demo", None, {"layerdrop": 0.1})
-    objective = PretrainingObjective(build_model(config)).train()
-    compiled = torch.compile(objective, backend="aot_eager", dynamic=False, fullgraph=True)
-    shapes = [(4, 16_000), (3, 24_000), (2, 32_000)]
-    for step, temperature in enumerate([2.0, 1.9, 1.8, 1.7, 1.6, 1.5]):
-        rows, samples = shapes[step % 3]
-        out = compiled(**_batch(config, rows, samples, seed=step),
-                       temperature=torch.tensor(temperature))
-        out["loss"].backward()
-    assert counters["stats"]["unique_graphs"] == len(shapes)
-    assert sum(counters["graph_break"].values()) == 0
-
-
 def test_bad_flags_fail_before_any_work(shard_dir, tmp_path):
     bad = run(train_cmd(shard_dir, tmp_path / "o", "--max_train_steps", 2,
                         "--min_duration_in_seconds", 30), check=False)
