@@ -13,7 +13,6 @@ from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2Model
 from w2v_stream import buckets
 
 
-
 def dev_clean_lengths():
     # Real LibriSpeech dev-clean lengths (CC BY 4.0), kept with the tests so a clean clone
     # anywhere runs them.
@@ -85,3 +84,61 @@ def test_bad_arguments_say_what_is_wrong():
         buckets.make_plan([16000], "bucket")
     with pytest.raises(ValueError, match="nothing to plan"):
         buckets.make_plan([1000], "pad", min_samples=16000)
+
+
+def test_plan_for_shards_is_the_plan_for_all_lengths_with_the_models_conv_stack():
+    lengths = dev_clean_lengths()
+    shard_lengths = [lengths[i:i + 300] for i in range(0, len(lengths), 300)]
+    kernel, stride = (10, 3, 3, 3, 2), (5, 2, 2, 2, 2)  # a shorter stack: more frames
+    plan = buckets.plan_for_shards(shard_lengths, 16_000, kernel, stride, num_buckets=4,
+                                   batch_size=6, min_seconds=1.5, max_seconds=15.0)
+    assert plan == buckets.make_plan(lengths, "pad", 4, batch_size=6, min_samples=24_000,
+                                     max_samples=240_000, conv_kernel=kernel,
+                                     conv_stride=stride)
+    assert plan.frames == tuple(buckets.frames_for_samples(n, kernel, stride)
+                                for n in plan.lengths)
+    assert plan.frames[-1] > buckets.frames_for_samples(240_000)
+    # An IPU batch is one update of split micro-batches: split times the sample budget, each
+    # batch size a multiple of split.
+    for budget in (None, 400_000):
+        host = buckets.plan_for_shards(shard_lengths, 16_000, kernel, stride, num_buckets=4,
+                                       max_tokens=budget, split=6)
+        assert host == buckets.make_plan(lengths, "pad", 4, batch_size=48,
+                                         max_tokens=budget and 6 * budget, batch_multiple=6,
+                                         min_samples=32_000, max_samples=320_000,
+                                         conv_kernel=kernel, conv_stride=stride)
+        assert all(rows % 6 == 0 and rows * n <= 6 * (budget or 8 * 320_000)
+                   for rows, n in host.shapes())
+
+
+def test_plan_buckets_prints_the_trainers_plan_for_the_model(tmp_path):
+    from conftest import run_tool
+    from w2v_stream.model import resolve_config
+
+    tsv = Path(__file__).parent / "data" / "librispeech-dev-clean.num_samples.tsv"
+    flags = ["--num_buckets", "4", "--per_device_train_batch_size", "2"]
+    base = run_tool("tools/plan_buckets.py", tsv, "--preset", "base", *flags).stdout
+    lengths = dev_clean_lengths()
+    plan = buckets.plan_for_shards([lengths], 16_000, buckets.DEFAULT_CONV_KERNEL,
+                                   buckets.DEFAULT_CONV_STRIDE, num_buckets=4, batch_size=2)
+    rows = [line.split() for line in base.splitlines()[2:6]]
+    assert [(int(r[2]), int(r[3])) for r in rows] == list(zip(plan.frames, plan.batch_sizes))
+    assert base.splitlines()[-1].startswith("padding efficiency: 0.")
+    # A model folder with its own conv stack: its frames, as the trainer would plan them.
+    config = resolve_config("demo", None, {})
+    config.conv_kernel, config.conv_stride, config.conv_dim = [10, 3, 3], [5, 2, 2], [32] * 3
+    config.num_feat_extract_layers = 3
+    config.save_pretrained(tmp_path)
+    own = run_tool("tools/plan_buckets.py", tsv, "--model_name_or_path", tmp_path,
+                   *flags).stdout
+    frames = [int(line.split()[2]) for line in own.splitlines()[2:6]]
+    assert frames == [buckets.frames_for_samples(n, (10, 3, 3), (5, 2, 2))
+                      for n in plan.lengths[:len(frames)]] and frames != list(plan.frames)
+    ipu = run_tool("tools/plan_buckets.py", tsv, "--preset", "base", *flags, "--backend",
+                   "ipu", "--ipu_replicas", "2", "--gradient_accumulation_steps", "3").stdout
+    host = buckets.plan_for_shards([lengths], 16_000, buckets.DEFAULT_CONV_KERNEL,
+                                   buckets.DEFAULT_CONV_STRIDE, num_buckets=4, batch_size=2,
+                                   split=6)
+    assert [int(line.split()[3]) for line in ipu.splitlines()[2:6]] == list(host.batch_sizes)
+    refused = run_tool("tools/plan_buckets.py", tsv, *flags, check=False)
+    assert refused.returncode == 2 and "--preset" in refused.stderr

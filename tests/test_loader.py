@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import http.server
+import json
+import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -23,14 +26,17 @@ from w2v_stream import buckets, epochs, sources
 from w2v_stream.loader import StreamingLoader
 from w2v_stream.stream import ErrorBudgetExceeded, StreamConfig
 
+from conftest import REPO
+
 MASK = dict(mask_time_prob=0.65, mask_time_length=10, mask_time_min_masks=2, num_negatives=20)
 
 
 def make_config(spec, policy="pad", num_buckets=3, **kw) -> StreamConfig:
     shard_list = sources.resolve(str(spec), s3_endpoint_url=kw.get("s3_endpoint_url"))
-    lengths = [n for shard in shard_list.lengths for n in shard]
-    plan = buckets.make_plan(lengths, policy, num_buckets, batch_size=2, min_samples=16_000,
-                             max_samples=16_000 * 16)
+    plan = buckets.plan_for_shards(shard_list.lengths, shard_list.sample_rate,
+                                   buckets.DEFAULT_CONV_KERNEL, buckets.DEFAULT_CONV_STRIDE,
+                                   policy=policy, num_buckets=num_buckets, batch_size=2,
+                                   min_seconds=1.0, max_seconds=16.0)
     kw.setdefault("passes_per_epoch", 1)  # short epochs: the tests cross their boundaries
     return StreamConfig(shard_list, plan, shuffle_seconds=30.0, round_items=4, **MASK, **kw)
 
@@ -148,10 +154,8 @@ def test_deterministic_and_exact_resume_across_epochs(shard_dir):
     assert same(head + take(resumed, 14), whole)
     with pytest.raises(ValueError, match="same seed"):
         StreamingLoader(make_config(shard_dir, seed=5), num_workers=2, state=state)
-    with pytest.warns(UserWarning, match="same order"):  # before PCG64: same data, new masks
-        old = StreamingLoader(config, num_workers=2, state={**state, "version": 1})
-    lengths = [b["attention_mask"].sum(dim=1).tolist() for b in whole[11:17]]
-    assert [b["attention_mask"].sum(dim=1).tolist() for b in take(old, 6)] == lengths
+    with pytest.raises(ValueError, match="version=1"):
+        StreamingLoader(config, num_workers=2, state={**state, "version": 1})
 
 
 def test_upcoming_buckets_are_known_before_any_audio_is_read(shard_dir):
@@ -248,28 +252,28 @@ def test_corrupt_shards_are_skipped_counted_and_budgeted(shard_dir, tmp_path):
         take(strict, 20)
 
 
-def _one_epoch(loader) -> list:
-    batches = []
-    for batch in loader:
-        batches.append(batch)
-        if loader.epoch == 1:
-            return batches
+def rewrite_shard(path: Path, change) -> None:
+    """Write the shard at ``path`` again with ``change(i, key, parts) -> (key, flac, json)``
+    applied to its samples (the index keeps their lengths)."""
+    from w2v_stream import shards
+
+    with open(path, "rb") as f:
+        samples = list(shards.iter_samples(f))
+    changed = [change(i, key, parts) for i, (key, parts) in enumerate(samples)]
+    lengths = [json.loads(p["json"])["num_samples"] for _, p in samples]
+    shards.write_shard(path, iter((k, f, m, n) for (k, f, m), n in zip(changed, lengths)),
+                       16000)
+
+
+def garbage_flac(i, key, parts):
+    return key, b"\x00garbage" * 100, parts["json"]
 
 
 def test_bad_audio_and_metadata_are_skipped_by_reason_and_good_data_kept(shard_dir, tmp_path):
-    from w2v_stream import shards
     from w2v_stream.audio import encode_flac
 
     broken = tmp_path / "shards"
     shutil.copytree(shard_dir, broken)
-
-    def rewrite(name, change):
-        with open(broken / name, "rb") as f:
-            samples = list(shards.iter_samples(f))
-        changed = [change(i, key, parts) for i, (key, parts) in enumerate(samples)]
-        lengths = [json.loads(p["json"])["num_samples"] for _, p in samples]
-        shards.write_shard(broken / name, iter((k, f, m, n) for (k, f, m), n in
-                                               zip(changed, lengths)), 16000)
 
     def shard0(i, key, parts):  # garbage FLAC, then a FLAC cut in half
         flac = b"\x00garbage" * 100 if i == 0 else parts["flac"][:len(parts["flac"]) // 2]
@@ -281,58 +285,121 @@ def test_bad_audio_and_metadata_are_skipped_by_reason_and_good_data_kept(shard_d
         n = json.loads(parts["json"])["num_samples"]
         return key, encode_flac(np.zeros(n, np.float32), 8000), parts["json"]
 
-    rewrite("shard-000000.tar", shard0)
-    rewrite("shard-000002.tar", shard2)
-    clean = StreamingLoader(make_config(shard_dir), num_workers=2)
+    rewrite_shard(broken / "shard-000000.tar", shard0)
+    rewrite_shard(broken / "shard-000002.tar", shard2)
+    clean = StreamingLoader(make_config(shard_dir), num_workers=2, max_epochs=1)
     bad = StreamingLoader(make_config(broken), num_workers=2, max_bad_fraction=0.9,
-                          min_for_budget=1)
-    clean_batches, bad_batches = _one_epoch(clean), _one_epoch(bad)
-    assert len(clean_batches) == len(bad_batches)
+                          min_for_budget=1, max_epochs=1)
+    clean_batches, bad_batches = list(clean), list(bad)
+    # A batch whose every utterance was bad is held back, and counted.
+    assert len(clean_batches) == len(bad_batches) + bad.counters.empty_batches
+    assert bad.counters.batches == len(bad_batches) and clean.counters.empty_batches == 0
     skipped = bad.counters.skipped
     assert skipped["corrupt_audio"] == 2 and skipped["bad_metadata"] == 1
     assert skipped["wrong_format"] == 1 and sum(skipped.values()) == 4
     # Every good utterance still arrives: only the four bad ones are missing.
     assert clean.counters.utterances - bad.counters.utterances == 4
     for batch in bad_batches:  # skipped rows hold exact zeros and no masked frame
+        assert batch["num_utterances"] > 0
         empty = ~batch["attention_mask"].any(dim=1)
         assert not batch["input_values"][empty].any()
         assert not batch["mask_time_indices"][empty].any()
+    # Where they came from, and what was wrong, for the budget's message and the checkpoint.
+    assert bad.counters.bad_by_shard == {str(broken / "shard-000000.tar"): 2,
+                                         str(broken / "shard-000002.tar"): 2}
+    pattern = re.compile(re.escape(str(broken)) + r"/shard-00000[02]\.tar: [^ :]+: (\w+): .+")
+    reasons = [pattern.fullmatch(e).group(1) for e in bad.counters.bad_examples]
+    assert sorted(reasons) == sorted(skipped.elements())
+    assert StreamingLoader(make_config(broken), num_workers=2,
+                           state=bad.state_dict()).counters == bad.counters
 
 
-def test_worker_slots_are_reused_and_waited_for(shard_dir):
-    from w2v_stream.loader import BatchRing
-
-    config = make_config(shard_dir)
-    ring = BatchRing(config, num_workers=1, slots=2)
-    writer = ring.writer(0)
-    writer.acquire()
-    values = writer("input_values", (2, 1000), np.float32)
-    values[1, 5] = 2.5
-    first = writer.handed_over({"input_values": values, "bucket": 1})
-    assert (first.slot, first.shapes, first.info) == (0, {"input_values": (2, 1000)},
-                                                      {"bucket": 1})
-    writer.acquire()
-    assert writer.slot == 1 and ring.busy.tolist() == [[1, 1]]
-    threading.Timer(0.2, lambda: ring.take(first)).start()  # the trainer copies slot 0 out
-    began = time.perf_counter()
-    writer.acquire()  # waits until then
-    assert time.perf_counter() - began >= 0.15 and writer.slot == 0
-    writer("input_values", (2, 1000), np.float32)[1, 5] = 7.0  # slot 0 is reused
-    taken = ring.take(first)
-    assert float(taken["input_values"][1, 5]) == 7.0 and taken["bucket"] == 1
-    assert not taken["input_values"].is_shared()  # a copy: the trainer's own
-    with pytest.raises(TypeError, match="holds float32"):
-        writer("input_values", (2, 1000), np.float64)
-    bare = BatchRing(dataclasses.replace(config, num_negatives=0), num_workers=1, slots=1)
-    assert bare.view(0, 0, "sampled_negative_indices", (2, 40, 0)).shape == (2, 40, 0)
+def _planned(config: StreamConfig, num_workers: int) -> list[epochs.Batch]:
+    """This rank's batches of epoch 0, in the order the loader gives them."""
+    plan = config.epoch_plan(0, num_workers)
+    sources = [epochs.batch_source(config.rank, num_workers, p)
+               for p in range(plan.batches_per_stream * max(num_workers, 1))]
+    return [plan.streams[s.stream][s.index] for s in sources]
 
 
-def test_a_ring_larger_than_shared_memory_is_refused_with_a_message(tmp_path):
-    from w2v_stream.loader import _check_shared_memory
+def test_a_batch_of_bad_utterances_only_is_held_back_and_resume_stays_exact(shard_dir,
+                                                                             tmp_path):
+    broken = tmp_path / "shards"
+    shutil.copytree(shard_dir, broken)
+    bad_shards = {1, 4}
+    for shard in bad_shards:
+        rewrite_shard(broken / f"shard-{shard:06d}.tar", garbage_flac)
+    config, clean_config = make_config(broken), make_config(shard_dir)
+    planned = _planned(config, 2)
+    shards_of = [{i.shard for row in b.rows for i in row} for b in planned]
+    all_bad = [bool(s) and s <= bad_shards for s in shards_of]
+    untouched = [not (s & bad_shards) for s in shards_of]
+    assert any(all_bad) and any(untouched), "the corruption should empty a batch, not all"
+    loader = StreamingLoader(config, num_workers=2, max_bad_fraction=0.9, min_for_budget=1,
+                             max_epochs=1)
+    got = list(loader)
+    clean = list(StreamingLoader(clean_config, num_workers=2, max_epochs=1))
+    kept = [p for p in range(len(planned)) if not all_bad[p]]
+    assert len(got) == len(kept) and loader.counters.empty_batches == sum(all_bad)
+    for batch, p in zip(got, kept):  # the others come at their place, unchanged
+        assert batch["bucket"] == planned[p].bucket
+        if untouched[p]:
+            assert same([batch], [clean[p]])
+    # Resume from every state the trainer could have saved: the same batches follow.
+    for stop in range(len(got)):
+        head = StreamingLoader(config, num_workers=2, max_bad_fraction=0.9, min_for_budget=1)
+        take(head, stop + 1)
+        rest = list(StreamingLoader(config, num_workers=2, max_bad_fraction=0.9,
+                                    min_for_budget=1, max_epochs=1, state=head.state_dict()))
+        assert same(rest, got[stop + 1:])
 
-    _check_shared_memory(1 << 20, str(tmp_path))
-    with pytest.raises(RuntimeError, match="shm-size"):
-        _check_shared_memory(1 << 62, str(tmp_path))
+
+def test_the_budget_is_a_rate_from_the_first_utterance_and_names_the_shards(shard_dir,
+                                                                             tmp_path):
+    broken = tmp_path / "shards"
+    shutil.copytree(shard_dir, broken)
+    for path in broken.glob("shard-*.tar"):
+        rewrite_shard(path, garbage_flac)
+    loader = StreamingLoader(make_config(broken), num_workers=2)  # 1 %, at least 200 seen
+    with pytest.raises(ErrorBudgetExceeded) as caught:
+        next(iter(loader))  # the first batch's bad utterances are over 1 % of 200
+    message = str(caught.value)
+    assert loader.counters.batches == 0 and "corrupt_audio" in message
+    named = [url for url in loader.counters.bad_by_shard if url in message]
+    assert named and all(url.startswith(str(broken)) for url in named)
+    assert "tools/make_shards.py --verify" in message
+    # One bad utterance in the twelve: within 10 % of at least 20 seen (2), over 4 % (0.8).
+    one_bad = tmp_path / "one_bad"
+    shutil.copytree(shard_dir, one_bad)
+    rewrite_shard(one_bad / "shard-000003.tar",
+                  lambda i, key, parts: garbage_flac(i, key, parts) if i else (
+                      key, parts["flac"], parts["json"]))
+    within = StreamingLoader(make_config(one_bad), num_workers=0, max_bad_fraction=0.1,
+                             min_for_budget=20, max_epochs=1)
+    assert len(list(within)) > 0 and sum(within.counters.skipped.values()) == 1
+    over = StreamingLoader(make_config(one_bad), num_workers=0, max_bad_fraction=0.04,
+                           min_for_budget=20, max_epochs=1)
+    with pytest.raises(ErrorBudgetExceeded, match="shard-000003.tar"):
+        list(over)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_max_epochs_yields_each_planned_batch_once_then_stops(shard_dir, workers):
+    config = make_config(shard_dir, world_size=2, rank=1)
+    planned = _planned(config, workers)
+    loader = StreamingLoader(config, num_workers=workers, max_epochs=1)
+    assert len(planned) == config.epoch_plan(0, workers).batches_per_stream * max(workers, 1)
+    got = list(loader)
+    assert [int(b["bucket"]) for b in got] == [b.bucket for b in planned]
+    rows = [n for b in planned for row in b.rows for n in [len(row)]]
+    assert sum(int(b["num_utterances"]) for b in got) == sum(rows)
+    assert (loader.epoch, loader.position) == (1, 0) and list(loader) == []
+    # Resumed within the epoch, it gives the rest of it.
+    head = StreamingLoader(config, num_workers=workers)
+    take(head, 3)
+    rest = list(StreamingLoader(config, num_workers=workers, max_epochs=1,
+                                state=head.state_dict()))
+    assert same(rest, got[3:])
 
 
 def test_kept_worker_batches_are_the_in_process_batches(shard_dir):
@@ -341,3 +408,85 @@ def test_kept_worker_batches_are_the_in_process_batches(shard_dir):
     config = make_config(shard_dir, "pack")
     assert same(take(StreamingLoader(config, num_workers=1), 20),
                 take(StreamingLoader(config, num_workers=0), 20))
+
+
+# A trainer in miniature. Given a signal, its handler asks it to stop: it saves (a second),
+# takes one more batch, closes the loader and exits 0. Given "error", it fails after two
+# batches with the loader's iteration still open.
+TRAINER = """
+import signal, sys, time
+from w2v_stream import buckets, sources
+from w2v_stream.loader import StreamingLoader
+from w2v_stream.stream import StreamConfig
+
+shard_list = sources.resolve(sys.argv[1])
+plan = buckets.plan_for_shards(shard_list.lengths, shard_list.sample_rate,
+                               buckets.DEFAULT_CONV_KERNEL, buckets.DEFAULT_CONV_STRIDE,
+                               batch_size=2, min_seconds=1.0, max_seconds=16.0)
+stop = []
+if sys.argv[2] != "error":
+    signal.signal(int(sys.argv[2]), lambda signum, frame: stop.append(signum))
+batches = iter(StreamingLoader(StreamConfig(shard_list, plan, passes_per_epoch=1),
+                               num_workers=2))
+for taken in range(1, 10 ** 6):
+    batch = next(batches)
+    print("batch", int(batch["bucket"]), flush=True)
+    if stop:
+        time.sleep(1.0)  # saves a checkpoint
+        print("batch", int(next(batches)["bucket"]), flush=True)
+        break
+    if taken == 5 and sys.argv[2] == "error":
+        raise RuntimeError("the trainer fails")
+batches.close()
+print("closed", flush=True)
+"""
+
+
+def _run_trainer(shard_dir: Path, tmp_path: Path, mode: str) -> subprocess.Popen:
+    """The miniature trainer in its own process group (session), started."""
+    script = tmp_path / "trainer.py"
+    script.write_text(TRAINER)
+    return subprocess.Popen([sys.executable, str(script), str(shard_dir), mode], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+def _assert_group_gone(pgid: int) -> None:
+    """No process of the group (a loader worker) outlives the trainer."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        assert time.monotonic() < deadline, "a loader worker outlived the trainer"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+def test_a_signal_to_the_process_group_reaches_only_the_trainer(shard_dir, tmp_path, signum):
+    proc = _run_trainer(shard_dir, tmp_path, str(int(signum)))
+    try:
+        for _ in range(5):  # the workers are up and handing over batches
+            assert proc.stdout.readline().startswith("batch"), proc.stderr.read()
+        os.killpg(proc.pid, signum)  # as Ctrl-C, `timeout`, scancel or kill -TERM -PGID
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err
+    assert out.splitlines()[-1] == "closed" and "killed by signal" not in err
+    _assert_group_gone(proc.pid)
+
+
+def test_a_trainer_that_fails_with_the_loader_open_exits_and_its_workers_with_it(shard_dir,
+                                                                                 tmp_path):
+    proc = _run_trainer(shard_dir, tmp_path, "error")
+    try:
+        out, err = proc.communicate(timeout=60)  # the workers ignore SIGTERM: no hang at exit
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1 and "the trainer fails" in err and out.count("batch") == 5
+    _assert_group_gone(proc.pid)

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -49,7 +51,7 @@ def test_train_eval_checkpoint_and_load_with_transformers(shard_dir, tmp_path):
     out = tmp_path / "run"
     proc = run(train_cmd(shard_dir, out, "--max_train_steps", 6, "--logging_steps", 1,
                          "--saving_steps", 3, "--save_total_limit", 1, "--eval_shards",
-                         shard_dir, "--eval_batches", 2))
+                         shard_dir))
     assert re.search(r"step +6 \| loss [0-9.]+ \| contrastive", proc.stdout)
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     train = [r for r in records if "loss" in r]
@@ -61,6 +63,9 @@ def test_train_eval_checkpoint_and_load_with_transformers(shard_dir, tmp_path):
     assert train[0]["temperature"] == 2.0 and train[-1]["temperature"] < 2.0
     assert 30 < train[-1]["percent_masked"] < 70
     assert sorted(r["step"] for r in records if "eval_loss" in r) == [0, 3, 6]
+    evals = [r for r in records if "eval_loss" in r]
+    assert all(r["eval_utterances"] == 2 * 2 * 3 and r["eval_bad_utterances"] == 0
+               for r in evals)  # every utterance of the held-out set, each eval
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-6"]  # rotated
     from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2ForPreTraining, Wav2Vec2Model
     ckpt = out / "checkpoint-6"
@@ -111,6 +116,37 @@ def test_a_second_trainer_on_the_same_output_dir_exits_naming_the_first(shard_di
     assert second.returncode == 1 and f"pid {first.pid}" in second.stderr, second.stderr
     assert "in use by another trainer" in second.stderr and "Traceback" not in second.stderr
     assert first.returncode == 0
+
+
+def _with_audio_garbled(shards: Path, dest: Path) -> Path:
+    """A copy of ``shards`` whose every FLAC's frames are overwritten (tar and index intact)."""
+    shutil.copytree(shards, dest)
+    for path in dest.glob("*.tar"):
+        data = bytearray(path.read_bytes())
+        with tarfile.open(path) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".flac"):  # all but the FLAC header
+                    data[member.offset_data + 100:member.offset_data + member.size] = \
+                        b"\x5a" * (member.size - 100)
+        path.write_bytes(bytes(data))
+    return dest
+
+
+def test_an_eval_set_that_reads_nothing_stops_the_run_naming_the_shards(shard_dir, tmp_path):
+    bad = _with_audio_garbled(shard_dir, tmp_path / "bad")
+    proc = run(train_cmd(shard_dir, tmp_path / "run", "--max_train_steps", 2, "--eval_shards",
+                         bad), check=False)
+    assert proc.returncode == 1 and "eval read no utterance" in proc.stderr, proc.stderr
+    assert str(bad / "shard-000000.tar") in proc.stderr and "Traceback" not in proc.stderr
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
+def test_training_on_unreadable_audio_stops_before_any_update(shard_dir, tmp_path):
+    bad = _with_audio_garbled(shard_dir, tmp_path / "bad")
+    proc = run(train_cmd(bad, tmp_path / "run", "--max_train_steps", 20), check=False)
+    assert proc.returncode == 1 and "shard-0000" in proc.stderr, proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or not [
+        line for line in open(tmp_path / "run" / "metrics.jsonl") if '"loss"' in line]
 
 
 @pytest.mark.slow

@@ -82,8 +82,10 @@ def main() -> None:
         print(f"| equal-count quantile buckets, pad | {k} | {no_filler(plan, lengths):.3f} | "
               f"{stats['efficiency']:.3f} | {streams_efficiency(plan, lengths, 8):.3f} |")
     for policy, k in [("pad", 4), ("pad", 8), ("pad", 16), ("crop", 8), ("pack", 1)]:
-        plan = buckets.make_plan(lengths, policy, k, batch_size=ROWS, min_samples=LO,
-                                 max_samples=HI)
+        plan = buckets.plan_for_shards([lengths], RATE, buckets.DEFAULT_CONV_KERNEL,
+                                       buckets.DEFAULT_CONV_STRIDE, policy=policy,
+                                       num_buckets=k, batch_size=ROWS, min_seconds=LO / RATE,
+                                       max_seconds=HI / RATE)
         stats = buckets.padded_efficiency(plan, lengths)
         kept = f" (audio kept {stats['audio_kept']:.3f})" if policy == "crop" else ""
         print(f"| w2v_stream `{policy}`{kept} | {plan.num_buckets} | "

@@ -10,7 +10,7 @@ epochs from the first batch on (pad policy, 8 buckets, 8 x 20 s budget, fairseq 
 100 negatives); the same taken apart (without negatives, and run in one process without the
 hand-over to the trainer); the time to the first batch when resuming near the end of the
 epoch against starting fresh; and the peak RSS of a loader worker. Contenders run round robin
-and each row shows its best of --repeats (this VM's speed drifts by tens of percent).
+and each row shows its best of --repeats (a shared machine's speed drifts from run to run).
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ def ensure_shards(work: Path, hours: float) -> Path:
 
 def config_for(out: Path) -> StreamConfig:
     shard_list = sources.resolve(str(out))
-    lengths = [n for s in shard_list.lengths for n in s]
-    plan = buckets.make_plan(lengths, "pad", 8, batch_size=8, min_samples=32_000,
-                             max_samples=320_000)
+    plan = buckets.plan_for_shards(shard_list.lengths, shard_list.sample_rate,
+                                   buckets.DEFAULT_CONV_KERNEL, buckets.DEFAULT_CONV_STRIDE,
+                                   policy="pad", num_buckets=8, batch_size=8)
     return StreamConfig(shard_list, plan)
 
 

@@ -1,13 +1,16 @@
 #!/usr/bin/env python
 """Print the shape plan (duration buckets, batch sizes, padding efficiency) for a corpus.
 
-    python tools/plan_buckets.py shards/train-clean-100 --num_buckets 8
+    python tools/plan_buckets.py shards/train-clean-100 --preset base --num_buckets 8
     python tools/plan_buckets.py tests/data/librispeech-dev-clean.num_samples.tsv \\
-        --min_duration_in_seconds 2 --max_duration_in_seconds 20 --length_policy pack
+        --preset base --min_duration_in_seconds 2 --max_duration_in_seconds 20 \\
+        --length_policy pack
 
 SOURCE is a shard folder or URL holding index.json, or a text file of `id<TAB>num_samples`
-lines. Nothing is decoded. The last line is `padding efficiency: X.XXX`: real audio samples
-over the samples in the padded batches of one pass, counting partial-batch filler rows.
+lines. The plan is the trainer's (``buckets.plan_for_shards``) for the same flags and model:
+``--preset`` or ``--model_name_or_path`` gives the model's conv stack, which sets the frames
+per bucket. Nothing is decoded. The last line is `padding efficiency: X.XXX`: real audio
+samples over the samples in the padded batches of one pass, counting partial-batch filler rows.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ import sys
 from pathlib import Path
 
 from w2v_stream import buckets, sources
+from w2v_stream.model import PRESETS, resolve_config
 
 
-def read_lengths(source: str) -> tuple[list[int], int]:
+def read_lengths(source: str) -> tuple[list[list[int]], int]:
+    """Utterance lengths per shard (one list for a text file) and the sample rate."""
     path = Path(source)
     if path.is_file() and not source.endswith(".json"):
         lengths = []
@@ -30,12 +35,16 @@ def read_lengths(source: str) -> tuple[list[int], int]:
                 except ValueError:
                     raise ValueError(f"{source}:{number}: expected id<TAB>num_samples, got "
                                      f"{line[:60]!r}") from None
-        return lengths, 16_000
+        return [lengths], 16_000
     shard_list = sources.resolve(source)
-    return [n for shard in shard_list.lengths for n in shard], shard_list.sample_rate
+    return [list(shard) for shard in shard_list.lengths], shard_list.sample_rate
 
 
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    """The trainer's flags that decide the plan, with its defaults."""
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--preset", choices=sorted(PRESETS), help="the trainer's model preset")
+    model.add_argument("--model_name_or_path", help="local folder with config.json")
     p.add_argument("--num_buckets", type=int, default=8)
     p.add_argument("--length_policy", choices=buckets.POLICIES, default="pad")
     p.add_argument("--min_duration_in_seconds", type=float, default=2.0)
@@ -44,14 +53,22 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
                    help="rows of the longest bucket; sets the per-batch sample budget")
     p.add_argument("--max_tokens", type=int, default=None,
                    help="samples per batch (overrides per_device_train_batch_size)")
+    p.add_argument("--backend", default="auto", choices=["auto", "cpu", "cuda", "ipu"],
+                   help="ipu: each batch is one update of replicas x accumulation micro-batches")
+    p.add_argument("--ipu_replicas", type=int, default=1)
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
 
 
-def plan_from_args(args, lengths: list[int], sample_rate: int) -> buckets.ShapePlan:
-    return buckets.make_plan(
-        lengths, args.length_policy, args.num_buckets, max_tokens=args.max_tokens,
-        batch_size=args.per_device_train_batch_size,
-        min_samples=int(args.min_duration_in_seconds * sample_rate),
-        max_samples=int(args.max_duration_in_seconds * sample_rate), sample_rate=sample_rate)
+def plan_from_args(args, shard_lengths: list[list[int]], sample_rate: int
+                   ) -> buckets.ShapePlan:
+    config = resolve_config(args.preset, args.model_name_or_path, {})
+    split = args.ipu_replicas * args.gradient_accumulation_steps if args.backend == "ipu" else 1
+    return buckets.plan_for_shards(
+        shard_lengths, sample_rate, config.conv_kernel, config.conv_stride,
+        policy=args.length_policy, num_buckets=args.num_buckets,
+        batch_size=args.per_device_train_batch_size, max_tokens=args.max_tokens,
+        min_seconds=args.min_duration_in_seconds, max_seconds=args.max_duration_in_seconds,
+        split=split)
 
 
 def format_plan(plan: buckets.ShapePlan, stats: dict) -> str:
@@ -78,11 +95,12 @@ def main(argv=None) -> int:
     add_plan_arguments(p)
     args = p.parse_args(argv)
     try:
-        lengths, rate = read_lengths(args.source)
-        plan = plan_from_args(args, lengths, rate)
+        shard_lengths, rate = read_lengths(args.source)
+        plan = plan_from_args(args, shard_lengths, rate)
     except (ValueError, OSError) as exc:
         print(f"plan_buckets: error: {exc}", file=sys.stderr)
         return 2
+    lengths = [n for shard in shard_lengths for n in shard]
     print(format_plan(plan, buckets.padded_efficiency(plan, lengths)))
     return 0
 

@@ -16,7 +16,6 @@ buckets get more rows and memory is flat across buckets.
 from __future__ import annotations
 
 import bisect
-
 import math
 from dataclasses import asdict, dataclass
 from typing import Sequence
@@ -169,6 +168,28 @@ def make_plan(lengths: Sequence[int], policy: str = "pad", num_buckets: int = 8,
                      max_samples, sample_rate)
 
 
+def plan_for_shards(shard_lengths: Sequence[Sequence[int]], sample_rate: int,
+                    conv_kernel: Sequence[int], conv_stride: Sequence[int], *,
+                    policy: str = "pad", num_buckets: int = 8, batch_size: int = 8,
+                    max_tokens: int | None = None, min_seconds: float = 2.0,
+                    max_seconds: float = 20.0, split: int = 1) -> ShapePlan:
+    """The shape plan the trainer uses for shards of ``shard_lengths`` (``index.json``'s
+    per-shard utterance lengths) and a model with this conv stack.
+
+    ``batch_size`` and ``max_tokens`` are per device batch, as the trainer's flags.
+    ``split`` > 1 (an IPU's replicas x accumulation) makes each batch one optimizer update
+    of ``split`` micro-batches: the budget grows ``split``-fold and every batch size is a
+    multiple of ``split``.
+    """
+    lengths = [n for shard in shard_lengths for n in shard]
+    return make_plan(lengths, policy, num_buckets,
+                     max_tokens=max_tokens * split if max_tokens else None,
+                     batch_size=batch_size * split, batch_multiple=split,
+                     min_samples=int(min_seconds * sample_rate),
+                     max_samples=int(max_seconds * sample_rate), sample_rate=sample_rate,
+                     conv_kernel=conv_kernel, conv_stride=conv_stride)
+
+
 def frames_to_min_samples(frames: int, conv_kernel: Sequence[int] = DEFAULT_CONV_KERNEL,
                           conv_stride: Sequence[int] = DEFAULT_CONV_STRIDE) -> int:
     """Fewest samples that give ``frames`` encoder frames."""
@@ -228,17 +249,3 @@ def pack_rows(lengths: Sequence[int], row_length: int) -> list[list[int]]:
             free.append(row_length - need)
     return rows
 
-
-def plan_for_shards(shard_lengths: Sequence[Sequence[int]], sample_rate: int,
-                    conv_kernel: Sequence[int], conv_stride: Sequence[int], *,
-                    policy: str = "pad", num_buckets: int = 8, batch_size: int = 8,
-                    max_tokens: int | None = None, min_seconds: float = 2.0,
-                    max_seconds: float = 20.0, split: int = 1) -> ShapePlan:
-    """The trainer's shape plan for shards whose index lists ``shard_lengths``."""
-    lengths = [n for shard in shard_lengths for n in shard]
-    return make_plan(lengths, policy, num_buckets,
-                     max_tokens=max_tokens * split if max_tokens else None,
-                     batch_size=batch_size * split, batch_multiple=split,
-                     min_samples=int(min_seconds * sample_rate),
-                     max_samples=int(max_seconds * sample_rate), sample_rate=sample_rate,
-                     conv_kernel=conv_kernel, conv_stride=conv_stride)

@@ -68,6 +68,25 @@ class EpochPlan:
         return len(self.streams[0]) if self.streams else 0
 
 
+@dataclass(frozen=True)
+class BatchSource:
+    """Where one of a rank's batches lies in an epoch plan."""
+
+    stream: int  # index in ``EpochPlan.streams``
+    index: int  # index among that stream's batches
+
+
+def batch_source(rank: int, num_workers: int, position: int) -> BatchSource:
+    """The batch at rank-level ``position`` (batches this rank has had in the epoch).
+
+    A rank's ``W`` loader workers take turns, so position p comes from the rank's stream role
+    ``p % W``, its batch ``p // W``. The loader orders its batches with this and each worker
+    finds its first batch with it, so a resumed run continues exactly where it stopped.
+    """
+    workers = max(num_workers, 1)
+    return BatchSource(rank * workers + position % workers, position // workers)
+
+
 def _rng(seed: int, epoch: int, purpose: int, stream: int = 0) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, purpose, stream])
 

@@ -1,16 +1,23 @@
 """The loader the trainer holds: a torch DataLoader over the shard stream, with a position.
 
-It counts the batches the trainer has consumed, so ``state_dict()`` says exactly where to
-restart; ``StreamingLoader(config, state=...)`` then yields the batches that would have come
-next, reading only the shards still needed and decoding nothing already consumed. It also
-keeps the counters a trainer logs and enforces the bad-data budget.
+It counts the batches of this rank's plan that have come, so ``state_dict()`` says exactly
+where to restart; ``StreamingLoader(config, state=...)`` then yields the batches that would
+have come next, reading only the shards still needed and decoding nothing already consumed.
+It also keeps the counters a trainer logs, enforces the bad-data budget, and holds back a
+batch whose every utterance was bad: it advances the position like any other, so a resume stays
+exact. (A batch the plan itself fills with dummy rows, to keep the ranks in lock step at an
+epoch's end, is given as planned.)
+
+Loader workers ignore the signals meant for the trainer (``WORKER_IGNORES``): a signal to the
+whole process group reaches only the trainer, which saves and closes the loader, and the
+workers leave when it does.
 """
 
 from __future__ import annotations
 
-import os
-import time
-import warnings
+import atexit
+import functools
+import signal
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -19,172 +26,92 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .stream import ErrorBudgetExceeded, StreamConfig, batch_arrays, stream_batches
+from .epochs import batch_source
+from .ring import RING_SLOTS_EXTRA, BatchRing, SlotBatch
+from .stream import BadRecord, ErrorBudgetExceeded, StreamConfig, batch_arrays, stream_batches
 
-# 2: masks, negatives and crops drawn from PCG64 (1: the legacy Mersenne Twister). A version 1
-# state still resumes the same data in the same order, with a warning that they differ.
 STATE_VERSION = 2
+# Signals a user, `timeout` or Slurm sends to the whole process group (Ctrl-C, scancel, and
+# --signal=USR1 ahead of the time limit): the trainer's to handle, never a worker's.
+WORKER_IGNORES = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+MAX_BAD_EXAMPLES = 20  # bad utterances named in the counters (and so in checkpoints)
+
+
+def _ignore_trainer_signals(worker_id: int) -> None:
+    """The DataLoader's ``worker_init_fn``: runs first in every worker."""
+    for signum in WORKER_IGNORES:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class ShardStream(IterableDataset):
     """One rank's batches; each DataLoader worker runs one stream of the plan."""
 
     def __init__(self, config: StreamConfig, num_workers: int, epoch: int, position: int,
-                 ring: BatchRing | None = None):
+                 end_epoch: int | None, ring: BatchRing | None = None):
         self.config = config
         self.num_workers = num_workers
         self.epoch = epoch
         self.position = position
+        self.end_epoch = end_epoch
         self.ring = ring
 
     def __iter__(self) -> Iterator:
         info = get_worker_info()
         if info is None:  # in the trainer's own process: nothing to hand over
             yield from stream_batches(self.config, self.num_workers, 0, self.epoch,
-                                      self.position)
+                                      self.position, end_epoch=self.end_epoch)
             return
         torch.set_num_threads(1)  # a worker's own torch work stays on one thread
-        writer = self.ring.writer(info.id)
-        batches = stream_batches(self.config, self.num_workers, info.id, self.epoch,
-                                 self.position, writer)
-        while True:
-            writer.acquire()  # the batch below is built in this slot's buffers
-            yield writer.handed_over(next(batches))
-
-
-@dataclass
-class SlotBatch:
-    """What crosses from a worker: where its batch lies in the ring, and its small values."""
-
-    worker: int
-    slot: int
-    shapes: dict[str, tuple[int, ...]]
-    info: dict
-
-
-class BatchRing:
-    """Shared-memory buffers the trainer's process makes once and the workers fill in turn.
-
-    Each worker cycles through a few slots, each a buffer per array of a batch, sized for the
-    plan's largest bucket. A worker builds a batch in place in a free slot and sends only its
-    shapes; the trainer's side copies it out of the slot (into page-locked memory for CUDA)
-    and gives the slot back. Against a batch made in fresh shared memory and passed as file
-    descriptors, nothing is mapped, faulted in or sent per batch (a fresh 16 MB batch cost 10
-    ms of page faults), and what the trainer holds is its own, whatever it keeps.
-    """
-
-    def __init__(self, config: StreamConfig, num_workers: int, slots: int):
-        layouts = [batch_arrays(config, k) for k in range(len(config.plan.lengths))]
-        self.dtypes = {name: np.dtype(dtype) for name, (_, dtype) in layouts[0].items()}
-        nbytes = {name: max(int(np.prod(layout[name][0])) for layout in layouts)
-                  * self.dtypes[name].itemsize for name in self.dtypes}
-        _check_shared_memory(num_workers * slots * sum(nbytes.values()))
-        # busy[w, s] is 1 while worker w's slot s holds a batch the trainer has not copied.
-        self.busy = torch.zeros(num_workers, slots, dtype=torch.int32).share_memory_()
-        self.buffers = [[{name: torch.UntypedStorage._new_shared(max(n, 1))
-                          for name, n in nbytes.items()} for _ in range(slots)]
-                        for _ in range(num_workers)]
-
-    def writer(self, worker: int) -> SlotWriter:
-        return SlotWriter(self, worker)
-
-    def view(self, worker: int, slot: int, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        """Array ``name`` of a slot, as ``shape``: a view of its shared buffer."""
-        storage = self.buffers[worker][slot][name]
-        flat = torch.empty(0, dtype=torch.uint8).set_(storage).numpy()  # the whole buffer
-        dtype = self.dtypes[name]
-        return flat[:int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
-
-    def take(self, batch: SlotBatch, pin_memory: bool = False) -> dict:
-        """The batch copied out of its slot, which goes back to its worker."""
-        out = dict(batch.info)
-        for name, shape in batch.shapes.items():
-            view = self.view(batch.worker, batch.slot, name, shape)
-            copy = torch.empty(shape, dtype=torch.from_numpy(view).dtype, pin_memory=pin_memory)
-            # numpy's copy runs on this thread; torch's would wake its thread pool, whose
-            # spinning threads fight the workers for the cores (10 ms against 1 a batch).
-            np.copyto(copy.numpy(), view)
-            out[name] = copy
-        self.busy[batch.worker, batch.slot] = 0
-        return out
-
-
-def _check_shared_memory(needed: int, folder: str = "/dev/shm") -> None:
-    """Refuse a ring that the shared-memory file system cannot hold: a worker writing past
-    its end would die of SIGBUS instead of an error that says what to do."""
-    try:
-        stat = os.statvfs(folder)
-    except OSError:
-        return  # no such folder here: torch's shared memory lives elsewhere
-    free = stat.f_bavail * stat.f_frsize
-    if needed > free:
-        raise RuntimeError(
-            f"the loader's batch buffers need {needed / 2**20:.0f} MiB of shared memory but "
-            f"{folder} has {free / 2**20:.0f} MiB free; give the container more (docker run "
-            f"--shm-size=...), or lower --num_workers or the batch budget")
-
-
-class SlotWriter:
-    """A worker's side of the ring: the ``alloc(name, shape, dtype)`` that ``assemble``
-    builds a batch with, as views of the current slot's buffers (uninitialised)."""
-
-    def __init__(self, ring: BatchRing, worker: int):
-        self.ring, self.worker = ring, worker
-        self.busy = ring.busy[worker].numpy()
-        self.slot = -1
-
-    def acquire(self) -> None:
-        """Wait until a slot is free (the trainer copied its batch out), and take it."""
-        slots = len(self.busy)
-        while True:
-            for step in range(1, slots + 1):
-                candidate = (self.slot + step) % slots
-                if not self.busy[candidate]:
-                    self.busy[candidate] = 1
-                    self.slot = candidate
-                    return
-            time.sleep(0.0005)
-
-    def __call__(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
-        if np.dtype(dtype) != self.ring.dtypes[name]:
-            raise TypeError(f"{name}: the ring holds {self.ring.dtypes[name]}, not {dtype}")
-        return self.ring.view(self.worker, self.slot, name, shape)
-
-    def handed_over(self, batch: dict) -> SlotBatch:
-        shapes = {k: v.shape for k, v in batch.items() if k in self.ring.dtypes}
-        info = {k: v for k, v in batch.items() if k not in self.ring.dtypes}
-        return SlotBatch(self.worker, self.slot, shapes, info)
-
-
-# Slots per worker: the DataLoader holds at most prefetch_factor of a worker's batches
-# before the trainer takes one, plus the one being built.
-RING_SLOTS_EXTRA = 1
+        writer = self.ring.writer(info.id)  # each batch is built in a slot of the ring
+        for batch in stream_batches(self.config, self.num_workers, info.id, self.epoch,
+                                    self.position, writer, self.end_epoch):
+            yield writer.handed_over(batch)
 
 
 @dataclass
 class Counters:
-    batches: int = 0
+    batches: int = 0  # given to the trainer
+    empty_batches: int = 0  # held back: every utterance in them was bad
     utterances: int = 0
     audio_samples: int = 0
-    padded_samples: int = 0
-    skipped: Counter = field(default_factory=Counter)
+    padded_samples: int = 0  # of the batches given to the trainer
+    skipped: Counter = field(default_factory=Counter)  # bad utterances by reason
+    bad_by_shard: Counter = field(default_factory=Counter)  # bad utterances by shard URL
+    bad_examples: list[str] = field(default_factory=list)  # "SHARD: KEY: reason: detail"
 
     def padding_efficiency(self) -> float:
         return self.audio_samples / self.padded_samples if self.padded_samples else 0.0
 
+    def add_bad(self, records: list[BadRecord]) -> None:
+        for record in records:
+            self.bad_by_shard[record.shard] += 1
+            if len(self.bad_examples) < MAX_BAD_EXAMPLES:
+                self.bad_examples.append(f"{record.shard}: {record.key}: {record.problem}")
+
     def to_json(self) -> dict:
-        return {"batches": self.batches, "utterances": self.utterances,
-                "audio_samples": self.audio_samples, "padded_samples": self.padded_samples,
-                "skipped": dict(self.skipped)}
+        return {"batches": self.batches, "empty_batches": self.empty_batches,
+                "utterances": self.utterances, "audio_samples": self.audio_samples,
+                "padded_samples": self.padded_samples, "skipped": dict(self.skipped),
+                "bad_by_shard": dict(self.bad_by_shard),
+                "bad_examples": list(self.bad_examples)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Counters:
+        """Counters from ``to_json``; a field the state lacks starts from zero."""
+        return cls(**{**data, "skipped": Counter(data.get("skipped", {})),
+                      "bad_by_shard": Counter(data.get("bad_by_shard", {})),
+                      "bad_examples": list(data.get("bad_examples", []))})
 
 
 class StreamingLoader:
-    """Endless fixed-shape batches for one rank; ``max_train_steps`` is the trainer's stop."""
+    """Fixed-shape batches for one rank: endless (``max_train_steps`` is the trainer's stop),
+    or, with ``max_epochs``, until this rank's plan for epochs ``0 .. max_epochs - 1`` is
+    through (an eval over a whole held-out set)."""
 
     def __init__(self, config: StreamConfig, num_workers: int = 2, prefetch_factor: int = 2,
                  max_bad_fraction: float = 0.01, min_for_budget: int = 200,
                  state: dict | None = None, multiprocessing_context: str = "fork",
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, max_epochs: int | None = None):
         self.config = config
         # CUDA: batches land in page-locked memory (copied there out of the workers' ring),
         # so the trainer's non_blocking copies to the GPU overlap its compute.
@@ -196,6 +123,7 @@ class StreamingLoader:
         self.prefetch_factor = prefetch_factor
         self.max_bad_fraction = max_bad_fraction
         self.min_for_budget = min_for_budget
+        self.max_epochs = max_epochs
         self.epoch = 0
         self.position = 0
         self.counters = Counters()
@@ -208,10 +136,10 @@ class StreamingLoader:
         (the epoch's plan itself is not kept: for a large corpus it is big)."""
         if epoch not in self._buckets:  # the current epoch and the next, at most
             plan = self.config.epoch_plan(epoch, self.num_workers)
-            workers = max(self.num_workers, 1)
-            mine = plan.streams[self.config.rank * workers:(self.config.rank + 1) * workers]
-            # Rank-level position p comes from stream role p % W, its batch p // W.
-            order = [batch.bucket for column in zip(*mine) for batch in column]
+            sources = [batch_source(self.config.rank, self.num_workers, position)
+                       for position in range(plan.batches_per_stream
+                                             * max(self.num_workers, 1))]
+            order = [plan.streams[s.stream][s.index].bucket for s in sources]
             self._buckets = {e: b for e, b in self._buckets.items() if e >= epoch - 1}
             self._buckets[epoch] = np.asarray(order, dtype=np.int32)
         return self._buckets[epoch]
@@ -222,7 +150,8 @@ class StreamingLoader:
     def upcoming_buckets(self, n: int) -> list[int]:
         """The buckets of the next ``n`` batches, from the epoch plans alone (nothing is read
         or decoded): a backend that pays to change shape decides with it how many batches to
-        take in one call, without taking any it would then have to give back."""
+        take in one call, without taking any it would then have to give back. A batch held
+        back because all its utterances are bad is not foreseen."""
         out, epoch, position = [], self.epoch, self.position
         while len(out) < n:
             buckets = self._epoch_buckets(epoch)
@@ -232,43 +161,95 @@ class StreamingLoader:
             epoch, position = epoch + 1, 0
         return out
 
+    def _finished(self) -> bool:
+        return self.max_epochs is not None and self.epoch >= self.max_epochs
+
     def __iter__(self) -> Iterator[dict]:
-        ring = (BatchRing(self.config, self.num_workers, self.prefetch_factor + RING_SLOTS_EXTRA)
-                if self.num_workers else None)
-        dataset = ShardStream(self.config, self.num_workers, self.epoch, self.position, ring)
-        extra = ({"prefetch_factor": self.prefetch_factor,
-                  "multiprocessing_context": self.multiprocessing_context}
-                 if self.num_workers else {})
+        if self._finished():
+            return
+        ring = None
+        extra = {}
+        if self.num_workers:
+            layouts = [batch_arrays(self.config, k) for k in range(self.config.plan.num_buckets)]
+            ring = BatchRing(layouts, self.num_workers, self.prefetch_factor + RING_SLOTS_EXTRA)
+            extra = {"prefetch_factor": self.prefetch_factor,
+                     "multiprocessing_context": self.multiprocessing_context,
+                     "worker_init_fn": _ignore_trainer_signals}
+        dataset = ShardStream(self.config, self.num_workers, self.epoch, self.position,
+                              self.max_epochs, ring)
         # Its own generator: a DataLoader otherwise draws its workers' base seed from the
         # global torch RNG, and a resumed run would then see different dropout and gumbel noise.
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                             generator=torch.Generator().manual_seed(self.config.seed),
                             pin_memory=self.pin_memory and not self.num_workers, **extra)
-        for batch in loader:
-            if isinstance(batch, SlotBatch):
-                batch = ring.take(batch, self.pin_memory)
-            self._count(batch)
-            self.position += 1
-            if self.position >= self._batches_in_epoch():
-                self.epoch += 1
-                self.position = 0
-            yield batch
+        batches = iter(loader)
+        stop = functools.partial(_stop_workers, batches)
+        # Workers ignore SIGTERM, the DataLoader's last word at exit: an iteration left open
+        # (the trainer died of an uncaught error) stops them before the interpreter waits
+        # for them.
+        atexit.register(stop)
+        try:
+            for batch in batches:
+                batch = self._receive(batch, ring)
+                if batch is not None:
+                    yield batch
+                if self._finished():
+                    return
+        finally:
+            atexit.unregister(stop)
+            stop()
 
-    def _count(self, batch: dict) -> None:
+    def _receive(self, batch: dict | SlotBatch, ring: BatchRing | None) -> dict | None:
+        """Count a batch and move the position past it; the batch, or None when every
+        utterance in it was bad."""
+        info = batch.info if isinstance(batch, SlotBatch) else batch
+        empty = int(info["num_utterances"]) == 0 and bool(info["skipped"])
+        if isinstance(batch, SlotBatch):
+            if empty:
+                ring.release(batch)
+            else:
+                batch = ring.take(batch, self.pin_memory)
+        self._count(info, empty)
+        self.position += 1
+        if self.position >= self._batches_in_epoch():
+            self.epoch += 1
+            self.position = 0
+        return None if empty else batch
+
+    def _count(self, info: dict, empty: bool) -> None:
         c = self.counters
-        c.batches += 1
-        c.utterances += int(batch["num_utterances"])
-        c.audio_samples += int(batch["audio_samples"])
-        c.padded_samples += int(batch["padded_samples"])
-        c.skipped.update(batch["skipped"])
+        if empty:
+            c.empty_batches += 1
+        else:
+            c.batches += 1
+            c.audio_samples += int(info["audio_samples"])
+            c.padded_samples += int(info["padded_samples"])
+        c.utterances += int(info["num_utterances"])
+        c.skipped.update(info["skipped"])
+        c.add_bad(info["bad"])
+        self._check_budget()
+
+    def _check_budget(self) -> None:
+        """Stop once bad utterances pass ``max_bad_fraction`` of those seen, counting at least
+        ``min_for_budget`` seen: a run whose shards are all bad stops within its first
+        ``max_bad_fraction * min_for_budget`` + 1 bad utterances, not after many updates on
+        batches without audio, and one bad utterance early on is not yet a failure."""
+        c = self.counters
         bad = sum(c.skipped.values())
         seen = bad + c.utterances
-        if seen >= self.min_for_budget and bad > self.max_bad_fraction * seen:
-            reasons = ", ".join(f"{k}: {v}" for k, v in c.skipped.most_common())
-            raise ErrorBudgetExceeded(
-                f"{bad} of {seen} utterances were bad ({reasons}), over the budget of "
-                f"{self.max_bad_fraction:.1%}; check the shards with tools/make_shards.py "
-                f"--verify or raise --max_bad_fraction")
+        if bad <= self.max_bad_fraction * max(seen, self.min_for_budget):
+            return
+        reasons = ", ".join(f"{k}: {v}" for k, v in c.skipped.most_common())
+        worst = c.bad_by_shard.most_common(5)
+        shards = ", ".join(f"{url} ({n})" for url, n in worst)
+        if len(c.bad_by_shard) > len(worst):
+            shards += f" and {len(c.bad_by_shard) - len(worst)} more shard(s)"
+        examples = "; ".join(c.bad_examples[:3])
+        raise ErrorBudgetExceeded(
+            f"{bad} of {seen} utterances were bad ({reasons}), over the budget of "
+            f"{self.max_bad_fraction:.1%} of at least {self.min_for_budget}; from {shards}; "
+            f"for example {examples}. Check the shards with tools/make_shards.py --verify "
+            f"or raise --max_bad_fraction")
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "epoch": self.epoch, "position": self.position,
@@ -279,28 +260,28 @@ class StreamingLoader:
                 "counters": self.counters.to_json()}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("version") == 1:
-            warnings.warn("this loader state was written before masks and negatives were drawn "
-                          "from PCG64: the same utterances come in the same order, but their "
-                          "masks, negatives and crops differ from the interrupted run's",
-                          stacklevel=2)
-            state = {**state, "version": STATE_VERSION}
         expect = {"version": STATE_VERSION, "seed": self.config.seed,
                   "world_size": self.config.world_size, "num_workers": self.num_workers,
-                  "plan": self.config.plan.to_json(), "num_shards": len(self.config.shards.urls)}
-        # Written by every version 1 state since round_items and bucket_runs came in; older
-        # ones used the defaults.
-        expect.update(round_items=self.config.round_items, bucket_runs=self.config.bucket_runs)
-        defaults = {"round_items": 256, "bucket_runs": False}
+                  "plan": self.config.plan.to_json(), "num_shards": len(self.config.shards.urls),
+                  "round_items": self.config.round_items, "bucket_runs": self.config.bucket_runs}
         for key, value in expect.items():
-            if state.get(key, defaults.get(key)) != value:
+            if state.get(key) != value:
                 raise ValueError(f"loader state has {key}={state.get(key)!r} but this run has "
                                  f"{value!r}: an exact resume needs the same seed, world size, "
-                                 f"worker count, shape plan, round and bucket-run settings "
-                                 f"and shards")
+                                 f"worker count, shape plan, round and bucket-run settings, "
+                                 f"shards and loader-state version")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        counters = state.get("counters", {})
-        self.counters = Counters(counters.get("batches", 0), counters.get("utterances", 0),
-                                 counters.get("audio_samples", 0),
-                                 counters.get("padded_samples", 0),
-                                 Counter(counters.get("skipped", {})))
+        self.counters = Counters.from_json(state["counters"])
+
+
+def _stop_workers(batches) -> None:
+    """Stop the DataLoader's workers now. They ignore SIGTERM, so one still busy when the
+    DataLoader has waited for it (it asks, then sends SIGTERM) is killed."""
+    shut_down = getattr(batches, "_shutdown_workers", None)  # absent without workers
+    if shut_down is None:
+        return
+    shut_down()
+    for worker in getattr(batches, "_workers", ()):
+        if worker.is_alive():
+            worker.kill()
+            worker.join()

@@ -3,10 +3,9 @@
 The algorithms are transformers' ``_compute_mask_indices`` and ``_sample_negative_indices``
 (transformers 5.23.0) made deterministic: they draw from a ``numpy.random.Generator`` the
 caller seeds per batch instead of numpy's global state, in the same order. The loader's is
-PCG64, whose bounded integers (Lemire's method) make the 100 negatives per masked frame a
-quarter of their cost with the legacy Mersenne Twister; given numpy's legacy generator behind
-the same method names, the functions give transformers' very arrays for the same seed
-(tests/test_masking.py checks this).
+PCG64, whose bounded integers (Lemire's method) keep the negatives of every masked frame
+cheap; given numpy's legacy ``RandomState`` behind the same method names, the functions give
+transformers' very arrays for the same seed (tests/test_masking.py checks this).
 Two deliberate differences, both about padding: a row with no valid frames gets no mask at
 all (transformers masks its last, padded, frame as a placeholder), and a row with a single
 masked frame is unmasked (transformers fails: there is no other frame to draw a negative
@@ -88,7 +87,7 @@ def sample_negatives(mask: np.ndarray, segments: Sequence[Sequence[Segment]],
             if masked.size == 0:
                 continue
             high = masked.size - 1
-            # int64 draws, as transformers' (numpy's bounded int32 path is 2.5x slower).
+            # int64 draws, as transformers' (numpy's bounded int32 path is the slower one).
             drawn = rng.integers(0, high, size=(high + 1, num_negatives))
             # Skip the positive (row i of drawn belongs to masked frame i), keep it uniform.
             np.add(drawn, drawn >= np.arange(high + 1)[:, None], out=drawn)

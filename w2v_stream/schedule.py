@@ -17,8 +17,10 @@ def gumbel_temperature(update: int, max_temperature: float, min_temperature: flo
 
 
 def lr_factor(update: int, warmup: int, total: int, kind: str = "linear",
-              power: float = 2.0) -> float:
-    """Multiplier of the peak learning rate at ``update``: linear warmup, then decay to 0."""
+              power: float = 1.0) -> float:
+    """Multiplier of the peak learning rate at ``update``: linear warmup, then decay to 0
+    (``polynomial``: ``left ** power``; power 1.0, fairseq's and transformers' default, is
+    linear)."""
     if kind not in SCHEDULES:
         raise ValueError(f"lr schedule {kind!r}: choose one of {SCHEDULES}")
     if update < warmup:

@@ -4,11 +4,12 @@ Stages, each a small function: ``read_stream`` (a stream's virtual shards → he
 skipping what the plan does not need without decoding it), ``check_utterance`` (metadata
 against the index), ``assemble`` (rows of FLAC bytes → a padded batch: each utterance decoded
 straight into its place and normalised there, then masks and negatives), and
-``stream_batches``, the endless batch stream of one loader worker. The torch
-side (the IterableDataset and the DataLoader with its resume position) is ``loader.py``.
+``stream_batches``, the batch stream of one loader worker. The torch side (the
+IterableDataset and the DataLoader with its resume position) is ``loader.py``.
 
 Bad data (a truncated or missing shard, corrupt FLAC, missing or wrong metadata) becomes a
-dummy row in its batch, never a new shape, and is counted by reason; the loader raises
+dummy row in its batch, never a new shape. Each batch counts its bad utterances by reason and
+names them (``BadRecord``: shard, sample, what was wrong); the loader raises
 ``ErrorBudgetExceeded`` when the share of bad utterances passes ``max_bad_fraction``.
 """
 
@@ -17,13 +18,13 @@ from __future__ import annotations
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
 from .audio import AudioError, AudioFormatError, read_into
 from .buckets import ShapePlan, frames_to_min_samples
-from .epochs import Batch, EpochPlan, plan_epoch
+from .epochs import Batch, EpochPlan, batch_source, plan_epoch
 from .masking import compute_mask, sample_negatives
 from .shards import BadSample as BadUtterance  # a sample the loader cannot use, by reason
 from .shards import ShardFormatError, iter_samples
@@ -102,14 +103,41 @@ def normalise(audio: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
+class BadRecord(NamedTuple):
+    """One bad utterance: where it came from and what was wrong."""
+
+    shard: str  # the shard's URL or path
+    key: str  # the sample's key, or "#POS" when it could not be read
+    problem: str  # "reason: detail"
+
+
+class ReadSample(NamedTuple):
+    """A needed sample as read from its shard: its members, or why they cannot be had."""
+
+    read: int  # index in the stream's reads this epoch
+    pos: int  # position in the shard
+    key: str
+    parts: dict[str, bytes] | BadUtterance
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One utterance for a row of ``assemble``."""
+
+    flac: bytes
+    num_samples: int
+    shard: str
+    key: str
+
+
 def read_stream(config: StreamConfig, reads, needed: set[tuple[int, int]]
-                ) -> Iterator[tuple[tuple[int, int], dict[str, bytes] | BadUtterance]]:
-    """Yield ``((read, pos), parts)`` once for each needed sample of these virtual shards
-    (``read`` indexes ``reads``: a shard may be read once per pass).
+                ) -> Iterator[ReadSample]:
+    """Yield each needed sample of these virtual shards once (``needed`` holds ``(read,
+    pos)``; ``read`` indexes ``reads``: a shard may be read once per pass).
 
     Samples the plan does not need are stepped over without decoding; a shard holding no
     needed sample is not opened. A sample that cannot be had (shard unreachable, truncated,
-    shorter than its index says) comes as a BadUtterance instead of its parts.
+    shorter than its index says) comes with a BadUtterance instead of its parts.
     """
     by_read: dict[int, set[int]] = {}
     for read, pos in needed:
@@ -123,29 +151,30 @@ def read_stream(config: StreamConfig, reads, needed: set[tuple[int, int]]
         error = None
         try:
             with open_url(url, config.allow_pipe, config.s3_endpoint_url) as f:
-                for pos, (_, parts) in enumerate(iter_samples(f, url)):
+                for pos, (key, parts) in enumerate(iter_samples(f, url)):
                     if pos in want:
                         got.add(pos)
-                        yield (read, pos), parts
+                        yield ReadSample(read, pos, key, parts)
                         if len(got) == len(want):
                             break
         except SourceError as exc:
             error = BadUtterance("unreadable_shard", str(exc))
         except (ShardFormatError, tarfile.TarError, OSError, EOFError) as exc:
-            error = BadUtterance("broken_shard", f"{url}: {exc}")
+            error = BadUtterance("broken_shard", str(exc))
         for pos in sorted(want - got):
-            yield (read, pos), error or BadUtterance("missing_sample",
-                                                      f"{url} has no sample #{pos}")
+            yield ReadSample(read, pos, f"#{pos}", error or BadUtterance(
+                "missing_sample", f"the shard has no sample #{pos}"))
 
 
-def assemble(config: StreamConfig, batch: Batch, rows: list[list[tuple[bytes, int]]],
+def assemble(config: StreamConfig, batch: Batch, rows: list[list[Piece]],
              rng: np.random.Generator, alloc=None) -> dict:
-    """Rows of utterances ``(flac bytes, num_samples)`` → the fixed-shape arrays of one batch.
+    """Rows of utterances → the fixed-shape arrays of one batch.
 
     ``rows[i]`` holds the utterances of row i (empty for a dummy row). Each is cropped as the
     policy says, decoded straight into the row at its next free sample and normalised over
-    its own samples; the rest is exact zeros. Audio that fails to decode leaves zeros and a
-    count in ``skipped``. Masks and negatives stay inside each utterance's frames.
+    its own samples; the rest is exact zeros. Audio that fails to decode leaves zeros, a
+    count in ``skipped`` and a ``BadRecord`` in ``bad``. Masks and negatives stay inside each
+    utterance's frames.
     ``alloc(name, shape, dtype)`` makes the arrays, uninitialised like ``np.empty``: every
     element is written here (the loader builds them in reused shared memory, so nothing is
     copied or freshly mapped on the way to the trainer).
@@ -162,20 +191,23 @@ def assemble(config: StreamConfig, batch: Batch, rows: list[list[tuple[bytes, in
     size, length = values.shape
     segments: list[list[tuple[int, int]]] = []
     skipped: Counter = Counter()
+    bad_records: list[BadRecord] = []
     audio_samples = utterances = 0
     for i, pieces in enumerate(rows):
         offset = 0
         row_segments = []
-        for flac, num_samples in pieces:
+        for piece in pieces:
+            num_samples = piece.num_samples
             target = length if plan.policy == "crop" else length - offset
             take = min(num_samples, target)
             start = int(rng.integers(0, num_samples - take + 1)) if num_samples > take else 0
             end = offset + take
             try:
-                decode_piece(flac, values[i, offset:end], start, num_samples,
+                decode_piece(piece.flac, values[i, offset:end], start, num_samples,
                              plan.sample_rate)
             except BadUtterance as bad:  # the next piece (or the zeros below) goes here
                 skipped[bad.reason] += 1
+                bad_records.append(BadRecord(piece.shard, piece.key, str(bad)))
                 continue
             first = -(-offset // stride)
             last = (end - field) // stride + 1 if end >= field else 0
@@ -199,7 +231,7 @@ def assemble(config: StreamConfig, batch: Batch, rows: list[list[tuple[bytes, in
             frame_mask[i, first:last] = True
     return {**arrays, "bucket": k, "num_utterances": utterances,
             "audio_samples": audio_samples, "padded_samples": size * length,
-            "skipped": dict(skipped)}
+            "skipped": dict(skipped), "bad": bad_records}
 
 
 def batch_arrays(config: StreamConfig, bucket: int) -> dict[str, tuple[tuple[int, ...], type]]:
@@ -224,19 +256,18 @@ def batch_seed(seed: int, epoch: int, stream: int, index: int) -> np.ndarray:
 
 
 def stream_batches(config: StreamConfig, num_workers: int, worker: int, start_epoch: int,
-                   start_position: int, alloc=None) -> Iterator[dict]:
-    """The endless batch stream of one loader worker.
+                   start_position: int, alloc=None, end_epoch: int | None = None
+                   ) -> Iterator[dict]:
+    """The batch stream of one loader worker: endless, or until ``end_epoch`` begins.
 
-    Rank-level position p (batches this rank has yielded in the epoch) comes from worker
-    ``p % W``, its batch ``p // W``; a loader restarted at ``start_position`` gives worker w
-    the stream role ``(start_position + w) % W`` so the sequence continues exactly.
+    The DataLoader takes a rank's workers in turn, so worker w's first batch is the one at
+    rank-level position ``start_position + w`` of ``start_epoch``; ``batch_source`` says
+    which stream of the plan it comes from, and the worker keeps to that stream.
     """
-    workers = max(num_workers, 1)
-    role = (start_position + worker) % workers
-    index = (start_position + worker) // workers
-    stream = config.rank * workers + role
+    source = batch_source(config.rank, num_workers, start_position + worker)
+    stream, index = source.stream, source.index
     epoch = start_epoch
-    while True:
+    while end_epoch is None or epoch < end_epoch:
         eplan = config.epoch_plan(epoch, num_workers)
         batches = eplan.streams[stream]
         if not batches:
@@ -255,27 +286,31 @@ def _epoch_batches(config: StreamConfig, eplan: EpochPlan, stream: int, epoch: i
     batches = eplan.streams[stream][first:]
     needed = {(it.read, it.pos) for b in batches for row in b.rows for it in row}
     reader = read_stream(config, eplan.reads[stream], needed)
-    held: dict[tuple[int, int], dict | BadUtterance] = {}
+    held: dict[tuple[int, int], ReadSample] = {}
     for index, batch in enumerate(batches, start=first):
         skipped: Counter = Counter()
-        rows: list[list[tuple[bytes, int]]] = []
+        bad_records: list[BadRecord] = []
+        rows: list[list[Piece]] = []
         for row in batch.rows:
             pieces = []
             for item in row:
                 key = (item.read, item.pos)
                 while key not in held:
-                    got_key, parts = next(reader)
-                    held[got_key] = parts
-                parts = held.pop(key)
+                    sample = next(reader)
+                    held[sample.read, sample.pos] = sample
+                sample = held.pop(key)
+                url = config.shards.urls[item.shard]
                 try:
-                    if isinstance(parts, BadUtterance):
-                        raise parts
-                    pieces.append((check_utterance(parts, item.length), item.length))
+                    if isinstance(sample.parts, BadUtterance):
+                        raise sample.parts
+                    flac = check_utterance(sample.parts, item.length)
+                    pieces.append(Piece(flac, item.length, url, sample.key))
                 except BadUtterance as bad:
                     skipped[bad.reason] += 1
+                    bad_records.append(BadRecord(url, sample.key, str(bad)))
             rows.append(pieces)
         rng = np.random.Generator(np.random.PCG64(batch_seed(config.seed, epoch, stream, index)))
         out = assemble(config, batch, rows, rng, alloc)
         skipped.update(out["skipped"])
-        out.update(epoch=epoch, skipped=dict(skipped))
+        out.update(epoch=epoch, skipped=dict(skipped), bad=bad_records + out["bad"])
         yield out

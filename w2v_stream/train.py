@@ -77,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--learning_rate", type=POSITIVE, default=5e-4, help="peak learning rate")
     a("--lr_scheduler_type", choices=SCHEDULES, default="linear",
       help="decay after warmup")
+    a("--lr_power", type=POSITIVE, default=1.0,
+      help="polynomial decay's power (1.0: fairseq's and transformers' default)")
     a("--weight_decay", type=NONNEGATIVE, default=0.01,
       help="AdamW decay of linear and conv weights")
     a("--adam_beta1", type=BETA, default=0.9)
@@ -129,7 +131,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--save_total_limit", type=COUNT, default=None,
       help="keep the newest N checkpoints (default: all)")
     a("--eval_steps", type=COUNT, default=None, help="eval every N updates (default: saving)")
-    a("--eval_batches", type=COUNT, default=8, help="held-out batches per eval")
+    a("--eval_batches", type=COUNT, default=None,
+      help="held-out batches per eval (default: the whole held-out set)")
     a("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
     a("--seed", type=LIMIT, default=0, help="data order, masks, negatives and weights")
     a("--num_workers", type=LIMIT, default=2, help="loader workers per rank")
@@ -207,9 +210,10 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
 
 
 def make_stream_config(shard_specs, args, config, rank: int, world: int, split: int = 1,
-                       bucket_runs: bool = False) -> StreamConfig:
+                       bucket_runs: bool = False, passes_per_epoch: int = 0) -> StreamConfig:
     """The loader's configuration. ``split`` > 1 (IPU) makes each batch one optimizer update
-    of ``split`` micro-batches; ``bucket_runs`` keeps batches of one shape together."""
+    of ``split`` micro-batches; ``bucket_runs`` keeps batches of one shape together;
+    ``passes_per_epoch`` 1 makes an epoch read each utterance once (eval)."""
     shard_list = sources.resolve(shard_specs, args.allow_pipe_urls, args.s3_endpoint_url)
     plan = buckets.plan_for_shards(
         shard_list.lengths, shard_list.sample_rate, config.conv_kernel, config.conv_stride,
@@ -222,7 +226,8 @@ def make_stream_config(shard_specs, args, config, rank: int, world: int, split: 
         runs = {"bucket_runs": True,
                 "round_items": max(256, 4 * max(plan.batch_sizes) * plan.num_buckets)}
     return StreamConfig(shard_list, plan, seed=args.seed, world_size=world, rank=rank,
-                        shuffle_seconds=args.shuffle_seconds, **runs,
+                        shuffle_seconds=args.shuffle_seconds, passes_per_epoch=passes_per_epoch,
+                        **runs,
                         mask_time_prob=config.mask_time_prob,
                         mask_time_length=config.mask_time_length,
                         mask_time_min_masks=config.mask_time_min_masks,
@@ -232,20 +237,36 @@ def make_stream_config(shard_specs, args, config, rank: int, world: int, split: 
                         allow_pipe=args.allow_pipe_urls, s3_endpoint_url=args.s3_endpoint_url)
 
 
-def evaluate(objective, backend, stream_config, eval_batches: int, temperature: float) -> float:
-    """Loss per masked frame over a fixed set of held-out batches, eval mode."""
+def evaluate(objective, backend, stream_config, eval_batches: int | None,
+             temperature: float) -> dict:
+    """Loss per masked frame over one pass of the held-out set (or its first ``eval_batches``
+    batches), eval mode. Unreadable utterances are counted and named; an eval that read
+    nothing stops the run."""
     backend.weights_to_host()
     objective.eval()
     loss = masked = 0.0
-    for i, batch in enumerate(StreamingLoader(stream_config, num_workers=0)):
+    # Every bad utterance is counted here, none stops the eval: the whole set is read.
+    loader = StreamingLoader(stream_config, num_workers=0, max_bad_fraction=1.0, max_epochs=1)
+    for i, batch in enumerate(loader):
         if i == eval_batches:
             break
         out = backend.eval_forward(batch, temperature)
         loss += float(out["loss"])
         masked += float(out["num_masked"])
     objective.train()
-    loss, masked = backend.all_sum([loss, masked])
-    return loss / max(masked, 1.0)
+    counters = loader.counters
+    loss, masked, read, bad = backend.all_sum(
+        [loss, masked, float(counters.utterances), float(sum(counters.skipped.values()))])
+    examples = [e for found in backend.all_gather(counters.bad_examples) for e in found]
+    if not read:
+        raise RuntimeError(f"eval read no utterance from --eval_shards ({int(bad)} "
+                           f"unreadable, e.g. {'; '.join(examples[:3]) or 'none'}); check them "
+                           f"with tools/make_shards.py --verify")
+    if bad and backend.rank == 0:
+        print(f"WARNING: eval skipped {int(bad)} unreadable utterances, e.g. "
+              f"{'; '.join(examples[:3])}", flush=True)
+    return {"eval_loss": loss / max(masked, 1.0), "eval_utterances": int(read),
+            "eval_bad_utterances": int(bad)}
 
 
 def update_record(step: int, result: UpdateResult, backend, lr: float, loader,
@@ -270,6 +291,7 @@ def update_record(step: int, result: UpdateResult, backend, lr: float, loader,
             "padding_efficiency": loader.counters.padding_efficiency(),
             "audio_seconds_per_second": audio_per_second, "skipped_updates": skipped_updates,
             "skipped_utterances": sum(loader.counters.skipped.values()),
+            "empty_batches": loader.counters.empty_batches,
             "audio_hours": audio / loader.config.plan.sample_rate / 3600,
             "elapsed_seconds": elapsed,
             "eta_seconds": elapsed / max(step - first, 1) * (last - step)}
@@ -378,8 +400,8 @@ def train(args: argparse.Namespace) -> None:
     plan = stream_config.plan
     if main:
         print(f"shape plan ({plan.policy}): {plan.shapes()}", flush=True)
-    eval_config = (make_stream_config(args.eval_shards, args, config, rank, world)
-                   if args.eval_shards else None)
+    eval_config = (make_stream_config(args.eval_shards, args, config, rank, world,
+                                      passes_per_epoch=1) if args.eval_shards else None)
 
     # 3. Model, objective, optimizer; resume.
     model = build_model(config)
@@ -408,15 +430,17 @@ def train(args: argparse.Namespace) -> None:
 
     def schedule(step: int) -> tuple[float, float]:
         return (args.learning_rate * lr_factor(step, args.num_warmup_steps,
-                                               args.max_train_steps, args.lr_scheduler_type),
+                                               args.max_train_steps, args.lr_scheduler_type,
+                                               args.lr_power),
                 gumbel_temperature(step, args.max_gumbel_temperature,
                                    args.min_gumbel_temperature, args.gumbel_temperature_decay))
 
     def run_eval(at: int, temperature: float) -> None:
-        eval_loss = evaluate(objective, backend, eval_config, args.eval_batches, temperature)
-        logger.log({"step": at, "eval_loss": eval_loss})
+        record = evaluate(objective, backend, eval_config, args.eval_batches, temperature)
+        logger.log({"step": at, **record})
         if main:
-            print(f"step {at:>7d} | eval_loss {eval_loss:.4f}", flush=True)
+            print(f"step {at:>7d} | eval_loss {record['eval_loss']:.4f} | "
+                  f"{record['eval_utterances']} utterances", flush=True)
 
     # 4. The loop: one backend update (one optimizer update, or several on the IPU) per turn.
     batches = iter(loader)

@@ -143,6 +143,11 @@ def call_size(upcoming: list[int], update: int, device_iterations: int,
     return 1
 
 
+# UpdateResult fields that add up over host calls.
+_SUMMED = ("updates", "masked_frames", "loss", "contrastive_loss", "diversity_loss",
+           "prob_perplexity", "code_perplexity", "num_frames", "micro_batches", "audio_samples")
+
+
 def pipeline_modules(objective: torch.nn.Module) -> list[torch.nn.Module]:
     """The module that starts each block of ``ipu_config.block_names``, where
     ``PretrainingObjective`` calls it: ops after a block's module run in that block until the
@@ -246,10 +251,21 @@ class IpuBackend:
 
     def update(self, batches, upcoming, step, limit, schedule) -> UpdateResult:
         """``d`` optimizer updates in one host call (``call_size``); the learning rate of the
-        first holds for the call, each update gets its own temperature and normaliser."""
+        first holds for the call, each update gets its own temperature and normaliser. When
+        the loader held back a batch (every utterance in it bad), the next batches can differ
+        in shape from what the plan said: they then run one update per call."""
         d = call_size(upcoming(self.device_iterations) if self.device_iterations > 1 else [],
                       step, self.device_iterations, limit)
         group = [next(batches) for _ in range(d)]
+        if len({tuple(b["input_values"].shape) for b in group}) == 1:
+            return self._call(group, step, schedule)
+        results = [self._call([b], step + i, schedule) for i, b in enumerate(group)]
+        sums = {name: sum(getattr(r, name) for r in results) for name in _SUMMED}
+        return UpdateResult(**sums, temperature=results[-1].temperature, grad_norm=None,
+                            finite=all(r.finite for r in results), applied=True)
+
+    def _call(self, group: list[dict], step: int, schedule) -> UpdateResult:
+        d = len(group)
         lr = schedule(step)[0]
         temperatures = [schedule(step + i)[1] for i in range(d)]
         normalisers = [max(float(b["mask_time_indices"].sum()), 1.0) for b in group]
@@ -261,13 +277,13 @@ class IpuBackend:
         # Outputs come back summed over iterations and accumulation (one per replica).
         _, loss, contrastive, diversity, prob_ppl, code_ppl, frames = (
             float(torch.as_tensor(x).sum()) for x in model(*inputs))
-        finite = math.isfinite(loss)
         return UpdateResult(
             updates=d, masked_frames=sum(normalisers), loss=loss, contrastive_loss=contrastive,
             diversity_loss=diversity, prob_perplexity=prob_ppl, code_perplexity=code_ppl,
             num_frames=frames, micro_batches=self.split * d,
             audio_samples=sum(int(b["audio_samples"]) for b in group),
-            temperature=temperatures[-1], grad_norm=None, finite=finite, applied=True)
+            temperature=temperatures[-1], grad_norm=None, finite=math.isfinite(loss),
+            applied=True)
 
     def eval_forward(self, batch: dict, temperature: float) -> dict:
         with torch.no_grad():
