@@ -182,6 +182,8 @@ def test_every_block_fires_in_pipeline_order_in_a_real_forward(poptorch, tmp_pat
     assert poptorch.FIRED == placed  # each block once, in call order
     assert len(poptorch.CHECKPOINTS) == config.num_hidden_layers
     assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
+    objective.eval()  # eval runs on the host's half weights, fp32 audio cast on the way in
+    assert torch.isfinite(backend.eval_forward(batch, 1.0)["loss"])
 
     options = backend._options(1).describe()
     assert options == {"strategy": "PipelinedExecution(SameAsIpu)",

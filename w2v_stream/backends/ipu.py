@@ -25,7 +25,8 @@ at ``quantizer.weight_proj``, which the objective calls, not at the quantizer), 
   objective computes it, ``options.Precision.enableStochasticRounding(True)``, and
   ``poptorch.optim.AdamW(..., loss_scaling=LOSS_SCALING, accum_type=torch.half,
   first_order_momentum_accum_type=torch.half, second_order_momentum_accum_type=torch.float)``
-  (optimum's IPUTrainer types in fp16).
+  (optimum's IPUTrainer types in fp16). The host copy of the weights, which checkpoints save
+  and eval runs on, is then half as well.
 
 One compiled executable per bucket shape and call size: poptorch compiles a model for one input
 shape and one number of device iterations, so each pair gets its own ``trainingModel`` over the
