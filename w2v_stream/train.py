@@ -20,6 +20,7 @@ import torch
 
 from . import buckets, checkpoint, rundir, sources
 from .backends import UpdateResult, create_backend
+from .backends.ipu_config import IpuConfigError, resolve as resolve_ipu_config
 from .loader import StreamingLoader
 from .metrics import MetricsLogger, collapse_warning, format_line
 from .model import DEFAULT_FEATURE_GRAD_MULT, PretrainingObjective, build_model, resolve_config
@@ -84,8 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--adam_beta2", type=BETA, default=0.98)
     a("--adam_epsilon", type=POSITIVE, default=1e-6)
     a("--max_grad_norm", type=POSITIVE, default=None, help="clip the gradient norm (off: None)")
-    a("--gradient_accumulation_steps", type=COUNT, default=1,
-      help="micro-batches per optimizer update")
+    a("--gradient_accumulation_steps", type=COUNT, default=None,
+      help="micro-batches per optimizer update (default: 1, or the --ipu_config_name file's)")
     a("--per_device_train_batch_size", type=COUNT, default=8,
       help="rows of the longest bucket; sets the per-batch sample budget")
     a("--max_tokens", type=COUNT, default=None, help="samples per batch (overrides the above)")
@@ -109,15 +110,20 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="recompute encoder layers in the backward pass (less memory, more time)")
     a("--backend", default="auto", choices=["auto", "cpu", "cuda", "ipu"],
       help="auto: cuda when a GPU is visible, else cpu")
-    a("--ipu_replicas", type=COUNT, default=1,
-      help="ipu: data-parallel replicas inside one process (poptorch replication)")
-    a("--ipu_device_iterations", type=COUNT, default=1,
+    a("--ipu_config_name", type=Path, default=None,
+      help="ipu: an ipu_config.json in optimum-graphcore's format (pipeline, memory, "
+           "replication, accumulation); the flags below override its values")
+    a("--ipu_replicas", type=COUNT, default=None,
+      help="ipu: data-parallel replicas inside one process (poptorch replication; default: "
+           "1, or the --ipu_config_name file's replication_factor)")
+    a("--ipu_device_iterations", type=COUNT, default=None,
       help="ipu: optimizer updates per host call when the next ones share a shape (the "
-           "learning rate is held for the call)")
+           "learning rate is held for the call; default: 1, or the file's)")
     a("--ipu_executable_cache", type=Path, default=None,
-      help="ipu: compiled executables, one per shape (default: OUTPUT_DIR/exe_cache)")
-    a("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-      help="auto: bf16 on cuda, fp32 on cpu and ipu")
+      help="ipu: compiled executables, one per shape (default: the file's "
+           "executable_cache_dir, else OUTPUT_DIR/exe_cache)")
+    a("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+      help="auto: bf16 on cuda, fp32 on cpu, fp16 on ipu")
     a("--torch_compile_backend", default=None,
       help="torch.compile backend (cuda default: inductor; cpu default: none, eager)")
     a("--logging_steps", type=COUNT, default=10, help="log every N updates")
@@ -149,16 +155,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.max_gumbel_temperature < args.min_gumbel_temperature:
         problems.append("need --min_gumbel_temperature <= --max_gumbel_temperature")
     if args.backend == "ipu" and args.precision == "bf16":
-        problems.append("--backend ipu trains in fp32 here (IPUs have no bf16)")
+        problems.append("--backend ipu trains in fp16 or fp32 (IPUs have no bf16)")
+    if args.backend != "ipu" and args.precision == "fp16":
+        problems.append("--precision fp16 is for --backend ipu (cuda: bf16)")
     if args.backend == "ipu" and args.gradient_checkpointing:
         problems.append("--gradient_checkpointing is torch's recompute, which poptorch does "
                         "not trace: leave it out with --backend ipu")
     for name in ("ipu_replicas", "ipu_device_iterations"):
-        if args.backend != "ipu" and getattr(args, name) != 1:
+        if args.backend != "ipu" and getattr(args, name) not in (None, 1):
             problems.append(f"--{name} is for --backend ipu")
+    if args.backend != "ipu" and args.ipu_config_name:
+        problems.append("--ipu_config_name is for --backend ipu")
+    problems += _resolve_ipu_flags(args)
     if problems:
         p.error("; ".join(problems))
     return args
+
+
+def _resolve_ipu_flags(args: argparse.Namespace) -> list[str]:
+    """The IPU's replicas, accumulation, device iterations and cache: the flags given, else
+    the --ipu_config_name file's, else 1 (and the default cache); written back into ``args``
+    so that train_config.json records what runs. Returns what is wrong with the file."""
+    settings = None
+    if args.backend == "ipu":
+        try:
+            settings = resolve_ipu_config(
+                args.ipu_config_name, replication_factor=args.ipu_replicas,
+                gradient_accumulation_steps=args.gradient_accumulation_steps,
+                device_iterations=args.ipu_device_iterations,
+                executable_cache_dir=args.ipu_executable_cache and str(args.ipu_executable_cache))
+        except IpuConfigError as exc:
+            return [f"--ipu_config_name {exc}" if args.ipu_config_name else str(exc)]
+    args.ipu_replicas = settings.replication_factor if settings else 1
+    args.gradient_accumulation_steps = (settings.gradient_accumulation_steps if settings
+                                        else args.gradient_accumulation_steps or 1)
+    args.ipu_device_iterations = settings.device_iterations if settings else 1
+    if settings and settings.executable_cache_dir:
+        args.ipu_executable_cache = Path(settings.executable_cache_dir)
+    return []
 
 
 def _param_groups(model, weight_decay: float) -> list[dict]:
@@ -276,6 +310,8 @@ def start_run(args, backend, config) -> tuple[rundir.OutputDirLock | None, dict]
     resolved = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     resolved.update(backend_resolved=backend.name, precision_resolved=backend.precision,
                     world_size=backend.world_size)
+    if backend.name == "ipu":  # each pipeline block and the IPU of a replica it runs on
+        resolved["ipu_placement"] = [list(block) for block in backend.placement]
     if backend.rank == 0:
         (args.output_dir / "train_config.json").write_text(json.dumps(
             {"args": resolved, "model": config.to_dict()}, indent=1, sort_keys=True,
@@ -341,17 +377,20 @@ class StopRequest:
 def train(args: argparse.Namespace) -> None:
     # 1. Backend and processes, configuration.
     stop = StopRequest()
+    overrides = {"mask_time_prob": args.mask_time_prob,
+                 "mask_time_length": args.mask_time_length, "num_negatives": args.num_negatives}
+    config = resolve_config(args.preset, args.model_name_or_path, overrides)
     cache = args.ipu_executable_cache or args.output_dir / "exe_cache"
     backend = create_backend(
         args.backend, precision=args.precision, compile_backend=args.torch_compile_backend,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         ipu_replicas=args.ipu_replicas, ipu_device_iterations=args.ipu_device_iterations,
-        ipu_executable_cache=str(cache), seed=args.seed)
+        ipu_executable_cache=str(cache),
+        ipu_config_name=args.ipu_config_name and str(args.ipu_config_name),
+        ipu_conv_layers=len(config.conv_dim), ipu_encoder_layers=config.num_hidden_layers,
+        seed=args.seed)
     rank, world, main = backend.rank, backend.world_size, backend.rank == 0
     torch.manual_seed(args.seed + rank)
-    overrides = {"mask_time_prob": args.mask_time_prob,
-                 "mask_time_length": args.mask_time_length, "num_negatives": args.num_negatives}
-    config = resolve_config(args.preset, args.model_name_or_path, overrides)
     lock, resolved = start_run(args, backend, config)
 
     # 2. Data: the shape plan from index.json, the stream of this rank.

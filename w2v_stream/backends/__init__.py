@@ -97,16 +97,31 @@ def resolve_backend(name: str) -> str:
 
 
 def create_backend(name: str, *, precision: str = "auto", compile_backend: str | None = None,
-                   gradient_accumulation_steps: int = 1, ipu_replicas: int = 1,
-                   ipu_device_iterations: int = 1, ipu_executable_cache: str | None = None,
-                   seed: int = 0) -> Backend:
-    """The backend for ``--backend NAME`` (auto, cpu, cuda, ipu), set up and ready."""
+                   gradient_accumulation_steps: int | None = None,
+                   ipu_replicas: int | None = None, ipu_device_iterations: int | None = None,
+                   ipu_executable_cache: str | None = None,
+                   ipu_config_name: str | None = None, ipu_conv_layers: int = 0,
+                   ipu_encoder_layers: int = 0, seed: int = 0) -> Backend:
+    """The backend for ``--backend NAME`` (auto, cpu, cuda, ipu), set up and ready.
+
+    The IPU's settings are ``ipu_config_name``'s (optimum's format, or its defaults without
+    one) with the ``ipu_*`` and accumulation values given (not None) in their place; its
+    blocks are those of a model of ``ipu_conv_layers`` conv and ``ipu_encoder_layers``
+    encoder layers."""
     kind = resolve_backend(name)
     if kind == "ipu":
+        from . import ipu_config
         from .ipu import IpuBackend
 
-        return IpuBackend(ipu_replicas, gradient_accumulation_steps, ipu_device_iterations,
-                          ipu_executable_cache, seed, precision)
+        settings = ipu_config.resolve(
+            ipu_config_name, replication_factor=ipu_replicas,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            device_iterations=ipu_device_iterations, executable_cache_dir=ipu_executable_cache)
+        try:
+            return IpuBackend(settings, ipu_conv_layers, ipu_encoder_layers, seed, precision)
+        except ipu_config.IpuConfigError as exc:
+            raise ipu_config.IpuConfigError(f"{ipu_config_name or 'the IPU defaults'}: {exc}") \
+                from None
     from .torch_backend import TorchBackend
 
-    return TorchBackend(kind, precision, compile_backend, gradient_accumulation_steps)
+    return TorchBackend(kind, precision, compile_backend, gradient_accumulation_steps or 1)

@@ -4,6 +4,30 @@ Written against the poptorch 3.x API (Poplar SDK 3.x). Its host side runs in the
 ``tests/sim_poptorch``; it has not run on IPU hardware or under Poplar's compiler. The package
 never imports this module unless ``--backend ipu`` is asked for.
 
+Pipelining and memory come from an ``ipu_config.IpuConfig`` (``--ipu_config_name``, optimum's
+format). Each block of ``ipu_config.block_names`` starts with ``poptorch.BeginBlock`` on the
+module the objective really calls for it (``pipeline_modules``: the quantizer's block starts
+at ``quantizer.weight_proj``, which the objective calls, not at the quantizer), on the IPU
+``ipu_config.placement`` gives it. The poptorch calls that carry the configuration:
+
+- ``poptorch.BeginBlock(module, name, ipu)`` per block, and
+  ``options.setExecutionStrategy(poptorch.PipelinedExecution(poptorch.AutoStage.SameAsIpu))``
+  when a replica spans several IPUs (one pipeline stage per IPU; poptorch then turns on its
+  pipeline recomputation, which ``poptorch.recomputationCheckpoint`` on each encoder layer's
+  output limits when ``recompute_checkpoint_every_layer`` is set);
+- ``options.setAvailableMemoryProportion({"IPU0": p, ...})`` from ``matmul_proportion``;
+- ``options.TensorLocations.setOptimizerLocation(poptorch.TensorLocationSettings()
+  .useOnChipStorage(not optimizer_state_offchip).useReplicatedTensorSharding(rts))``, sharding
+  only with more than one replica (as optimum does);
+- ``options.Precision.setPartialsType(torch.half)`` for ``enable_half_partials``;
+- in fp16 (``--precision fp16``, the IPU's default): the objective in half precision
+  (``objective.half()``, as optimum halves its pipelined model) with its loss in fp32 where the
+  objective computes it, ``options.Precision.enableStochasticRounding(True)``, and
+  ``poptorch.optim.AdamW(..., loss_scaling=LOSS_SCALING, accum_type=torch.half,
+  first_order_momentum_accum_type=torch.half, second_order_momentum_accum_type=torch.float)``
+  (optimum's IPUTrainer types in fp16). The host copy of the weights, which checkpoints save
+  and eval runs on, is then half as well.
+
 One compiled executable per bucket shape and call size: poptorch compiles a model for one input
 shape and one number of device iterations, so each pair gets its own ``trainingModel`` over the
 same weights (at most two per bucket: ``d`` = D and ``d`` = 1), and the executable cache makes
@@ -11,8 +35,8 @@ later runs load instead of compile. Only one executable is attached at a time; w
 changes, the weights and the optimizer state go through the host to the next one (the loader's
 ``bucket_runs`` keeps same-shape batches together so this is rare).
 
-One host call runs ``d`` optimizer updates (``d`` is ``--ipu_device_iterations`` or 1): the
-host batch is ``d`` loader batches of one bucket stacked, each a multiple of ``replicas x
+One host call runs ``d`` optimizer updates (``d`` is ``device_iterations`` or 1): the host
+batch is ``d`` loader batches of one bucket stacked, each a multiple of ``replicas x
 accumulation`` rows, and poptorch splits it over device iterations (one update each, the
 outermost split), replicas and gradient accumulation. The trainer takes ``d`` > 1 only when the
 loader's next ``d`` batches share a bucket and no log, eval, checkpoint or the last step falls
@@ -31,6 +55,13 @@ import os
 import torch
 
 from . import LoaderNeeds, UpdateResult
+from .ipu_config import IpuConfig, describe, placement
+
+# fp16's loss scale. Each micro-batch's loss is divided by the masked frames of its whole
+# update (tens of thousands for BASE's 128 utterances of up to 15.6 s per update), so its
+# gradients are that many times smaller than those of optimum's unnormalised per-micro-batch
+# loss, which trains in fp16 with a scale of 1; 2**15 brings them back to that range.
+LOSS_SCALING = 2.0 ** 15
 
 INSTALL_HINT = ("poptorch is not installed. It ships with Graphcore's Poplar SDK, not PyPI: "
                 "install the SDK (https://www.graphcore.ai/downloads), source its enable.sh, "
@@ -77,10 +108,12 @@ def micro_batch_negatives(negatives: torch.Tensor, split: int) -> torch.Tensor:
 
 
 def host_batch(batches: list[dict], split: int, temperatures: list[float],
-               normalisers: list[float]) -> tuple[torch.Tensor, ...]:
+               normalisers: list[float],
+               input_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
     """The inputs of one host call: ``len(batches)`` updates' loader batches stacked in order
-    (poptorch gives each device iteration the next block of rows), negatives moved into each
-    micro-batch's own frames, and one temperature and normaliser value per row."""
+    (poptorch gives each device iteration the next block of rows), the audio in the model's
+    ``input_dtype``, negatives moved into each micro-batch's own frames, and one temperature
+    and normaliser value per row."""
     shapes = {tuple(b["input_values"].shape) for b in batches}
     if len(shapes) != 1:
         raise ValueError(f"one host call takes one shape, got {sorted(shapes)}")
@@ -92,7 +125,7 @@ def host_batch(batches: list[dict], split: int, temperatures: list[float],
     def per_row(values):
         return torch.cat([torch.full((rows,), float(v)) for v in values])
 
-    return (torch.cat([b["input_values"] for b in batches]),
+    return (torch.cat([b["input_values"] for b in batches]).to(input_dtype),
             torch.cat([b["attention_mask"] for b in batches]),
             torch.cat([b["mask_time_indices"] for b in batches]),
             torch.cat([micro_batch_negatives(b["sampled_negative_indices"], split)
@@ -116,6 +149,16 @@ _SUMMED = ("updates", "masked_frames", "loss", "contrastive_loss", "diversity_lo
            "prob_perplexity", "code_perplexity", "num_frames", "micro_batches", "audio_samples")
 
 
+def pipeline_modules(objective: torch.nn.Module) -> list[torch.nn.Module]:
+    """The module that starts each block of ``ipu_config.block_names``, where
+    ``PretrainingObjective`` calls it: ops after a block's module run in that block until the
+    next block's module is called."""
+    model = objective.model
+    encoder = model.wav2vec2.encoder
+    return [*model.wav2vec2.feature_extractor.conv_layers, encoder.pos_conv_embed,
+            *encoder.layers, model.project_hid, model.quantizer.weight_proj, model.project_q]
+
+
 class IpuBackend:
     """Training updates on IPUs, one process; eval runs on the host's copy of the weights."""
 
@@ -123,19 +166,23 @@ class IpuBackend:
     rank, world_size = 0, 1  # data parallel is poptorch replication inside this process
     device = torch.device("cpu")  # where the host keeps weights, and where eval runs
 
-    def __init__(self, replication_factor: int, gradient_accumulation: int,
-                 device_iterations: int, executable_cache_dir: str, seed: int,
-                 precision: str = "auto"):
+    def __init__(self, settings: IpuConfig, num_conv_layers: int, num_encoder_layers: int,
+                 seed: int, precision: str = "auto"):
         self.poptorch = import_poptorch()  # fails first, with how to get the Poplar SDK
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ValueError("--backend ipu runs as one process: data parallel comes from "
                              "--ipu_replicas (poptorch replication), not torchrun")
-        if precision not in ("auto", "fp32"):
-            raise ValueError(f"--precision {precision!r}: the IPU path trains in fp32 here")
-        self.precision = "fp32"
-        self.settings = (replication_factor, gradient_accumulation, executable_cache_dir, seed)
-        self.device_iterations = device_iterations
-        self.split = replication_factor * gradient_accumulation
+        if precision not in ("auto", "fp16", "fp32"):
+            raise ValueError(f"--precision {precision!r}: choose fp16 or fp32 on the IPU")
+        self.precision = "fp16" if precision == "auto" else precision
+        self.dtype = torch.half if self.precision == "fp16" else torch.float32
+        self.settings, self.seed = settings, seed
+        self.placement = placement(settings, num_conv_layers, num_encoder_layers)
+        print(f"IPU placement ({settings.ipus_per_replica} IPUs per replica, "
+              f"{settings.replication_factor} replicas):\n{describe(self.placement)}",
+              flush=True)
+        self.device_iterations = settings.device_iterations
+        self.split = settings.replication_factor * settings.gradient_accumulation_steps
         self.loader_needs = LoaderNeeds(split=self.split, bucket_runs=True,
                                         multiprocessing_context="fork", pin_memory=False)
         self.models: dict[tuple[int, ...], object] = {}
@@ -143,19 +190,42 @@ class IpuBackend:
         self.objective = self.optimizer = None
 
     def _options(self, device_iterations: int):
-        replicas, accumulation, cache_dir, seed = self.settings
-        options = self.poptorch.Options()
-        options.randomSeed(seed)  # dropout and gumbel noise drawn on the device
-        options.replicationFactor(replicas)
+        poptorch, settings = self.poptorch, self.settings
+        options = poptorch.Options()
+        options.randomSeed(self.seed)  # dropout and gumbel noise drawn on the device
+        options.replicationFactor(settings.replication_factor)
         options.deviceIterations(device_iterations)
-        options.Training.gradientAccumulation(accumulation)
-        options.Training.accumulationAndReplicationReductionType(
-            self.poptorch.ReductionType.Sum)
-        options.outputMode(self.poptorch.OutputMode.Sum)
-        options.enableExecutableCaching(cache_dir)
+        options.Training.gradientAccumulation(settings.gradient_accumulation_steps)
+        options.Training.accumulationAndReplicationReductionType(poptorch.ReductionType.Sum)
+        options.outputMode(poptorch.OutputMode.Sum)
+        if settings.executable_cache_dir != "disabled":
+            options.enableExecutableCaching(settings.executable_cache_dir)
+        if settings.pipelined:
+            options.setExecutionStrategy(
+                poptorch.PipelinedExecution(poptorch.AutoStage.SameAsIpu))
+        options.setAvailableMemoryProportion(settings.memory_proportions())
+        options.TensorLocations.setOptimizerLocation(
+            poptorch.TensorLocationSettings()
+            .useOnChipStorage(not settings.optimizer_state_offchip)
+            .useReplicatedTensorSharding(settings.replicated_tensor_sharding and
+                                         settings.replication_factor > 1))
+        if settings.enable_half_partials:
+            options.Precision.setPartialsType(torch.half)
+        if self.precision == "fp16":
+            options.Precision.enableStochasticRounding(True)
         return options
 
     def prepare(self, objective, param_groups, lr, betas, eps, max_grad_norm):
+        modules = pipeline_modules(objective)
+        if len(modules) != len(self.placement):
+            raise ValueError(f"the objective has {len(modules)} pipeline blocks, the placement "
+                             f"{len(self.placement)}: build the backend for this model")
+        if self.settings.pipelined:
+            for module, (block, ipu) in zip(modules, self.placement):
+                self.poptorch.BeginBlock(module, block, ipu)
+        if self.settings.recompute_checkpoint_every_layer:
+            for layer in objective.model.wav2vec2.encoder.layers:
+                layer.register_forward_hook(self._checkpoint_output)
         kwargs = {}
         if max_grad_norm:
             accepted = inspect.signature(self.poptorch.optim.AdamW).parameters
@@ -163,10 +233,22 @@ class IpuBackend:
                 raise ValueError("--max_grad_norm: this poptorch's AdamW cannot clip; leave "
                                  "it unset on the IPU")
             kwargs["max_grad_norm"] = max_grad_norm
-        self.objective = objective
+        if self.precision == "fp16":
+            kwargs.update(loss_scaling=LOSS_SCALING, accum_type=torch.half,
+                          first_order_momentum_accum_type=torch.half,
+                          second_order_momentum_accum_type=torch.float32)
+        self.objective = objective.to(self.dtype)
         self.optimizer = self.poptorch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps,
                                                    **kwargs)
         return self.optimizer
+
+    def _checkpoint_output(self, module, inputs, output):
+        """Forward hook: an encoder layer's output is kept, not recomputed, in the backward
+        pass (a tensor, or a tuple whose tensors are)."""
+        if isinstance(output, torch.Tensor):
+            return self.poptorch.recomputationCheckpoint(output)
+        return tuple(self.poptorch.recomputationCheckpoint(x) if isinstance(x, torch.Tensor)
+                     else x for x in output)
 
     def update(self, batches, upcoming, step, limit, schedule) -> UpdateResult:
         """``d`` optimizer updates in one host call (``call_size``); the learning rate of the
@@ -188,7 +270,7 @@ class IpuBackend:
         lr = schedule(step)[0]
         temperatures = [schedule(step + i)[1] for i in range(d)]
         normalisers = [max(float(b["mask_time_indices"].sum()), 1.0) for b in group]
-        inputs = host_batch(group, self.split, temperatures, normalisers)
+        inputs = host_batch(group, self.split, temperatures, normalisers, self.dtype)
         for param_group in self.optimizer.param_groups:
             param_group["lr"] = lr
         model = self._activate((d,) + tuple(inputs[0].shape))
@@ -206,7 +288,7 @@ class IpuBackend:
 
     def eval_forward(self, batch: dict, temperature: float) -> dict:
         with torch.no_grad():
-            return self.objective(batch["input_values"], batch["attention_mask"],
+            return self.objective(batch["input_values"].to(self.dtype), batch["attention_mask"],
                                   batch["mask_time_indices"],
                                   batch["sampled_negative_indices"].long(),
                                   torch.tensor(temperature))
