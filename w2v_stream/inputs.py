@@ -1,0 +1,222 @@
+"""Finding utterances in your own audio: a folder of audio files, a fairseq manifest, a lhotse
+manifest.
+
+4. A folder that is not a LibriSpeech layout: every audio file under it, recursively, in
+   sorted relative-path order; hidden files and folders are skipped, and so is a symbolic
+   link that leads back into a folder it is in.
+5. A fairseq manifest (``train.tsv``): the root folder on the first line, then one
+   ``relative/path<TAB>num_samples`` line per file.
+6. A lhotse ``RecordingSet`` or ``CutSet`` manifest (``.jsonl``, ``.jsonl.gz``), read with
+   lhotse itself: each recording, or each cut (its start, duration and channels), is one
+   utterance.
+
+Ids come from the relative path (``utterance_id``) or the cut's id, so they are unique and
+the same from run to run; the file goes into the sample's metadata as ``source``. Each kind
+yields the events of ``events.py``, so the converter treats them as any other input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from .audio import Excerpt
+from .events import AudioFound, Event, Problem
+from .shards import ShardFormatError, check_id
+
+AUDIO_EXTENSIONS = ("flac", "wav", "ogg", "opus", "mp3")
+LHOTSE_PIP = "pip install lhotse==1.33.0"
+FILES_PER_PART = 256  # files at the top of a folder walked by one worker at a time
+# Room left in an id for a piece number ("-00012") when a long recording is cut.
+_ID_STEM_CHARS = 40
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def utterance_id(name: str) -> str:
+    """A manifest's id as a shard-safe id: the id itself when it is safe and leaves room for
+    a piece number, else ``hashed_id`` of it."""
+    try:
+        if len(name) <= _ID_STEM_CHARS + 17:
+            return check_id(name)
+    except ShardFormatError:
+        pass
+    return hashed_id(name)
+
+
+def hashed_id(name: str) -> str:
+    """A shard-safe id for a relative path (or any name): its readable part (``/`` becomes
+    ``-``, a run of other unsafe characters ``_``, only the end kept) and a hash of the whole
+    name, which keeps the ids of different names different (``a.wav`` and ``a.flac`` too)."""
+    stem = _UNSAFE.sub("_", name.rsplit(".", 1)[0].replace("/", "-"))
+    stem = stem[-_ID_STEM_CHARS:].lstrip("_-") or "u"
+    return f"{stem}-{hashlib.blake2b(name.encode(), digest_size=8).hexdigest()}"
+
+
+class AudioFolderSource:
+    """Every audio file under a folder, recursively; the id is the relative path's."""
+
+    streamed = False
+
+    def __init__(self, root: Path, split: str, extensions: Sequence[str] = AUDIO_EXTENSIONS):
+        self.root = str(root)
+        self.location = self.root
+        self.split = split
+        self.suffixes = tuple("." + e.lower().lstrip(".") for e in extensions)
+
+    def parts(self) -> list[tuple[str, ...]]:
+        """The folder in pieces that workers walk on their own: each folder at the top, and
+        the files between them in runs of at most FILES_PER_PART. Their events, in this
+        order, are ``events()``'s."""
+        parts: list[tuple[str, ...]] = []
+        files: list[str] = []
+        for name in self._entries(self.root):
+            is_folder = os.path.isdir(os.path.join(self.root, name))
+            if files and (is_folder or len(files) == FILES_PER_PART):
+                parts.append(tuple(files))
+                files = []
+            if is_folder:
+                parts.append((name,))
+            else:
+                files.append(name)
+        return parts + ([tuple(files)] if files else [])
+
+    def events(self, part: tuple[str, ...] | None = None) -> Iterator[Event]:
+        """Every audio file's event in sorted relative-path order; one piece's with ``part``
+        (see parts)."""
+        try:
+            top = frozenset({_identity(self.root)})
+            names = self._entries(self.root) if part is None else part
+        except OSError as exc:
+            yield Problem("unreadable_folder", None, self.root, str(exc))
+            return
+        for name in names:
+            yield from self._walk(name, top)
+
+    def _walk(self, relative: str, ancestors: frozenset) -> Iterator[Event]:
+        path = os.path.join(self.root, relative)
+        if not os.path.isdir(path):
+            yield AudioFound(hashed_id(relative), None, None, self.split, path, path=path,
+                             source=path)
+            return
+        try:
+            identity = _identity(path)
+            if identity in ancestors:
+                yield Problem("symlink_loop", None, path,
+                              "a link back to a folder it is in; not followed")
+                return
+            names = self._entries(path)
+        except OSError as exc:
+            yield Problem("unreadable_folder", None, path, str(exc))
+            return
+        for name in names:
+            yield from self._walk(f"{relative}/{name}", ancestors | {identity})
+
+    def _entries(self, folder: str) -> list[str]:
+        """Sorted names of the folders and audio files in ``folder``, hidden ones left out."""
+        with os.scandir(folder) as entries:
+            return sorted(e.name for e in entries if not e.name.startswith(".")
+                          and (e.name.lower().endswith(self.suffixes) or e.is_dir()))
+
+
+def _identity(path: str) -> tuple[int, int]:
+    """What a folder is, whatever links lead to it: its device and inode."""
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino
+
+
+class FairseqManifestSource:
+    """A fairseq manifest: the root folder, then ``relative/path<TAB>num_samples`` lines."""
+
+    streamed = False
+
+    def __init__(self, manifest: Path, split: str):
+        self.location = str(manifest)
+        self.split = split
+
+    def events(self) -> Iterator[Event]:
+        try:
+            with open(self.location, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            yield Problem("bad_manifest", None, self.location, f"unreadable ({exc})")
+            return
+        root = lines[0].strip() if lines else ""
+        if not root:
+            yield Problem("bad_manifest", None, self.location,
+                          "the first line must be the root folder of the files listed")
+            return
+        for number, line in enumerate(lines[1:], 2):
+            relative, tab, count = line.partition("\t")
+            if not line.strip():
+                continue
+            if not tab or not relative or not count.strip().isdigit():
+                yield Problem("bad_manifest_line", None, f"{self.location}:{number}",
+                              f"expected relative/path<TAB>num_samples: {line[:60]!r}")
+                continue
+            path = os.path.join(root, relative)
+            yield AudioFound(hashed_id(relative), None, None, self.split, path, path=path,
+                             source=path)
+
+
+def require_lhotse(where: str) -> None:
+    """ValueError, in one line saying how to install it, when lhotse is not importable."""
+    try:
+        import lhotse  # noqa: F401  (only lhotse manifests need it)
+    except ImportError:
+        raise ValueError(f"{where}: reading a lhotse manifest needs lhotse: "
+                         f"{LHOTSE_PIP}") from None
+
+
+class LhotseManifestSource:
+    """A lhotse RecordingSet or CutSet manifest (``.jsonl``, ``.jsonl.gz``), read lazily."""
+
+    streamed = False
+
+    def __init__(self, manifest: Path, split: str):
+        self.location = str(manifest)
+        self.split = split
+
+    def events(self) -> Iterator[Event]:
+        from lhotse import Recording, load_manifest_lazy
+
+        try:
+            manifest = load_manifest_lazy(self.location)
+            if manifest is None:
+                raise ValueError("not a lhotse .jsonl or .jsonl.gz manifest")
+            for item in manifest:
+                yield self._event(item, isinstance(item, Recording))
+        except Exception as exc:  # lhotse's parsers raise many kinds; what came before stays
+            yield Problem("bad_manifest", None, self.location,
+                          f"unreadable past this point ({type(exc).__name__}: {exc})")
+
+    def _event(self, item, is_recording: bool) -> Event:
+        location = f"{self.location}#{item.id}"
+        recording = item if is_recording else getattr(item, "recording", None)
+        if recording is None:
+            return Problem("unsupported_cut", None, location,
+                           f"a {type(item).__name__} has no single recording; mixed and "
+                           f"padding cuts are not read")
+        sources = recording.sources
+        if len(sources) != 1 or sources[0].type != "file":
+            kinds = ", ".join(s.type for s in sources)
+            return Problem("unsupported_source", None, location,
+                           f"audio from {len(sources)} source(s) ({kinds}); only a recording "
+                           f"in one file is read")
+        if getattr(recording, "transforms", None):
+            return Problem("unsupported_source", None, location,
+                           "the recording has transforms (speed, volume, ...); not applied")
+        path = str(sources[0].source)
+        excerpt = None
+        if not is_recording:
+            wanted = item.channel if isinstance(item.channel, list) else [item.channel]
+            if not set(wanted) <= set(sources[0].channels):
+                return Problem("bad_manifest", None, location,
+                               f"channels {wanted} are not in the file's {sources[0].channels}")
+            excerpt = Excerpt(float(item.start), float(item.duration),
+                              tuple(sources[0].channels.index(c) for c in wanted))
+        texts = [] if is_recording else [s.text for s in item.supervisions if s.text]
+        return AudioFound(utterance_id(item.id), None, None, self.split, location, path=path,
+                          text=" ".join(texts) or None, source=path, excerpt=excerpt)
