@@ -20,8 +20,9 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import ClassVar, Iterator, Sequence
 
 from .audio import Excerpt
 from .events import AudioFound, Event, Problem
@@ -127,16 +128,23 @@ def _identity(path: str) -> tuple[int, int]:
     return stat.st_dev, stat.st_ino
 
 
-class FairseqManifestSource:
-    """A fairseq manifest: the root folder, then ``relative/path<TAB>num_samples`` lines."""
+@dataclass(frozen=True)
+class ManifestSource:
+    """A manifest listing audio files: ``fairseq`` (``.tsv``) or ``lhotse`` (``.jsonl``,
+    ``.jsonl.gz``)."""
 
-    streamed = False
-
-    def __init__(self, manifest: Path, split: str):
-        self.location = str(manifest)
-        self.split = split
+    location: str  # the manifest's path
+    split: str
+    kind: str
+    streamed: ClassVar[bool] = False
 
     def events(self) -> Iterator[Event]:
+        if self.kind == "lhotse":
+            return _lhotse_events(self.location, self.split)
+        return self._fairseq_events()
+
+    def _fairseq_events(self) -> Iterator[Event]:
+        """The root folder, then ``relative/path<TAB>num_samples`` lines."""
         try:
             with open(self.location, encoding="utf-8") as f:
                 lines = f.read().splitlines()
@@ -170,53 +178,47 @@ def require_lhotse(where: str) -> None:
                          f"{LHOTSE_PIP}") from None
 
 
-class LhotseManifestSource:
-    """A lhotse RecordingSet or CutSet manifest (``.jsonl``, ``.jsonl.gz``), read lazily."""
+def _lhotse_events(manifest: str, split: str) -> Iterator[Event]:
+    """A lhotse RecordingSet or CutSet manifest's utterances, read lazily."""
+    from lhotse import Recording, load_manifest_lazy
 
-    streamed = False
+    try:
+        items = load_manifest_lazy(manifest)
+        if items is None:
+            raise ValueError("not a lhotse .jsonl or .jsonl.gz manifest")
+        for item in items:
+            yield _lhotse_event(item, isinstance(item, Recording), f"{manifest}#{item.id}",
+                                split)
+    except Exception as exc:  # lhotse's parsers raise many kinds; what came before stays
+        yield Problem("bad_manifest", None, manifest,
+                      f"unreadable past this point ({type(exc).__name__}: {exc})")
 
-    def __init__(self, manifest: Path, split: str):
-        self.location = str(manifest)
-        self.split = split
 
-    def events(self) -> Iterator[Event]:
-        from lhotse import Recording, load_manifest_lazy
-
-        try:
-            manifest = load_manifest_lazy(self.location)
-            if manifest is None:
-                raise ValueError("not a lhotse .jsonl or .jsonl.gz manifest")
-            for item in manifest:
-                yield self._event(item, isinstance(item, Recording))
-        except Exception as exc:  # lhotse's parsers raise many kinds; what came before stays
-            yield Problem("bad_manifest", None, self.location,
-                          f"unreadable past this point ({type(exc).__name__}: {exc})")
-
-    def _event(self, item, is_recording: bool) -> Event:
-        location = f"{self.location}#{item.id}"
-        recording = item if is_recording else getattr(item, "recording", None)
-        if recording is None:
-            return Problem("unsupported_cut", None, location,
-                           f"a {type(item).__name__} has no single recording; mixed and "
-                           f"padding cuts are not read")
-        sources = recording.sources
-        if len(sources) != 1 or sources[0].type != "file":
-            kinds = ", ".join(s.type for s in sources)
-            return Problem("unsupported_source", None, location,
-                           f"audio from {len(sources)} source(s) ({kinds}); only a recording "
-                           f"in one file is read")
-        if getattr(recording, "transforms", None):
-            return Problem("unsupported_source", None, location,
-                           "the recording has transforms (speed, volume, ...); not applied")
-        path = str(sources[0].source)
-        excerpt = None
-        if not is_recording:
-            wanted = item.channel if isinstance(item.channel, list) else [item.channel]
-            if not set(wanted) <= set(sources[0].channels):
-                return Problem("bad_manifest", None, location,
-                               f"channels {wanted} are not in the file's {sources[0].channels}")
-            excerpt = Excerpt(float(item.start), float(item.duration),
-                              tuple(sources[0].channels.index(c) for c in wanted))
-        texts = [] if is_recording else [s.text for s in item.supervisions if s.text]
-        return AudioFound(utterance_id(item.id), None, None, self.split, location, path=path,
-                          text=" ".join(texts) or None, source=path, excerpt=excerpt)
+def _lhotse_event(item, is_recording: bool, location: str, split: str) -> Event:
+    """One recording or cut: an utterance, or the problem that keeps it out."""
+    recording = item if is_recording else getattr(item, "recording", None)
+    if recording is None:
+        return Problem("unsupported_cut", None, location,
+                       f"a {type(item).__name__} has no single recording; mixed and "
+                       f"padding cuts are not read")
+    sources = recording.sources
+    if len(sources) != 1 or sources[0].type != "file":
+        kinds = ", ".join(s.type for s in sources)
+        return Problem("unsupported_source", None, location,
+                       f"audio from {len(sources)} source(s) ({kinds}); only a recording "
+                       f"in one file is read")
+    if getattr(recording, "transforms", None):
+        return Problem("unsupported_source", None, location,
+                       "the recording has transforms (speed, volume, ...); not applied")
+    path = str(sources[0].source)
+    excerpt = None
+    if not is_recording:
+        wanted = item.channel if isinstance(item.channel, list) else [item.channel]
+        if not set(wanted) <= set(sources[0].channels):
+            return Problem("bad_manifest", None, location,
+                           f"channels {wanted} are not in the file's {sources[0].channels}")
+        excerpt = Excerpt(float(item.start), float(item.duration),
+                          tuple(sources[0].channels.index(c) for c in wanted))
+    texts = [] if is_recording else [s.text for s in item.supervisions if s.text]
+    return AudioFound(utterance_id(item.id), None, None, split, location, path=path,
+                      text=" ".join(texts) or None, source=path, excerpt=excerpt)

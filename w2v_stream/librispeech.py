@@ -23,8 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator, NamedTuple, Sequence
 
 from .events import AudioFound, Event, Problem, Source, TranscriptFound
-from .inputs import (AUDIO_EXTENSIONS, AudioFolderSource, FairseqManifestSource,
-                     LhotseManifestSource, require_lhotse)
+from .inputs import AUDIO_EXTENSIONS, AudioFolderSource, ManifestSource, require_lhotse
 from .shards import ShardFormatError, check_id
 
 AUDIO_SUFFIXES = (".flac", ".wav", ".ogg", ".mp3")
@@ -266,10 +265,10 @@ def open_sources(inputs: list[str], splits: tuple[str, ...] = (),
         elif path.is_file() and name.endswith(".parquet"):
             sources.append(ParquetSource(path, split_name))
         elif path.is_file() and name.endswith(".tsv"):
-            sources.append(FairseqManifestSource(path, own_split))
+            sources.append(ManifestSource(str(path), own_split, "fairseq"))
         elif path.is_file() and name.endswith((".jsonl", ".jsonl.gz")):
             require_lhotse(raw)
-            sources.append(LhotseManifestSource(path, own_split))
+            sources.append(ManifestSource(str(path), own_split, "lhotse"))
         elif path.is_dir() and is_split_folder(path):
             sources.append(FolderSource(path))
         elif path.is_dir():

@@ -371,8 +371,9 @@ def metadata(event: AudioFound, text: str | None, probe: Probe,
              piece: Piece | None = None) -> bytes:
     """A sample's JSON member: canonical bytes, the same whichever process makes them.
 
-    For a ``piece`` of a long recording, ``event`` carries the piece's id. ``source`` names the file of an utterance whose id is not a LibriSpeech name, or that is
-    a piece; ``source_offset`` is where a piece or excerpt starts in it, in 16 kHz samples.
+    For a ``piece`` of a long recording, ``event`` carries the piece's id. ``source`` names
+    the file of an utterance whose id is not a LibriSpeech name, or of a piece;
+    ``source_offset`` is where a piece or an excerpt starts in it, in 16 kHz samples.
     """
     rate = audio.SAMPLE_RATE
     num_samples = probe.num_samples if piece is None else piece.span.stop - piece.span.start
