@@ -17,7 +17,8 @@ import soxr
 
 from conftest import REPO, SPLIT, folder_bytes, run_tool
 from test_make_shards import kill_midway, read_all
-from w2v_stream import shards
+from w2v_stream import inputs, shards
+from w2v_stream.events import AudioFound
 from w2v_stream.inputs import hashed_id
 
 TOOL = "tools/make_shards.py"
@@ -109,6 +110,18 @@ def test_folder_of_every_format(tree, tmp_path):
     assert "skipped: unreadable_audio  2" in proc.stdout
 
 
+def test_a_folder_walked_in_pieces_gives_the_whole_walk(tree, monkeypatch):
+    monkeypatch.setattr(inputs, "FILES_PER_PART", 2)
+    source = inputs.AudioFolderSource(tree, "train")
+    parts = source.parts()
+    assert len(parts) == 3  # two runs of two files at the top, then the folder "sub"
+    events = list(source.events())
+    assert [e for part in parts for e in source.events(part)] == events
+    relative = [Path(e.path).relative_to(tree).parts for e in events
+                if isinstance(e, AudioFound)]
+    assert relative == sorted(relative) and len(relative) == len(GOOD) + 2
+
+
 def test_ids_are_safe_unique_and_stable():
     names = ["a.wav", "a.flac", "a/b.wav", "a-b.wav", "A B/ç é.wav", "x" * 300 + ".wav",
              "../up.wav", ".a.wav"]
@@ -184,6 +197,18 @@ def test_lhotse_cuts_inside_longer_recordings(tmp_path):
         assert meta["split"] == "dev" and meta["num_samples"] == length
     problems = shards.read_index(out)["problems"]
     assert problems["unsupported_source"]["items"][0]["location"] == f"{manifest}#far"
+    # A cut longer than --max_segment_seconds: pieces, each where it is in the file.
+    cut_up = tmp_path / "cut_up"
+    run_tool(TOOL, manifest, "--output_dir", cut_up, "--max_segment_seconds", "2")
+    pieces = [p for key, p in sorted(read_all(cut_up).items()) if key.startswith("first-cut-")]
+    assert len(pieces) == 2
+    file_samples = sf.read(mono, dtype="int16")[0]
+    for parts in pieces:
+        meta = json.loads(parts["json"])
+        offset = meta["source_offset"]
+        assert np.array_equal(int16(parts["flac"]),
+                              file_samples[offset:offset + meta["num_samples"]])
+    assert json.loads(pieces[0]["json"])["source_offset"] == 16000
     recordings = tmp_path / "recordings.jsonl"
     RecordingSet.from_recordings([rec_mono]).to_file(recordings)
     whole = tmp_path / "whole"

@@ -22,7 +22,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Iterator, Sequence
+from typing import ClassVar, Iterator, NamedTuple, Sequence
 
 from .audio import Excerpt
 from .events import AudioFound, Event, Problem
@@ -67,40 +67,41 @@ class AudioFolderSource:
         self.split = split
         self.suffixes = tuple("." + e.lower().lstrip(".") for e in extensions)
 
-    def parts(self) -> list[tuple[str, ...]]:
+    def parts(self) -> list[tuple[Entry, ...]]:
         """The folder in pieces that workers walk on their own: each folder at the top, and
         the files between them in runs of at most FILES_PER_PART. Their events, in this
         order, are ``events()``'s."""
-        parts: list[tuple[str, ...]] = []
-        files: list[str] = []
-        for name in self._entries(self.root):
-            is_folder = os.path.isdir(os.path.join(self.root, name))
-            if files and (is_folder or len(files) == FILES_PER_PART):
+        parts: list[tuple[Entry, ...]] = []
+        files: list[Entry] = []
+        for entry in self._entries(self.root):
+            if files and (entry.is_folder or len(files) == FILES_PER_PART):
                 parts.append(tuple(files))
                 files = []
-            if is_folder:
-                parts.append((name,))
+            if entry.is_folder:
+                parts.append((entry,))
             else:
-                files.append(name)
+                files.append(entry)
         return parts + ([tuple(files)] if files else [])
 
-    def events(self, part: tuple[str, ...] | None = None) -> Iterator[Event]:
+    def events(self, part: tuple[Entry, ...] | None = None) -> Iterator[Event]:
         """Every audio file's event in sorted relative-path order; one piece's with ``part``
         (see parts)."""
         try:
             top = frozenset({_identity(self.root)})
-            names = self._entries(self.root) if part is None else part
+            entries = self._entries(self.root) if part is None else part
         except OSError as exc:
             yield Problem("unreadable_folder", None, self.root, str(exc))
             return
-        for name in names:
-            yield from self._walk(name, top)
+        for entry in entries:
+            yield from self._walk(entry, top)
 
-    def _walk(self, relative: str, ancestors: frozenset) -> Iterator[Event]:
-        path = os.path.join(self.root, relative)
-        if not os.path.isdir(path):
-            yield AudioFound(hashed_id(relative), None, None, self.split, path, path=path,
-                             source=path)
+    def _walk(self, entry: Entry, ancestors: frozenset) -> Iterator[Event]:
+        """``entry``'s event, or those of everything under it (``ancestors``: the folders it
+        is in, to catch a link back to one of them)."""
+        path = os.path.join(self.root, entry.relative)
+        if not entry.is_folder:
+            yield AudioFound(hashed_id(entry.relative), None, None, self.split, path,
+                             path=path, source=path)
             return
         try:
             identity = _identity(path)
@@ -108,18 +109,28 @@ class AudioFolderSource:
                 yield Problem("symlink_loop", None, path,
                               "a link back to a folder it is in; not followed")
                 return
-            names = self._entries(path)
+            entries = self._entries(path, entry.relative + "/")
         except OSError as exc:
             yield Problem("unreadable_folder", None, path, str(exc))
             return
-        for name in names:
-            yield from self._walk(f"{relative}/{name}", ancestors | {identity})
+        for inner in entries:
+            yield from self._walk(inner, ancestors | {identity})
 
-    def _entries(self, folder: str) -> list[str]:
-        """Sorted names of the folders and audio files in ``folder``, hidden ones left out."""
-        with os.scandir(folder) as entries:
-            return sorted(e.name for e in entries if not e.name.startswith(".")
-                          and (e.name.lower().endswith(self.suffixes) or e.is_dir()))
+    def _entries(self, folder: str, prefix: str = "") -> list[Entry]:
+        """The folders and audio files in ``folder``, sorted by name, hidden ones left out;
+        ``prefix`` is ``folder``'s path relative to the root."""
+        with os.scandir(folder) as found:
+            entries = [Entry(prefix + e.name, e.is_dir()) for e in found
+                       if not e.name.startswith(".")
+                       and (e.is_dir() or e.name.lower().endswith(self.suffixes))]
+        return sorted(entries)
+
+
+class Entry(NamedTuple):
+    """A folder or an audio file found under an audio folder."""
+
+    relative: str  # its path from the folder given, with "/" between names
+    is_folder: bool
 
 
 def _identity(path: str) -> tuple[int, int]:
