@@ -236,3 +236,15 @@ def test_own_audio_mixed_with_librispeech(tree, corpus, tmp_path):
     assert index["splits"]["mine"]["utterances"] == 3  # the two WAVs and the FLAC
     metas = [json.loads(p["json"]) for p in read_all(out).values()]
     assert sum("source" in m for m in metas) == 3  # LibriSpeech metadata is as before
+
+
+def test_numbered_folders_of_your_own_are_not_taken_for_librispeech(corpus, tmp_path):
+    from w2v_stream.librispeech import FolderSource, open_sources
+
+    month = tmp_path / "podcasts" / "2021" / "03"
+    month.mkdir(parents=True)
+    sf.write(month / "2021-03-episode.wav", speechlike(16000, 1.0), 16000)
+    own = open_sources([str(tmp_path / "podcasts")])
+    assert [type(s) for s in own] == [inputs.AudioFolderSource]
+    assert [type(s) for s in open_sources([str(corpus / SPLIT)])] == [FolderSource]
+    assert [type(s) for s in open_sources([str(corpus)])] == [FolderSource]

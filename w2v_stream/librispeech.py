@@ -235,12 +235,13 @@ def split_from_parquet_path(path: Path) -> str:
 
 def is_split_folder(path: Path) -> bool:
     """True for ``<split>/`` holding ``<speaker>/<chapter>/`` folders of digits whose first
-    chapter holds a file named for them (``<speaker>-<chapter>...``): a folder of your own
-    audio sorted into numbered folders (years, months) is not taken for one."""
+    chapter holds an utterance or transcript named for them (``<speaker>-<chapter>-0000.flac``,
+    ``<speaker>-<chapter>.trans.txt``): a folder of your own audio sorted into numbered
+    folders (years, months) is not taken for one."""
     for speaker in sorted(p for p in path.iterdir() if p.is_dir() and p.name.isdigit()):
         for chapter in sorted(p for p in speaker.iterdir() if p.is_dir() and p.name.isdigit()):
-            prefix = f"{speaker.name}-{chapter.name}"
-            return any(f.name.startswith(prefix) for f in chapter.iterdir())
+            named = re.compile(rf"{speaker.name}-{chapter.name}(-\d+\.\w+|\.trans\.txt)")
+            return any(named.fullmatch(f.name) for f in chapter.iterdir())
     return False
 
 
