@@ -383,7 +383,11 @@ def test_every_flag_is_checked_before_any_work(corpus, tmp_path):
             (["--max_duration_in_seconds", "inf"], "max_duration_in_seconds must be a finite"),
             (["--max_duration_in_seconds", "nan"], "max_duration_in_seconds must be a finite"),
             (["--min_duration_in_seconds", "3", "--max_duration_in_seconds", "3"],
-             "min_duration_in_seconds 3.0 >= max_duration_in_seconds 3.0")]:
+             "min_duration_in_seconds 3.0 >= max_duration_in_seconds 3.0"),
+            (["--max_segment_seconds", "0"], "max_segment_seconds must be a finite number > 0"),
+            (["--max_segment_seconds", "inf"], "max_segment_seconds must be a finite number"),
+            (["--min_duration_in_seconds", "20", "--max_segment_seconds", "20"],
+             "min_duration_in_seconds 20.0 >= max_segment_seconds 20.0")]:
         proc = run_tool(TOOL, corpus, "--output_dir", out, *flags, check=False)
         assert proc.returncode == 2, flags
         errors = [line for line in proc.stderr.splitlines() if "error:" in line]

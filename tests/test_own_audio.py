@@ -176,7 +176,8 @@ def test_lhotse_cuts_inside_longer_recordings(tmp_path):
     cuts = [MonoCut("first-cut", 1.0, 2.5, 0, recording=rec_mono),
             MonoCut("cut.with/odd:id", 5.25, 3.0, 0, recording=rec_mono),
             MonoCut("right", 2.0, 1.5, 1, recording=rec_stereo),
-            MonoCut("far", 0.0, 1.0, 0, recording=remote)]
+            MonoCut("far", 0.0, 1.0, 0, recording=remote),
+            MonoCut("late", 11.0, 3.0, 0, recording=rec_mono)]
     manifest = tmp_path / "cuts.jsonl.gz"
     CutSet.from_cuts(cuts).to_file(manifest)
     out = tmp_path / "out"
@@ -197,6 +198,8 @@ def test_lhotse_cuts_inside_longer_recordings(tmp_path):
         assert meta["split"] == "dev" and meta["num_samples"] == length
     problems = shards.read_index(out)["problems"]
     assert problems["unsupported_source"]["items"][0]["location"] == f"{manifest}#far"
+    late = problems["unreadable_audio"]["items"][0]
+    assert late["location"] == f"{manifest}#late" and "past the end" in late["detail"]
     # A cut longer than --max_segment_seconds: pieces, each where it is in the file.
     cut_up = tmp_path / "cut_up"
     run_tool(TOOL, manifest, "--output_dir", cut_up, "--max_segment_seconds", "2")

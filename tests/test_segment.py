@@ -69,6 +69,8 @@ def test_pieces_are_cut_in_pauses_and_lose_nothing(recording, tmp_path):
     assert index["problems"]["segmented"]["count"] == 1
     assert index["totals"]["hours_dropped"] == 0 and index["totals"]["utterances"] == len(pieces)
     assert index["options"]["max_segment_seconds"] == 20
+    verified = run_tool(TOOL, "--verify", "--output_dir", out)
+    assert f"{len(pieces)} utterances: OK" in verified.stdout
 
 
 def test_long_recordings_kept_whole_are_warned_about(recording, tmp_path):

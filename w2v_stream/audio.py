@@ -168,6 +168,8 @@ def decode(data: bytes, excerpt: Excerpt | None = None) -> tuple[np.ndarray, int
 
 
 def _read_excerpt(f: sf.SoundFile, excerpt: Excerpt | None) -> np.ndarray:
+    """The samples of ``excerpt`` (all of them for None) from an open file: (frames, channels)
+    float32; AudioError when the excerpt lies outside the recording."""
     if excerpt is None:
         return f.read(dtype="float32", always_2d=True)
     rate = f.samplerate
