@@ -136,3 +136,20 @@ def test_librispeech_long_utterance_pieces_from_folder_and_archive(corpus_copy, 
     pieces = [m for m in metas if "source_offset" in m]
     assert len(pieces) == 3 and sum(m["num_samples"] for m in pieces) == 50 * RATE
     assert all(m["speaker_id"] == int(chapter.parent.name) for m in pieces)
+
+
+def test_shuffled_pieces_stay_together_in_order(recording, tmp_path):
+    path, _ = recording
+    folder = tmp_path / "talks"
+    folder.mkdir()
+    (folder / path.name).symlink_to(path)
+    sf.write(folder / "short.wav", speechlike(RATE, 3.0), RATE)
+    out = tmp_path / "out"
+    run_tool(TOOL, folder, "--output_dir", out, "--max_segment_seconds", "20",
+             "--shuffle", "--seed", "1", "--samples_per_shard", "4")
+    ids = list(read_all(out))
+    base = hashed_id("three minutes.flac")
+    pieces = [i for i in ids if i.startswith(base)]
+    assert len(pieces) > 4 and pieces == sorted(pieces)
+    first = ids.index(pieces[0])
+    assert ids[first:first + len(pieces)] == pieces

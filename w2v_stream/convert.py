@@ -14,6 +14,7 @@ index.json.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -168,10 +169,16 @@ def _check_job(job: CheckJob) -> ShardRecord | None:
 # ---------------------------------------------------------------- plan and write
 
 def plan_shards(planned: list[Planned], options: ShardOptions) -> list[list[Planned]]:
-    """Order by id (or a seeded shuffle of that order) and cut into shards by the limits."""
+    """Order by id (or a seeded shuffle of that order) and cut into shards by the limits.
+
+    The shuffle moves the pieces of a long recording together, in order: the write pass
+    decodes a recording once for its pieces in a shard, not once per piece.
+    """
     ordered = sorted(planned, key=lambda p: p.utt_id)
     if options.shuffle:
-        random.Random(options.seed).shuffle(ordered)
+        groups = [list(g) for _, g in itertools.groupby(ordered, key=_recording_of)]
+        random.Random(options.seed).shuffle(groups)
+        ordered = [item for group in groups for item in group]
     shards: list[list[Planned]] = []
     used = 0  # bytes of the members in the last shard
     for item in ordered:
@@ -186,6 +193,13 @@ def plan_shards(planned: list[Planned], options: ShardOptions) -> list[list[Plan
         shards[-1].append(item)
         used += size
     return shards
+
+
+def _recording_of(item: Planned) -> tuple:
+    """What a piece is cut from; for any other utterance, the utterance itself."""
+    if item.span is None:
+        return (item.utt_id,)
+    return item.source, item.location, item.excerpt
 
 
 def _windows(todo: list[int], shards: list[list[Planned]], sources: Sequence[Source],
