@@ -129,7 +129,7 @@ def test_ids_are_safe_unique_and_stable():
     assert len(set(ids)) == len(ids)
     for utt_id in ids:
         shards.check_id(utt_id)
-        assert len(utt_id) <= 74  # room for a piece number
+        assert len(utt_id) <= 74  # room for a piece number ("-00012")
     assert hashed_id("sub/deeper/d.ogg") == "sub-deeper-d-" + hashed_id("sub/deeper/d.ogg")[-16:]
 
 

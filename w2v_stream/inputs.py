@@ -10,8 +10,8 @@ manifest.
    lhotse itself: each recording, or each cut (its start, duration and channels), is one
    utterance.
 
-Ids come from the relative path (``utterance_id``) or the cut's id, so they are unique and
-the same from run to run; the file goes into the sample's metadata as ``source``. Each kind
+Ids come from the relative path (``hashed_id``) or the cut's id (``utterance_id``), so they
+are unique and the same from run to run; the file goes into the sample's metadata as ``source``. Each kind
 yields the events of ``events.py``, so the converter treats them as any other input.
 """
 
@@ -31,8 +31,12 @@ from .shards import ShardFormatError, check_id
 AUDIO_EXTENSIONS = ("flac", "wav", "ogg", "opus", "mp3")
 LHOTSE_PIP = "pip install lhotse==1.33.0"
 FILES_PER_PART = 256  # files at the top of a folder walked by one worker at a time
-# Room left in an id for a piece number ("-00012") when a long recording is cut.
+# A hashed id is a readable part of at most _ID_STEM_CHARS, "-" and _HASH_BYTES in hex:
+# at most _MAX_ID_CHARS (57), which leaves room under shards' limit of 80 for a piece
+# number ("-00012") when a long recording is cut.
 _ID_STEM_CHARS = 40
+_HASH_BYTES = 8
+_MAX_ID_CHARS = _ID_STEM_CHARS + 1 + 2 * _HASH_BYTES
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -40,7 +44,7 @@ def utterance_id(name: str) -> str:
     """A manifest's id as a shard-safe id: the id itself when it is safe and leaves room for
     a piece number, else ``hashed_id`` of it."""
     try:
-        if len(name) <= _ID_STEM_CHARS + 17:
+        if len(name) <= _MAX_ID_CHARS:
             return check_id(name)
     except ShardFormatError:
         pass
@@ -53,7 +57,7 @@ def hashed_id(name: str) -> str:
     name, which keeps the ids of different names different (``a.wav`` and ``a.flac`` too)."""
     stem = _UNSAFE.sub("_", name.rsplit(".", 1)[0].replace("/", "-"))
     stem = stem[-_ID_STEM_CHARS:].lstrip("_-") or "u"
-    return f"{stem}-{hashlib.blake2b(name.encode(), digest_size=8).hexdigest()}"
+    return f"{stem}-{hashlib.blake2b(name.encode(), digest_size=_HASH_BYTES).hexdigest()}"
 
 
 class AudioFolderSource:
