@@ -123,8 +123,9 @@ class Excerpt:
 EXCERPT_TOLERANCE_SECONDS = 0.025
 
 
-def decode_target(data: bytes, excerpt: Excerpt | None = None) -> np.ndarray:
-    """Decode any audio soundfile reads (or its ``excerpt``), mix to mono, resample to 16 kHz.
+def decode_target(data: bytes | str, excerpt: Excerpt | None = None) -> np.ndarray:
+    """Decode any audio soundfile reads (bytes, or a file's path as a ``str``), or its
+    ``excerpt``, mix to mono, resample to 16 kHz.
 
     Returns float32 samples, the signal a shard stores (16-bit sources come back exactly).
     Deterministic for the same input.
@@ -138,7 +139,7 @@ def decode_target(data: bytes, excerpt: Excerpt | None = None) -> np.ndarray:
     return mono
 
 
-def to_target_flac(data: bytes, excerpt: Excerpt | None = None) -> tuple[bytes, int]:
+def to_target_flac(data: bytes | str, excerpt: Excerpt | None = None) -> tuple[bytes, int]:
     """``decode_target`` encoded as 16-bit FLAC: the FLAC bytes and their number of samples."""
     mono = decode_target(data, excerpt)
     return encode_flac(mono), int(mono.shape[0])
@@ -153,14 +154,16 @@ def encode_flac(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
     return buf.getvalue()
 
 
-def decode(data: bytes, excerpt: Excerpt | None = None) -> tuple[np.ndarray, int]:
-    """Decode audio bytes (or their ``excerpt``) to float32 samples (frames, channels) and
-    their sample rate."""
+def decode(data: bytes | str, excerpt: Excerpt | None = None) -> tuple[np.ndarray, int]:
+    """Decode audio bytes or a file (its path as a ``str``: an excerpt is read without reading
+    the rest), or their ``excerpt``, to float32 samples (frames, channels) and their sample
+    rate."""
+    is_path = isinstance(data, str)
     try:
-        with sf.SoundFile(io.BytesIO(data)) as f:
+        with sf.SoundFile(data if is_path else io.BytesIO(data)) as f:
             if f.frames < _UNKNOWN_LENGTH:
                 return _read_excerpt(f, excerpt), f.samplerate
-        return decode(_with_length(data), excerpt)
+        return decode(_with_length(Path(data).read_bytes() if is_path else data), excerpt)
     except AudioError:
         raise
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:

@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 from . import audio, segment
 from .events import AudioFound, Problem, Source
-from .scan import KEPT_REASONS, Mapper, Planned, read_file, scan, select
+from .scan import KEPT_REASONS, Mapper, Planned, scan, select
 from .shards import (AUDIO_EXT, INDEX_NAME, META_EXT, BadSample, ShardFormatError, ShardRecord,
                      SplitTotal, archive_bytes, build_index, check_sample, file_sha256,
                      iter_samples, member_bytes, read_index, record_for, shard_name,
@@ -123,6 +123,11 @@ class CheckJob(NamedTuple):
 
 # ---------------------------------------------------------------- worker functions (picklable)
 
+def read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def _write_job(job: WriteJob) -> ShardRecord:
     decoded: dict = {}  # the last long recording decoded, for its next pieces
 
@@ -136,14 +141,15 @@ def _write_job(job: WriteJob) -> ShardRecord:
 def _flac_of(item: Planned, data: bytes | None, decoded: dict) -> bytes:
     """The FLAC bytes of a planned utterance: the file's own, converted, or a piece of the
     decoded recording (``decoded`` keeps the last recording decoded, keyed by where it is)."""
+    if item.span is None and not item.convert:
+        return read_file(item.path) if data is None else data
+    source = item.path if data is None else data
     if item.span is None:
-        data = read_file(item.path) if data is None else data
-        return audio.to_target_flac(data, item.excerpt)[0] if item.convert else data
+        return audio.to_target_flac(source, item.excerpt)[0]
     key = (item.source, item.location, item.excerpt)
     if decoded.get("key") != key:
         decoded.clear()  # one recording in memory at a time
-        raw = read_file(item.path) if data is None else data
-        decoded.update(key=key, samples=audio.decode_target(raw, item.excerpt))
+        decoded.update(key=key, samples=audio.decode_target(source, item.excerpt))
     return audio.encode_flac(decoded["samples"][item.span.start:item.span.stop])
 
 

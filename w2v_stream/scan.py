@@ -100,11 +100,6 @@ class Planned:
     span: segment.Span | None = None  # the piece of the decoded utterance that is this one
 
 
-def read_file(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
 class Mapper:
     """Ordered map over a process pool (or in-process for one worker)."""
 
@@ -141,9 +136,9 @@ def _probe(event: AudioFound, options: ProbeOptions) -> Probe:
             if info.is_target:
                 size = os.stat(path).st_size if data is None else len(data)
                 return Probe(info, False, size, info.num_samples, None)
-            flac, num_samples = audio.to_target_flac(read_file(path) if data is None else data)
+            flac, num_samples = audio.to_target_flac(path if data is None else data)
             return Probe(info, True, len(flac), num_samples, None)
-        signal = audio.decode_target(read_file(path) if data is None else data, event.excerpt)
+        signal = audio.decode_target(path if data is None else data, event.excerpt)
         pieces = segment.cut(signal, rule) if rule is not None else None
         if pieces is None or len(pieces.kept) + len(pieces.dropped) == 1:
             return Probe(info, True, len(audio.encode_flac(signal)), signal.shape[0], None)
