@@ -52,7 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_shard_bytes", type=int, default=100_000_000,
                    help="at most this many bytes per shard (0: no limit)")
     p.add_argument("--min_duration_in_seconds", type=float, default=None,
-                   help="skip (and count) shorter utterances")
+                   help="skip (and count) shorter utterances; with --max_segment_seconds, "
+                        "also the shortest piece a cut may leave")
     p.add_argument("--max_duration_in_seconds", type=float, default=None,
                    help="skip (and count) longer utterances")
     p.add_argument("--shuffle", action="store_true",
