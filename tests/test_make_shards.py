@@ -1,4 +1,5 @@
-"""tools/make_shards.py end to end: three input kinds, bad input, resume, determinism."""
+"""tools/make_shards.py end to end: the LibriSpeech input kinds, bad input, resume,
+determinism."""
 
 from __future__ import annotations
 
@@ -224,20 +225,25 @@ sys.exit(make_shards.main())
 """
 
 
+def kill_midway(args: list[str], out: Path, settle: float = 0.0) -> None:
+    """Run make_shards ``args`` into ``out`` in a real process, slowed down (_SLOW_RUN), and
+    SIGKILL it ``settle`` seconds after its second shard is complete."""
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_RUN, *args, "--output_dir", str(out)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(list(out.glob("shard-*.tar"))) < 2 and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(settle)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def test_kill_and_resume_is_byte_identical(corpus_archive, tmp_path):
     args = [str(corpus_archive), "--samples_per_shard", "3", "--max_buffer_bytes", "2000000"]
     whole = tmp_path / "whole"
     run_tool(TOOL, *args, "--output_dir", whole)
     resumed = tmp_path / "resumed"
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW_RUN, *args, "--output_dir",
-                             str(resumed)], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while len(list(resumed.glob("shard-*.tar"))) < 2 and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.2)  # into the next shard: its .tmp is half written
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_midway(args, resumed, settle=0.2)  # into the next shard: its .tmp is half written
     done = sorted(p.name for p in resumed.glob("shard-*.tar"))
     assert 2 <= len(done) < 4 and not (resumed / "index.json").exists()
     assert list(resumed.glob("*.tmp")), "the kill should leave a partial shard"
@@ -377,7 +383,11 @@ def test_every_flag_is_checked_before_any_work(corpus, tmp_path):
             (["--max_duration_in_seconds", "inf"], "max_duration_in_seconds must be a finite"),
             (["--max_duration_in_seconds", "nan"], "max_duration_in_seconds must be a finite"),
             (["--min_duration_in_seconds", "3", "--max_duration_in_seconds", "3"],
-             "min_duration_in_seconds 3.0 >= max_duration_in_seconds 3.0")]:
+             "min_duration_in_seconds 3.0 >= max_duration_in_seconds 3.0"),
+            (["--max_segment_seconds", "0"], "max_segment_seconds must be a finite number > 0"),
+            (["--max_segment_seconds", "inf"], "max_segment_seconds must be a finite number"),
+            (["--min_duration_in_seconds", "20", "--max_segment_seconds", "20"],
+             "min_duration_in_seconds 20.0 >= max_segment_seconds 20.0")]:
         proc = run_tool(TOOL, corpus, "--output_dir", out, *flags, check=False)
         assert proc.returncode == 2, flags
         errors = [line for line in proc.stderr.splitlines() if "error:" in line]

@@ -3,14 +3,18 @@
 
     python tools/bench_make_shards.py --hours 1 --work_dir exp/bench_shards
 
-Makes (once, cached) a synthetic LibriSpeech split of at least --hours of audio, then times:
-the raw-copy limit (read each FLAC, write one tar with Python's tarfile, no checks), the same
-copy into tars of the shards' size (one big file can be erratic in a VM's page cache next to
-the same bytes in 10 MB files), the copy split over two processes (how far
-the machine itself scales), and make_shards' conversion from the folder with 1 and 2 workers
-(and from the .tar.gz). Prints a Markdown table: audio hours converted per minute of wall
-time, per worker, % of each limit, and the CPU seconds all processes spent per audio hour
-(what the work costs, apart from how the machine runs it in parallel).
+Makes (once, cached) a synthetic LibriSpeech split of at least --hours of audio, the same
+files as a plain folder of your own audio (not a LibriSpeech layout) and as a plain folder of
+16 kHz WAV, then times: the raw-copy limit (read each FLAC, write one tar with Python's
+tarfile, no checks), the same copy into tars of the shards' size (one big file can be erratic
+in a VM's page cache next to the same bytes in 10 MB files), the copy split over two
+processes (how far the machine itself scales), and make_shards' conversion from the
+LibriSpeech folder with 1 and 2 workers, from the .tar.gz, from the plain FLAC folder (byte
+copies, as the LibriSpeech folder) and from the WAV folder (every file encoded to FLAC) with
+1 and 2 workers. Prints a Markdown table: audio hours converted per minute of wall time, per
+worker, audio seconds per second per worker, % of each limit, and the CPU seconds all
+processes spent per audio hour (what the work costs, apart from how the machine runs it in
+parallel).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import shutil
 import tarfile
 import time
 from pathlib import Path
+
+import soundfile as sf
 
 from w2v_stream import convert
 from w2v_stream.demo_corpus import make_demo_corpus, write_openslr_archive
@@ -46,6 +52,25 @@ def ensure_corpus(work: Path, hours: float) -> Path:
         write_openslr_archive(root, SPLIT, work / f"{SPLIT}.tar.gz")
         done.touch()
     return root / SPLIT
+
+
+def ensure_plain_folders(work: Path, split_dir: Path) -> tuple[Path, Path]:
+    """The split's FLAC files (hard links) in ``plain_flac/<speaker>-<chapter>/``, not a
+    LibriSpeech layout, and decoded to 16 kHz 16-bit WAV files in ``plain_wav/``."""
+    flac_dir, wav_dir = work / "plain_flac", work / "plain_wav"
+    done = work / f".plain-{split_dir.stat().st_mtime_ns}.done"
+    if not done.exists():
+        for folder in (flac_dir, wav_dir):
+            shutil.rmtree(folder, ignore_errors=True)
+        for path in sorted(split_dir.rglob("*.flac")):
+            group = f"{path.parent.parent.name}-{path.parent.name}"
+            (flac_dir / group).mkdir(parents=True, exist_ok=True)
+            (wav_dir / group).mkdir(parents=True, exist_ok=True)
+            os.link(path, flac_dir / group / path.name)
+            samples, rate = sf.read(str(path), dtype="int16")
+            sf.write(wav_dir / group / f"{path.stem}.wav", samples, rate, subtype="PCM_16")
+        done.touch()
+    return flac_dir, wav_dir
 
 
 def cpu_seconds() -> float:
@@ -130,10 +155,16 @@ def main() -> None:
     files = sorted(split_dir.rglob("*.flac"))
     for path in files:  # warm the page cache so every contender reads from memory
         path.read_bytes()
+    flac_dir, wav_dir = ensure_plain_folders(args.work_dir, split_dir)
+    for path in wav_dir.rglob("*.wav"):
+        path.read_bytes()
     out = args.work_dir / "out"
     contenders = [("make_shards, folder", [str(split_dir)], 1),
                   ("make_shards, folder", [str(split_dir)], 2),
-                  ("make_shards, .tar.gz", [str(args.work_dir / f"{SPLIT}.tar.gz")], 1)]
+                  ("make_shards, .tar.gz", [str(args.work_dir / f"{SPLIT}.tar.gz")], 1),
+                  ("make_shards, plain FLAC folder", [str(flac_dir)], 1),
+                  ("make_shards, WAV folder → FLAC", [str(wav_dir)], 1),
+                  ("make_shards, WAV folder → FLAC", [str(wav_dir)], 2)]
     # (wall, cpu) of each repeat; a row shows its best wall time and the least CPU time.
     runs: dict[int, list[tuple[float, float]]] = {i: [] for i in range(len(contenders))}
     raws, raws_sharded, raws_split = [], [], []
@@ -156,9 +187,9 @@ def main() -> None:
     size = sum(f.stat().st_size for f in files) / 1e6
     print(f"corpus: {len(files)} utterances, {audio_hours:.2f} h, {size:.0f} MB FLAC; "
           f"{os.cpu_count()} cores; best of {args.repeats}")
-    print("| run | workers | wall s | audio h/min | h/min per worker | % of raw-copy limit "
-          "(one tar) | % of raw copy into 10 MB tars | CPU s per audio h |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| run | workers | wall s | audio h/min | h/min per worker | audio s/s per worker | "
+          "% of raw-copy limit (one tar) | % of raw copy into 10 MB tars | CPU s per audio h |")
+    print("|---|---|---|---|---|---|---|---|---|")
     raw_rate = audio_hours / (best_raw / 60)
     sharded, sharded_cpu = best(raws_sharded)
     sharded_rate = audio_hours / (sharded / 60)
@@ -169,11 +200,11 @@ def main() -> None:
     for label, workers, wall, cpu in table:
         rate = audio_hours / (wall / 60)
         print(f"| {label} | {workers} | {wall:.2f} | {rate:.0f} | {rate / workers:.0f} | "
-              f"{100 * rate / workers / raw_rate:.0f} % | "
+              f"{rate / workers * 60:.0f} | {100 * rate / workers / raw_rate:.0f} % | "
               f"{100 * rate / workers / sharded_rate:.0f} % | {cpu / audio_hours:.3f} |")
     print(f"2-way scaling: raw copy {best_raw / split:.2f}x, make_shards "
-          f"{rows[0][2] / rows[1][2]:.2f}x; CPU of 2 workers / 1 worker: "
-          f"{rows[1][3] / rows[0][3]:.2f}")
+          f"{rows[0][2] / rows[1][2]:.2f}x, WAV → FLAC {rows[4][2] / rows[5][2]:.2f}x; CPU of "
+          f"2 workers / 1 worker: {rows[1][3] / rows[0][3]:.2f}")
 
 
 if __name__ == "__main__":

@@ -108,17 +108,40 @@ def probe(data: bytes | str | Path, full_decode: bool = False) -> AudioInfo:
     return info
 
 
-def to_target_flac(data: bytes) -> tuple[bytes, int]:
-    """Decode any audio soundfile reads, mix to mono, resample to 16 kHz, encode 16-bit FLAC.
+@dataclass(frozen=True)
+class Excerpt:
+    """The part of a recording that is one utterance (a manifest's cut): from ``start``
+    seconds for ``duration`` seconds (None: to the end), mixing ``channels`` (None: all)."""
 
-    Returns the FLAC bytes and their number of samples. Deterministic for the same input.
+    start: float = 0.0
+    duration: float | None = None
+    channels: tuple[int, ...] | None = None
+
+
+# How much shorter than its manifest says an excerpt may end up: encoders pad or trim a few
+# milliseconds, and manifests round durations.
+EXCERPT_TOLERANCE_SECONDS = 0.025
+
+
+def decode_target(data: bytes | str, excerpt: Excerpt | None = None) -> np.ndarray:
+    """Decode any audio soundfile reads (bytes, or a file's path as a ``str``), or its
+    ``excerpt``, mix to mono, resample to 16 kHz.
+
+    Returns float32 samples, the signal a shard stores (16-bit sources come back exactly).
+    Deterministic for the same input.
     """
-    samples, rate = decode(data)
+    samples, rate = decode(data, excerpt)
     if samples.shape[0] == 0:
         raise AudioError("no samples")
     mono = samples.mean(axis=1)
     if rate != SAMPLE_RATE:
         mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ")
+    return mono
+
+
+def to_target_flac(data: bytes | str, excerpt: Excerpt | None = None) -> tuple[bytes, int]:
+    """``decode_target`` encoded as 16-bit FLAC: the FLAC bytes and their number of samples."""
+    mono = decode_target(data, excerpt)
     return encode_flac(mono), int(mono.shape[0])
 
 
@@ -131,15 +154,43 @@ def encode_flac(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
     return buf.getvalue()
 
 
-def decode(data: bytes) -> tuple[np.ndarray, int]:
-    """Decode audio bytes to float32 samples (frames, channels) and their sample rate."""
+def decode(data: bytes | str, excerpt: Excerpt | None = None) -> tuple[np.ndarray, int]:
+    """Decode audio bytes or a file (its path as a ``str``: an excerpt is read without reading
+    the rest), or their ``excerpt``, to float32 samples (frames, channels) and their sample
+    rate."""
+    is_path = isinstance(data, str)
     try:
-        with sf.SoundFile(io.BytesIO(data)) as f:
+        with sf.SoundFile(data if is_path else io.BytesIO(data)) as f:
             if f.frames < _UNKNOWN_LENGTH:
-                return f.read(dtype="float32", always_2d=True), f.samplerate
-        return decode(_with_length(data))
+                return _read_excerpt(f, excerpt), f.samplerate
+        return decode(_with_length(Path(data).read_bytes() if is_path else data), excerpt)
+    except AudioError:
+        raise
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         raise AudioError(_short(exc)) from None
+
+
+def _read_excerpt(f: sf.SoundFile, excerpt: Excerpt | None) -> np.ndarray:
+    """The samples of ``excerpt`` (all of them for None) from an open file: (frames, channels)
+    float32; AudioError when the excerpt lies outside the recording."""
+    if excerpt is None:
+        return f.read(dtype="float32", always_2d=True)
+    rate = f.samplerate
+    start = round(excerpt.start * rate)
+    if not 0 <= start < f.frames:
+        raise AudioError(f"the excerpt starts at {excerpt.start:.3f} s, outside the recording "
+                         f"(0 to {f.frames / rate:.3f} s)")
+    channels = list(excerpt.channels) if excerpt.channels is not None else None
+    if channels is not None and not all(0 <= c < f.channels for c in channels):
+        raise AudioError(f"the excerpt takes channels {channels}; the recording has "
+                         f"{f.channels}")
+    frames = -1 if excerpt.duration is None else round(excerpt.duration * rate)
+    f.seek(start)
+    samples = f.read(frames, dtype="float32", always_2d=True)
+    if frames > samples.shape[0] + EXCERPT_TOLERANCE_SECONDS * rate:
+        raise AudioError(f"the excerpt ends at {excerpt.start + excerpt.duration:.3f} s, past "
+                         f"the end of the recording ({f.frames / rate:.3f} s)")
+    return samples if channels is None else samples[:, channels]
 
 
 def _with_length(data: bytes) -> bytes:

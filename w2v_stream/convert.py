@@ -1,16 +1,20 @@
-"""Turning LibriSpeech sources into shards: plan, write, index, verify.
+"""Turning sources (LibriSpeech layouts, your own audio) into shards: plan, write, index,
+verify.
 
 The scan (``scan.py``) reads every source once and keeps small facts. The plan orders the
 good utterances by id (or a seeded shuffle of that order) and cuts them into shards; it
 depends only on the inputs and options, never on the worker count. The write pass produces
 each planned shard that is not already complete, fetching audio again: plain files by path,
 streamed sources (archives, parquet) by re-reading them once per window of shards that fits
-``max_buffer_bytes``, so memory stays bounded whatever the corpus size. ``verify`` checks a
-finished folder against its index.json.
+``max_buffer_bytes``, so memory stays bounded whatever the corpus size; a piece of a long
+recording is decoded and cut again (pieces of one recording are written one after the
+other, so it is decoded once per shard). ``verify`` checks a finished folder against its
+index.json.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -18,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
-from . import audio
-from .librispeech import AudioFound, Problem, Source
-from .scan import KEPT_REASONS, Mapper, Planned, read_file, scan, select
+from . import audio, segment
+from .events import AudioFound, Problem, Source
+from .scan import KEPT_REASONS, Mapper, Planned, scan, select
 from .shards import (AUDIO_EXT, INDEX_NAME, META_EXT, BadSample, ShardFormatError, ShardRecord,
                      SplitTotal, archive_bytes, build_index, check_sample, file_sha256,
                      iter_samples, member_bytes, read_index, record_for, shard_name,
@@ -29,6 +33,9 @@ from .shards import (AUDIO_EXT, INDEX_NAME, META_EXT, BadSample, ShardFormatErro
 # Shards finished by a run that has not yet written index.json, with their sha256: a rerun
 # keeps a shard only if its bytes still hash to what was written.
 JOURNAL_NAME = ".make_shards.journal"
+# Recordings longer than this, kept whole, are counted in ConversionSummary.long_recordings:
+# the loader takes one window of such a recording per epoch and leaves the rest unused.
+LONG_RECORDING_SECONDS = 30.0
 
 
 class NothingUsable(RuntimeError):
@@ -46,6 +53,7 @@ class ShardOptions:
     shuffle: bool = False
     seed: int = 0
     full_decode: bool = False
+    max_segment_seconds: float | None = None  # cut longer recordings into pieces (segment.py)
     max_buffer_bytes: int = 1 << 30
 
     def __post_init__(self):
@@ -54,12 +62,25 @@ class ShardOptions:
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         lo, hi = self.min_duration_in_seconds, self.max_duration_in_seconds
+        cut = self.max_segment_seconds
         for name, value in (("min_duration_in_seconds", lo), ("max_duration_in_seconds", hi)):
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         if lo is not None and hi is not None and lo >= hi:
             raise ValueError(f"min_duration_in_seconds {lo} >= max_duration_in_seconds {hi}: "
                              f"nothing could be kept")
+        if cut is not None and not (math.isfinite(cut) and cut * audio.SAMPLE_RATE >= 1):
+            raise ValueError(f"max_segment_seconds must be a finite number > 0, got {cut}")
+        if cut is not None and lo is not None and lo >= cut:
+            raise ValueError(f"min_duration_in_seconds {lo} >= max_segment_seconds {cut}: "
+                             f"every piece would be dropped")
+
+    def segment_rule(self) -> segment.Rule | None:
+        """How long recordings are cut (None: kept whole)."""
+        if self.max_segment_seconds is None:
+            return None
+        return segment.Rule(round(self.max_segment_seconds * audio.SAMPLE_RATE),
+                            round((self.min_duration_in_seconds or 0) * audio.SAMPLE_RATE))
 
     def for_index(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "max_buffer_bytes"}
@@ -74,6 +95,10 @@ class ConversionSummary:
     seconds: float = 0.0
     bytes: int = 0
     problems: dict[str, list[Problem]] = field(default_factory=dict)
+    # Utterances longer than LONG_RECORDING_SECONDS kept whole (counted without
+    # max_segment_seconds only), and their seconds.
+    long_recordings: int = 0
+    long_seconds: float = 0.0
 
     def skipped(self) -> int:
         return sum(len(v) for k, v in self.problems.items() if k not in KEPT_REASONS)
@@ -98,16 +123,34 @@ class CheckJob(NamedTuple):
 
 # ---------------------------------------------------------------- worker functions (picklable)
 
+def read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def _write_job(job: WriteJob) -> ShardRecord:
+    decoded: dict = {}  # the last long recording decoded, for its next pieces
+
     def samples():
         for item, data in zip(job.items, job.data):
-            if data is None:
-                data = read_file(item.path)
-            if item.convert:
-                data, _ = audio.to_target_flac(data)
-            yield item.utt_id, data, item.meta, item.num_samples
+            yield item.utt_id, _flac_of(item, data, decoded), item.meta, item.num_samples
 
     return write_shard(job.path, samples(), audio.SAMPLE_RATE)
+
+
+def _flac_of(item: Planned, data: bytes | None, decoded: dict) -> bytes:
+    """The FLAC bytes of a planned utterance: the file's own, converted, or a piece of the
+    decoded recording (``decoded`` keeps the last recording decoded, keyed by where it is)."""
+    if item.span is None and not item.convert:
+        return read_file(item.path) if data is None else data
+    source = item.path if data is None else data
+    if item.span is None:
+        return audio.to_target_flac(source, item.excerpt)[0]
+    key = (item.source, item.location, item.excerpt)
+    if decoded.get("key") != key:
+        decoded.clear()  # one recording in memory at a time
+        decoded.update(key=key, samples=audio.decode_target(source, item.excerpt))
+    return audio.encode_flac(decoded["samples"][item.span.start:item.span.stop])
 
 
 def _check_job(job: CheckJob) -> ShardRecord | None:
@@ -132,10 +175,16 @@ def _check_job(job: CheckJob) -> ShardRecord | None:
 # ---------------------------------------------------------------- plan and write
 
 def plan_shards(planned: list[Planned], options: ShardOptions) -> list[list[Planned]]:
-    """Order by id (or a seeded shuffle of that order) and cut into shards by the limits."""
+    """Order by id (or a seeded shuffle of that order) and cut into shards by the limits.
+
+    The shuffle moves the pieces of a long recording together, in order: the write pass
+    decodes a recording once for its pieces in a shard, not once per piece.
+    """
     ordered = sorted(planned, key=lambda p: p.utt_id)
     if options.shuffle:
-        random.Random(options.seed).shuffle(ordered)
+        groups = [list(g) for _, g in itertools.groupby(ordered, key=_recording_of)]
+        random.Random(options.seed).shuffle(groups)
+        ordered = [item for group in groups for item in group]
     shards: list[list[Planned]] = []
     used = 0  # bytes of the members in the last shard
     for item in ordered:
@@ -150,6 +199,13 @@ def plan_shards(planned: list[Planned], options: ShardOptions) -> list[list[Plan
         shards[-1].append(item)
         used += size
     return shards
+
+
+def _recording_of(item: Planned) -> tuple:
+    """What a piece is cut from; for any other utterance, the utterance itself."""
+    if item.span is None:
+        return (item.utt_id,)
+    return item.source, item.location, item.excerpt
 
 
 def _windows(todo: list[int], shards: list[list[Planned]], sources: Sequence[Source],
@@ -169,18 +225,20 @@ def _windows(todo: list[int], shards: list[list[Planned]], sources: Sequence[Sou
 
 
 def _fetch(items: Iterable[Planned], sources: Sequence[Source]) -> dict[str, bytes]:
-    """Re-read streamed sources for the audio of ``items``, stopping once all are found."""
-    wanted: dict[int, dict[str, str]] = {}
+    """Re-read streamed sources for the audio of ``items``, stopping once all are found.
+
+    Returns each item's audio by its id; the pieces of one recording share its bytes.
+    """
+    wanted: dict[int, dict[str, list[str]]] = {}  # source -> location -> ids
     for item in items:
         if sources[item.source].streamed:
-            wanted.setdefault(item.source, {})[item.utt_id] = item.location
+            wanted.setdefault(item.source, {}).setdefault(item.location, []).append(item.utt_id)
     got: dict[str, bytes] = {}
     for index, ids in sorted(wanted.items()):
         left = dict(ids)
         for event in sources[index].events():
-            if isinstance(event, AudioFound) and left.get(event.utt_id) == event.location:
-                got[event.utt_id] = event.data
-                del left[event.utt_id]
+            if isinstance(event, AudioFound) and event.location in left:
+                got.update((utt_id, event.data) for utt_id in left.pop(event.location))
                 if not left:
                     break
         if left:
@@ -258,13 +316,17 @@ def convert(sources: Sequence[Source], output_dir: Path, options: ShardOptions,
     mapper = Mapper(num_workers)
     try:
         scanned = scan(sources, options.full_decode, mapper,
-                       lambda n, samples: report("scan", n, samples / audio.SAMPLE_RATE))
+                       lambda n, samples: report("scan", n, samples / audio.SAMPLE_RATE),
+                       options.segment_rule())
         planned = select(scanned, options.min_duration_in_seconds,
                          options.max_duration_in_seconds)
         problems = scanned.problems
         del scanned
         if not planned:
             raise NothingUsable("no usable utterance was found in the inputs")
+        long = [] if options.max_segment_seconds is not None else [
+            p.num_samples for p in planned
+            if p.num_samples > LONG_RECORDING_SECONDS * audio.SAMPLE_RATE]
         shards = plan_shards(planned, options)
         paths = [output_dir / shard_name(i) for i in range(len(shards))]
         _prepare_output(output_dir, {p.name for p in paths}, overwrite)
@@ -284,7 +346,8 @@ def convert(sources: Sequence[Source], output_dir: Path, options: ShardOptions,
         output_dir, shards_written=done.written, shards_kept=len(shards) - done.written,
         utterances=sum(r.num_utterances for r in records),
         seconds=sum(r.seconds for r in records), bytes=sum(r.bytes for r in records),
-        problems=by_reason)
+        problems=by_reason, long_recordings=len(long),
+        long_seconds=sum(long) / audio.SAMPLE_RATE)
 
 
 def _write_shards(sources: Sequence[Source], shards: list[list[Planned]], paths: list[Path],

@@ -1,4 +1,6 @@
-"""Finding LibriSpeech utterances in the three layouts users have.
+"""Finding LibriSpeech utterances in the three layouts users have, and ``open_sources``,
+which turns every kind of input (these, and your own audio's kinds in ``inputs.py``) into
+sources.
 
 1. An OpenSLR split folder (``.../LibriSpeech/train-clean-100``) or the ``LibriSpeech`` root.
 2. An OpenSLR split archive (``train-clean-100.tar.gz``), read as a stream: nothing is
@@ -17,10 +19,11 @@ import os
 import re
 import tarfile
 import zlib
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterator, NamedTuple, Protocol
+from typing import Iterator, NamedTuple, Sequence
 
+from .events import AudioFound, Event, Problem, Source, TranscriptFound
+from .inputs import AUDIO_EXTENSIONS, AudioFolderSource, ManifestSource, require_lhotse
 from .shards import ShardFormatError, check_id
 
 AUDIO_SUFFIXES = (".flac", ".wav", ".ogg", ".mp3")
@@ -39,47 +42,6 @@ _HF_SPLITS = {
     "other/train.500": "train-other-500", "clean/validation": "dev-clean",
     "other/validation": "dev-other", "clean/test": "test-clean", "other/test": "test-other",
 }
-
-
-@dataclass(frozen=True)
-class AudioFound:
-    utt_id: str
-    speaker_id: int
-    chapter_id: int
-    split: str
-    location: str  # human-readable: a path, "archive.tar.gz:member", "file.parquet#row"
-    # Set when the audio can be re-read at random (a plain file). A str, not a Path: events
-    # cross between processes by the thousand, and a Path is slower to unpickle.
-    path: str | None = None
-    data: bytes | None = None  # set when the audio came from a stream
-    text: str | None = None  # set when the layout keeps text beside the audio (parquet)
-
-
-@dataclass(frozen=True)
-class TranscriptFound:
-    utt_id: str
-    text: str
-    location: str
-
-
-@dataclass(frozen=True)
-class Problem:
-    reason: str  # a short stable key: "unreadable_audio", "broken_archive", ...
-    utt_id: str | None
-    location: str
-    detail: str
-
-
-Event = AudioFound | TranscriptFound | Problem
-
-
-class Source(Protocol):
-    """One input: yields events; ``streamed`` sources must be re-read to get audio again."""
-
-    location: str
-    streamed: bool
-
-    def events(self) -> Iterator[Event]: ...
 
 
 def parse_utterance_name(stem: str, location: str) -> tuple[str, int, int] | Problem:
@@ -272,14 +234,28 @@ def split_from_parquet_path(path: Path) -> str:
 
 
 def is_split_folder(path: Path) -> bool:
-    """True for ``<split>/`` holding ``<speaker>/<chapter>/`` folders of digits."""
-    return any(p.is_dir() and p.name.isdigit() for p in path.iterdir())
+    """True for ``<split>/`` holding ``<speaker>/<chapter>/`` folders of digits whose first
+    chapter holds an utterance or transcript named for them (``<speaker>-<chapter>-0000.flac``,
+    ``<speaker>-<chapter>.trans.txt``): a folder of your own audio sorted into numbered
+    folders (years, months) is not taken for one."""
+    for speaker in sorted(p for p in path.iterdir() if p.is_dir() and p.name.isdigit()):
+        for chapter in sorted(p for p in speaker.iterdir() if p.is_dir() and p.name.isdigit()):
+            named = re.compile(rf"{speaker.name}-{chapter.name}(-\d+\.\w+|\.trans\.txt)")
+            return any(named.fullmatch(f.name) for f in chapter.iterdir())
+    return False
 
 
 def open_sources(inputs: list[str], splits: tuple[str, ...] = (),
-                 split_name: str | None = None) -> list[Source]:
-    """Turn command-line inputs into sources; raise ValueError for an input we can't use."""
+                 split_name: str | None = None,
+                 audio_extensions: Sequence[str] = AUDIO_EXTENSIONS) -> list[Source]:
+    """Turn command-line inputs into sources; raise ValueError for an input we can't use.
+
+    LibriSpeech layouts are read here; a folder that is none of them, a fairseq ``.tsv`` and a
+    lhotse ``.jsonl``/``.jsonl.gz`` are read by ``inputs.py``, their split named by
+    ``split_name`` (default ``train``), their audio files found by ``audio_extensions``.
+    """
     sources: list[Source] = []
+    own_split = split_name or "train"
     for raw in inputs:
         path = Path(raw)
         name = path.name.lower()
@@ -289,28 +265,40 @@ def open_sources(inputs: list[str], splits: tuple[str, ...] = (),
             sources.append(ArchiveSource(path, splits))
         elif path.is_file() and name.endswith(".parquet"):
             sources.append(ParquetSource(path, split_name))
+        elif path.is_file() and name.endswith(".tsv"):
+            sources.append(ManifestSource(str(path), own_split, "fairseq"))
+        elif path.is_file() and name.endswith((".jsonl", ".jsonl.gz")):
+            require_lhotse(raw)
+            sources.append(ManifestSource(str(path), own_split, "lhotse"))
         elif path.is_dir() and is_split_folder(path):
             sources.append(FolderSource(path))
         elif path.is_dir():
-            # Split folders are looked for one level down before any search for parquet,
-            # which walks the whole tree (a LibriSpeech root holds every utterance's file).
-            found = sorted(p for p in path.iterdir() if p.is_dir() and is_split_folder(p))
-            files = [] if found else sorted(path.rglob("*.parquet"))
-            if files:
-                sources.extend(ParquetSource(f, split_name) for f in files)
-                continue
-            if found and splits:
-                absent = [s for s in splits if not (path / s).is_dir()]
-                if absent:
-                    raise ValueError(f"{raw}: no split folder(s) {absent} inside")
-                found = [path / s for s in splits]
-            if not found:
-                raise ValueError(f"{raw}: neither a LibriSpeech split folder, a root holding "
-                                 f"split folders, an archive nor parquet")
-            sources.extend(FolderSource(p) for p in found)
+            sources.extend(_sources_in_folder(path, splits, split_name, own_split,
+                                              audio_extensions))
         else:
-            raise ValueError(f"{raw}: not a folder, .tar.gz/.tgz/.tar archive or .parquet file")
+            raise ValueError(f"{raw}: not a folder, .tar.gz/.tgz/.tar archive, .parquet, "
+                             f"fairseq .tsv or lhotse .jsonl/.jsonl.gz manifest")
     if splits:  # parquet files name their split; keep the asked-for ones
         sources = [s for s in sources
                    if not isinstance(s, ParquetSource) or s.split in splits]
     return sources
+
+
+def _sources_in_folder(path: Path, splits: tuple[str, ...], split_name: str | None,
+                       own_split: str, audio_extensions: Sequence[str]) -> list[Source]:
+    """A LibriSpeech root (split folders one level down), a folder of parquet files, or else
+    a folder of your own audio."""
+    # Split folders are looked for one level down before any search for parquet, which
+    # walks the whole tree (a LibriSpeech root holds every utterance's file).
+    found = sorted(p for p in path.iterdir() if p.is_dir() and is_split_folder(p))
+    if found and splits:
+        absent = [s for s in splits if not (path / s).is_dir()]
+        if absent:
+            raise ValueError(f"{path}: no split folder(s) {absent} inside")
+        found = [path / s for s in splits]
+    if found:
+        return [FolderSource(p) for p in found]
+    files = sorted(path.rglob("*.parquet"))
+    if files:
+        return [ParquetSource(f, split_name) for f in files]
+    return [AudioFolderSource(path, own_split, audio_extensions)]

@@ -1,9 +1,12 @@
 """``w2v-make-shards`` (also ``python -m w2v_stream.make_shards``, ``tools/make_shards.py``):
-LibriSpeech (folder, OpenSLR .tar.gz or HF parquet) → WebDataset tar shards + index.json.
+LibriSpeech (folder, OpenSLR .tar.gz or HF parquet) or your own audio (any folder of audio
+files, a fairseq .tsv or lhotse .jsonl manifest) → WebDataset tar shards + index.json.
 
     w2v-make-shards LibriSpeech/train-clean-100 --output_dir shards/
     w2v-make-shards LibriSpeech --splits train-clean-100 train-clean-360 --output_dir s
     w2v-make-shards train-clean-100.tar.gz --output_dir shards/ --num_workers 8
+    w2v-make-shards my_audio/ --max_segment_seconds 20 --output_dir shards/ --num_workers 8
+    w2v-make-shards train.tsv cuts.jsonl.gz --split_name train --output_dir shards/
     w2v-make-shards --verify --output_dir shards/
 
 Exit status: 0 done (problems are listed, not fatal), 1 nothing usable or --verify failed,
@@ -18,6 +21,7 @@ import sys
 from pathlib import Path
 
 from . import convert
+from .inputs import AUDIO_EXTENSIONS
 from .librispeech import open_sources
 from .progress import Progress
 from .shards import ShardFormatError
@@ -27,19 +31,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="w2v-make-shards", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("inputs", nargs="*", metavar="INPUT",
-                   help="LibriSpeech split folder or root, OpenSLR .tar.gz, or HF parquet "
-                        "file/folder")
+                   help="LibriSpeech split folder or root, OpenSLR .tar.gz, HF parquet "
+                        "file/folder, any other folder (its audio files, recursively), "
+                        "fairseq .tsv manifest, or lhotse .jsonl/.jsonl.gz manifest")
     p.add_argument("--output_dir", required=True, type=Path, help="where shards go")
     p.add_argument("--splits", nargs="+", default=(),
                    help="splits to take from a LibriSpeech root, archive or parquet folder")
     p.add_argument("--split_name", default=None,
-                   help="split name for parquet files whose name does not tell it")
+                   help="split name for parquet files whose name does not tell it, and for "
+                        "audio folders and manifests (for those: train when not given)")
+    p.add_argument("--audio_extensions", nargs="+", default=list(AUDIO_EXTENSIONS),
+                   metavar="EXT", help="the files an audio folder's walk takes")
+    p.add_argument("--max_segment_seconds", type=float, default=None,
+                   help="cut recordings longer than this into pieces of at most this many "
+                        "seconds, each cut at the quietest moment of its window's last "
+                        "third; pieces shorter than --min_duration_in_seconds are dropped "
+                        "(and counted)")
     p.add_argument("--samples_per_shard", type=int, default=None,
                    help="at most this many utterances per shard")
     p.add_argument("--max_shard_bytes", type=int, default=100_000_000,
                    help="at most this many bytes per shard (0: no limit)")
     p.add_argument("--min_duration_in_seconds", type=float, default=None,
-                   help="skip (and count) shorter utterances")
+                   help="skip (and count) shorter utterances; with --max_segment_seconds, "
+                        "also the shortest piece a cut may leave")
     p.add_argument("--max_duration_in_seconds", type=float, default=None,
                    help="skip (and count) longer utterances")
     p.add_argument("--shuffle", action="store_true",
@@ -76,6 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             min_duration_in_seconds=args.min_duration_in_seconds,
             max_duration_in_seconds=args.max_duration_in_seconds,
             shuffle=args.shuffle, seed=args.seed, full_decode=args.full_decode,
+            max_segment_seconds=args.max_segment_seconds,
             max_buffer_bytes=args.max_buffer_bytes)
     except ValueError as exc:  # its messages name the options by their flags' names
         p.error(str(exc))
@@ -87,7 +102,8 @@ def main(argv=None) -> int:
     if args.verify:
         return run_verify(args)
     try:
-        sources = open_sources(args.inputs, tuple(args.splits), args.split_name)
+        sources = open_sources(args.inputs, tuple(args.splits), args.split_name,
+                               args.audio_extensions)
     except ValueError as exc:
         print(f"make_shards: error: {exc}", file=sys.stderr)
         return 2
@@ -111,6 +127,12 @@ def main(argv=None) -> int:
         for bar in bars.values():
             bar.close()
     print(convert.format_summary(summary))
+    if summary.long_recordings:
+        print(f"make_shards: warning: {summary.long_recordings} recordings longer than "
+              f"{convert.LONG_RECORDING_SECONDS:.0f} s ({summary.long_seconds / 3600:.3f} h) "
+              f"are kept whole; the loader uses one window of each per epoch. Pass "
+              f"--max_segment_seconds (e.g. 20) to cut them into pieces at pauses.",
+              file=sys.stderr)
     return 0
 
 

@@ -351,6 +351,7 @@ class ListedProblem(Protocol):
     utt_id: str | None
     location: str
     detail: str
+    seconds: float | None  # audio it left out, when known
 
 
 def build_index(records: Sequence[ShardRecord], splits: Mapping[str, SplitTotal],
@@ -359,12 +360,15 @@ def build_index(records: Sequence[ShardRecord], splits: Mapping[str, SplitTotal]
     """The content of index.json for shards ``records`` (in shard order).
 
     ``problems`` maps a reason to its problems; those in ``kept_reasons`` are notes on
-    utterances that were kept, the rest name what was left out. ``options`` are the
-    conversion options, recorded as given.
+    utterances that were kept, the rest name what was left out (``hours``: the audio they
+    left out whose length is known; ``totals.hours_dropped``: all of it). ``options`` are
+    the conversion options, recorded as given.
     """
     lengths = [n for r in records for n in r.num_samples]
     bins = Counter(int(n // sample_rate) for n in lengths)
     seconds = sum(lengths) / sample_rate
+    dropped = {reason: sum(p.seconds or 0.0 for p in items)
+               for reason, items in problems.items() if reason not in kept_reasons}
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -374,6 +378,7 @@ def build_index(records: Sequence[ShardRecord], splits: Mapping[str, SplitTotal]
         "shards": [r.to_json() for r in records],
         "totals": {"shards": len(records), "utterances": len(lengths),
                    "seconds": round(seconds, 3), "hours": round(seconds / 3600, 4),
+                   "hours_dropped": round(sum(dropped.values()) / 3600, 4),
                    "bytes": sum(r.bytes for r in records),
                    "min_seconds": round(min(lengths) / sample_rate, 4),
                    "max_seconds": round(max(lengths) / sample_rate, 4)},
@@ -383,6 +388,8 @@ def build_index(records: Sequence[ShardRecord], splits: Mapping[str, SplitTotal]
         "duration_histogram": {"bin_seconds": 1,
                                "counts": [bins.get(b, 0) for b in range(max(bins) + 1)]},
         "problems": {reason: {"count": len(items), "kept": reason in kept_reasons,
+                              **({"hours": round(dropped[reason] / 3600, 4)}
+                                 if dropped.get(reason) else {}),
                               "items": [{"id": p.utt_id, "location": p.location,
                                          "detail": p.detail} for p in items[:MAX_LISTED]]}
                      for reason, items in sorted(problems.items())},
