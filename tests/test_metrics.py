@@ -16,6 +16,7 @@ from w2v_stream.metrics import MetricsLogger, collapse_warning, format_line
 REPO = Path(__file__).resolve().parents[1]
 
 RECORD = {"step": 10, "loss": 4.2, "contrastive_loss": 4.1, "diversity_loss": 0.1,
+          "accuracy": 0.25,
           "percent_masked": 49.0, "prob_perplexity": 120.0, "code_perplexity": 110.0,
           "lr": 1e-3, "temperature": 1.99, "grad_norm": 0.5, "padding_efficiency": 0.9,
           "audio_seconds_per_second": 40.0, "audio_hours": 1.25, "elapsed_seconds": 3725.0,

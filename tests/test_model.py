@@ -222,3 +222,66 @@ def test_one_compilation_per_shape_and_no_graph_break():
         assert out["num_frames"] == sum(frames_of(len(p)) for row in pieces_per_row for p in row)
     assert counters["stats"]["unique_graphs"] == 5
     assert sum(counters["graph_break"].values()) == 0
+
+
+def test_feature_penalty_is_fairseqs_mean_square_of_real_frames_times_masked_frames():
+    config = resolve_config("demo", None, NO_DROPOUT)
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    batch = batch_of(config, noise_rows([32_000] * 2, seed=1), 32_000, seed=1)
+    temperature = torch.tensor(1.0)
+    with torch.no_grad():
+        fairseq = model.wav2vec2.feature_extractor(batch["input_values"]).float().pow(2).mean()
+        plain = PretrainingObjective(model, 1.0).eval()(**batch, temperature=temperature)
+        weighted = PretrainingObjective(model, 1.0, feature_penalty_weight=10.0).eval()(
+            **batch, temperature=temperature)
+        # The same utterance padded to twice its length: its penalty, not the padding's.
+        padded = batch_of(config, noise_rows([32_000], seed=1), 64_000, seed=1)
+        alone = PretrainingObjective(model, 1.0).eval()(**padded, temperature=temperature)
+        first = model.wav2vec2.feature_extractor(batch["input_values"][:1]).pow(2).mean()
+    masked = plain["num_masked"]
+    assert torch.allclose(plain["feature_penalty"], fairseq * masked, rtol=1e-5)
+    assert torch.allclose(weighted["loss"] - plain["loss"], 10 * fairseq * masked, rtol=1e-4)
+    assert torch.allclose(alone["feature_penalty"] / alone["num_masked"], first, rtol=1e-5)
+
+
+def test_accuracy_counts_masked_frames_whose_positive_beats_every_negative():
+    # Independently of the objective: transformers' projected states and targets in eval mode
+    # (the quantizer's argmax), fairseq's rule (a negative equal to its positive never wins).
+    config = resolve_config("demo", None, NO_DROPOUT)
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    batch = batch_of(config, noise_rows([32_000] * 3, seed=1), 32_000, seed=1)
+    del batch["segment_ids"]
+    with torch.no_grad():
+        out = model(**{**batch, "attention_mask": batch["attention_mask"].long()})
+        ours = PretrainingObjective(model, 1.0).eval()(**batch, temperature=torch.tensor(1.0))
+    targets = out.projected_quantized_states
+    size = targets.shape[-1]
+    negatives = targets.reshape(-1, size)[batch["sampled_negative_indices"].reshape(-1)]
+    negatives = negatives.view(*targets.shape[:2], -1, size).permute(2, 0, 1, 3)
+    logits = torch.cosine_similarity(out.projected_states[None],
+                                     torch.cat([targets[None], negatives]), dim=-1)
+    logits[1:][(negatives == targets[None]).all(-1)] = float("-inf")
+    correct = (logits[:1] > logits[1:]).all(0) & batch["mask_time_indices"]
+    assert int(ours["num_correct"]) == int(correct.sum())
+    assert int(ours["num_masked"]) == int(batch["mask_time_indices"].sum())
+
+
+def test_the_gradient_multiplier_leaves_the_forward_exact_in_bf16_and_scales_the_gradient():
+    config = resolve_config("demo", None, NO_DROPOUT)
+    torch.manual_seed(0)
+    model = build_model(config).to(torch.bfloat16).eval()
+    batch = batch_of(config, noise_rows([32_000] * 2, seed=1), 32_000, seed=1)
+    batch["input_values"] = batch["input_values"].to(torch.bfloat16)
+    first = model.wav2vec2.feature_extractor.conv_layers[0].conv.weight
+    losses, grads = [], []
+    for multiplier in (1.0, 0.1):
+        first.grad = None
+        out = PretrainingObjective(model, multiplier).eval()(**batch,
+                                                             temperature=torch.tensor(1.0))
+        out["loss"].backward()
+        losses.append(out["loss"].detach())
+        grads.append(first.grad.float().clone())
+    assert torch.equal(losses[0], losses[1])
+    assert torch.allclose(grads[1], 0.1 * grads[0], rtol=0.02, atol=1e-3 * grads[0].abs().max())

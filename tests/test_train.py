@@ -56,7 +56,8 @@ def test_train_eval_checkpoint_and_load_with_transformers(shard_dir, tmp_path):
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     train = [r for r in records if "loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
-    for key in ("contrastive_loss", "diversity_loss", "percent_masked", "code_perplexity",
+    for key in ("contrastive_loss", "diversity_loss", "feature_penalty", "accuracy",
+                "percent_masked", "code_perplexity",
                 "prob_perplexity", "lr", "temperature", "grad_norm", "padding_efficiency",
                 "audio_seconds_per_second"):
         assert all(np.isfinite(r[key]) for r in train), key
@@ -66,6 +67,8 @@ def test_train_eval_checkpoint_and_load_with_transformers(shard_dir, tmp_path):
     evals = [r for r in records if "eval_loss" in r]
     assert all(r["eval_utterances"] == 2 * 2 * 3 and r["eval_bad_utterances"] == 0
                for r in evals)  # every utterance of the held-out set, each eval
+    assert all(0 <= r["accuracy"] <= 1 and r["feature_penalty"] > 0 for r in train)
+    assert all(0 <= r["eval_accuracy"] <= 1 for r in evals)
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-6"]  # rotated
     from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2ForPreTraining, Wav2Vec2Model
     ckpt = out / "checkpoint-6"
@@ -301,6 +304,21 @@ def test_bad_flags_fail_before_any_work(shard_dir, tmp_path):
     assert both.returncode == 2 and "--preset" in both.stderr
 
 
+def test_a_preset_sets_the_training_values_it_implies_and_flags_override_them():
+    from w2v_stream.train import parse_args
+
+    argv = ["--train_shards", "s", "--output_dir", "o", "--max_train_steps", "3"]
+    large = parse_args(argv + ["--preset", "large"])
+    assert (large.feature_grad_mult, large.feature_penalty_weight,
+            large.min_gumbel_temperature) == (1.0, 0.0, 0.1)
+    base = parse_args(argv + ["--preset", "base", "--feature_penalty_weight", "0"])
+    assert (base.feature_grad_mult, base.feature_penalty_weight,
+            base.min_gumbel_temperature) == (0.1, 0.0, 0.5)
+    config = resolve_config("large", None, {})
+    assert config.layerdrop == config.hidden_dropout == config.attention_dropout == 0.0
+    assert config.feat_proj_dropout == config.feat_quantizer_dropout == 0.0
+
+
 @pytest.mark.parametrize("flag,value", [
     ("--learning_rate", "inf"), ("--weight_decay", "nan"), ("--max_grad_norm", "nan"),
     ("--adam_epsilon", "0"), ("--max_bad_fraction", "-1"), ("--shuffle_seconds", "-5"),
@@ -392,7 +410,7 @@ def test_ipu_host_call_split_like_poptorch_gives_each_update_its_loss():
     # an update add up to the contrastive loss of that update's batch in one piece.
     from types import SimpleNamespace
 
-    from w2v_stream.backends.ipu import _IpuStep, host_batch
+    from w2v_stream.backends.ipu import STEP_OUTPUTS, _IpuStep, host_batch
 
     config = resolve_config("demo", None, {})
     torch.manual_seed(0)
@@ -411,11 +429,11 @@ def test_ipu_host_call_split_like_poptorch_gives_each_update_its_loss():
             micro = [[x[r:r + 2] for x in inputs] for r in (4 * u, 4 * u + 2)]
             assert all(torch.equal(m[4], torch.full((2,), temperatures[u])) and
                        torch.equal(m[5], torch.full((2,), normalisers[u])) for m in micro)
-            parts = [step(*m) for m in micro]
-            assert all(torch.allclose(p[0], p[1] / normalisers[u]) for p in parts)
-            assert torch.allclose(sum(p[2] for p in parts), whole["contrastive_loss"],
-                                  rtol=1e-4)
-            assert sum(float(p[6]) for p in parts) == float(whole["num_frames"])
+            parts = [dict(zip(("trained",) + STEP_OUTPUTS, step(*m))) for m in micro]
+            assert all(torch.allclose(p["trained"], p["loss"] / normalisers[u]) for p in parts)
+            assert torch.allclose(sum(p["contrastive_loss"] for p in parts),
+                                  whole["contrastive_loss"], rtol=1e-4)
+            assert sum(float(p["num_frames"]) for p in parts) == float(whole["num_frames"])
     with pytest.raises(ValueError, match="one shape"):
         host_batch([updates[0], _batch(config, 4, 16_000, seed=3)], 2, [1.0, 1.0], [1.0, 1.0])
     with pytest.raises(ValueError, match="does not split"):

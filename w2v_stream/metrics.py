@@ -23,7 +23,7 @@ def format_line(record: dict) -> str:
     """One fixed-format line per log step: the record's numbers, then the time (elapsed in
     this process, and the ETA at its pace) and the audio seen since the run began."""
     return ("step {step:>7d} | loss {loss:.4f} | contrastive {contrastive_loss:.4f} | "
-            "diversity {diversity_loss:.4f} | masked {percent_masked:5.1f}% | "
+            "diversity {diversity_loss:.4f} | acc {accuracy:.3f} | masked {percent_masked:5.1f}% | "
             "ppl code {code_perplexity:7.1f} prob {prob_perplexity:7.1f} | lr {lr:.3e} | "
             "temp {temperature:.4f} | grad {grad_norm:.3f} | pad eff {padding_efficiency:.3f}"
             " | {audio_seconds_per_second:7.1f} audio s/s | {audio_hours:.2f} h audio"

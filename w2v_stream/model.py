@@ -13,11 +13,16 @@ the model's own submodules, rewritten so that one graph serves every step of a s
   convolution sees only the utterance's frames; frames whose receptive field crosses an
   utterance's end are gap frames, as they do not exist when the utterance is alone;
 - rows without audio attend to nothing real and add nothing to the loss;
-- negatives equal to their positive get ``-inf`` logits through ``torch.where``, with no
-  ``if ... .any()``;
+- negatives equal to their positive get a logit no softmax can pick (``NEGATIVE_IS_POSITIVE``,
+  finite so fp16 stays finite) through ``torch.where``, with no ``if ... .any()``;
 - layerdrop draws one number per layer and selects with ``torch.where`` (every layer runs);
 - no ``requires_grad`` toggling; the feature encoder's gradient is scaled by
-  ``feature_grad_mult`` (fairseq's GradMultiply) with a detach identity;
+  ``feature_grad_mult`` (fairseq's GradMultiply) with a detach identity that leaves the
+  forward value exact in any precision;
+- fairseq's terms that transformers dropped: the feature penalty (the mean square of the
+  feature encoder's output over real frames, weighted by ``feature_penalty_weight`` and scaled
+  by the masked frames, as fairseq scales it by its sample size), the contrastive accuracy and
+  the code perplexity of the noiseless logits' argmax;
 - gumbel noise never becomes infinite (torch's can), and a batch of dummy rows only (an
   epoch's end can make one) gives a zero loss, where transformers' perplexity divides 0 by 0.
 
@@ -47,6 +52,9 @@ _PRETRAINING = dict(
 )
 # Ours, not Wav2Vec2Config's: the fairseq feature-encoder gradient multiplier.
 DEFAULT_FEATURE_GRAD_MULT = 0.1
+# The logit of a negative equal to its positive: exp() of it is 0 against any real logit
+# (cosine / 0.1 is within [-10, 10]), and it stays finite in fp16, unlike -inf.
+NEGATIVE_IS_POSITIVE = -1e4
 
 
 def preset_demo() -> dict:
@@ -67,14 +75,32 @@ def preset_base() -> dict:
 
 
 def preset_large() -> dict:
-    """LARGE (317 M parameters): 24 layers of 1024, layer-norm encoder, pre-LN transformer."""
+    """LARGE (317 M parameters): 24 layers of 1024, layer-norm encoder, pre-LN transformer,
+    with fairseq's wav2vec2_large_librivox.yaml model values: every dropout and layerdrop 0
+    (dropout, attention_dropout, dropout_input, dropout_features, encoder_layerdrop: 0.0),
+    final_dim 768, conv_bias true."""
     return {**_PRETRAINING, "hidden_size": 1024, "num_hidden_layers": 24,
             "num_attention_heads": 16, "intermediate_size": 4096, "conv_dim": (512,) * 7,
             "codevector_dim": 768, "proj_codevector_dim": 768, "feat_extract_norm": "layer",
-            "do_stable_layer_norm": True, "conv_bias": True}
+            "do_stable_layer_norm": True, "conv_bias": True, "layerdrop": 0.0,
+            "feat_proj_dropout": 0.0, "feat_quantizer_dropout": 0.0, "hidden_dropout": 0.0,
+            "attention_dropout": 0.0, "activation_dropout": 0.0}
 
 
 PRESETS = {"demo": preset_demo, "base": preset_base, "large": preset_large}
+
+# The trainer defaults each preset implies (flags still override), from fairseq's configs:
+# wav2vec2_base_librispeech.yaml (feature_grad_mult 0.1, loss_weights [0.1, 10], latent_temp
+# [2, 0.5, 0.999995]) and wav2vec2_large_librivox.yaml (feature_grad_mult 1.0, loss_weights
+# [0.1, 0], latent_temp [2.0, 0.1, 0.999995]). The demo model follows BASE.
+PRESET_TRAINING = {
+    "demo": {"feature_grad_mult": 0.1, "feature_penalty_weight": 10.0,
+             "min_gumbel_temperature": 0.5},
+    "base": {"feature_grad_mult": 0.1, "feature_penalty_weight": 10.0,
+             "min_gumbel_temperature": 0.5},
+    "large": {"feature_grad_mult": 1.0, "feature_penalty_weight": 0.0,
+              "min_gumbel_temperature": 0.1},
+}
 
 
 def resolve_config(preset: str | None, model_name_or_path: str | None,
@@ -110,6 +136,7 @@ def build_model(config: Wav2Vec2Config) -> Wav2Vec2ForPreTraining:
 def _perplexity(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """transformers' codevector perplexity over the masked frames, (N, G, V) → scalar, except
     that a batch without a masked frame (only dummy rows) gives G instead of 0/0 = NaN."""
+    probs = probs.float()  # the 1e-7 and the sums stay exact whatever the model's dtype
     weights = mask.reshape(-1, 1, 1).to(probs.dtype)
     marginal = (probs * weights).sum(0) / mask.sum().clamp(min=1)
     return torch.exp(-torch.sum(marginal * torch.log(marginal + 1e-7), dim=-1)).sum()
@@ -132,6 +159,7 @@ class Features(NamedTuple):
     extract: torch.Tensor  # (B, T, C) layer-normed conv features: the quantizer's input
     hidden: torch.Tensor  # (B, T, H) projected features: the context network's input
     segments: torch.Tensor  # (B, T) int: each frame's utterance, 0 for padding and gap frames
+    penalty: torch.Tensor  # () fairseq's feature penalty: mean square of real conv features
 
 
 def _conv_segment_ids(ids: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
@@ -177,11 +205,12 @@ class PretrainingObjective(nn.Module):
 
     def __init__(self, model: Wav2Vec2ForPreTraining,
                  feature_grad_mult: float = DEFAULT_FEATURE_GRAD_MULT,
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False, feature_penalty_weight: float = 0.0):
         super().__init__()
         self.model = model
         self.feature_grad_mult = feature_grad_mult
         self.gradient_checkpointing = gradient_checkpointing
+        self.feature_penalty_weight = feature_penalty_weight
 
     def forward(self, input_values: torch.Tensor, attention_mask: torch.Tensor,
                 mask_time_indices: torch.Tensor, sampled_negative_indices: torch.Tensor,
@@ -214,19 +243,24 @@ class PretrainingObjective(nn.Module):
         logits = torch.cosine_similarity(transformer_features.float(), targets.float(), dim=-1)
         logits = logits / config.contrastive_logits_temperature
         neg_is_pos = (quantized[None] == negatives).all(-1)
-        logits = torch.cat([logits[:1], torch.where(neg_is_pos, float("-inf"), logits[1:])])
-        # 6. Losses, summed over masked frames.
-        logits = logits.permute(1, 2, 0).reshape(-1, logits.shape[0])
+        logits = torch.cat([logits[:1],
+                            torch.where(neg_is_pos, NEGATIVE_IS_POSITIVE, logits[1:])])
+        # 6. Losses, summed over masked frames (the penalty scaled by them, as fairseq does).
+        logits = logits.permute(1, 2, 0).reshape(-1, logits.shape[0])  # (B*T, K+1)
         target = torch.where(mask.reshape(-1), 0, -100)
         contrastive = nn.functional.cross_entropy(logits.float(), target, reduction="sum")
         num_masked = mask.sum()
         codevectors = config.num_codevectors_per_group * config.num_codevector_groups
         diversity = (codevectors - perplexity) / codevectors * num_masked
-        loss = contrastive + config.diversity_loss_weight * diversity
+        penalty = features.penalty * num_masked
+        loss = (contrastive + config.diversity_loss_weight * diversity
+                + self.feature_penalty_weight * penalty)
+        # fairseq's accuracy: the positive strictly above every negative.
+        correct = (logits[:, :1] > logits[:, 1:]).all(-1) & mask.reshape(-1)
         return {"loss": loss, "contrastive_loss": contrastive, "diversity_loss": diversity,
+                "feature_penalty": penalty.detach(), "num_correct": correct.sum(),
                 "codevector_perplexity": perplexity, "code_perplexity": code_perplexity,
-                "num_masked": num_masked,
-                "num_frames": valid.sum()}
+                "num_masked": num_masked, "num_frames": valid.sum()}
 
     def encode(self, input_values: torch.Tensor, attention_mask: torch.Tensor,
                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -264,10 +298,15 @@ class PretrainingObjective(nn.Module):
                 hidden = layer(hidden)
         features = hidden.transpose(1, 2)  # (B, T, C)
         if self.feature_grad_mult != 1.0:
-            g = self.feature_grad_mult
-            features = features * g + features.detach() * (1.0 - g)
+            # The forward value is features.detach() exactly (a - a is 0 in any precision);
+            # the gradient is scaled by g.
+            fixed = features.detach()
+            features = fixed + (features - fixed) * self.feature_grad_mult
+        real = (ids > 0)[..., None].to(torch.float32)  # (B, T, 1)
+        penalty = (features.float().square() * real).sum() / (
+            real.sum() * features.shape[-1]).clamp(min=1)
         hidden, extract = w2v.feature_projection(features)
-        return Features(extract=extract, hidden=hidden, segments=ids)
+        return Features(extract=extract, hidden=hidden, segments=ids, penalty=penalty)
 
     def _context(self, hidden: torch.Tensor, segments: torch.Tensor,
                  one_per_row: bool) -> torch.Tensor:
@@ -279,7 +318,9 @@ class PretrainingObjective(nn.Module):
         # Additive mask (B, 1, T, T): 0 where query and key are frames of one utterance, the
         # dtype's minimum elsewhere (padding and gap frames attend to nothing real).
         same = (segments[:, :, None] == segments[:, None, :]) & valid[:, None, :]
-        key_mask = (~same)[:, None].to(hidden.dtype) * torch.finfo(hidden.dtype).min
+        # fp16: a finite value whose sum with a score stays finite (finfo.min would overflow).
+        floor = -1e4 if hidden.dtype == torch.float16 else torch.finfo(hidden.dtype).min
+        key_mask = (~same)[:, None].to(hidden.dtype) * floor
         hidden = hidden + self._positions(hidden, segments, one_per_row)
         if not config.do_stable_layer_norm:
             hidden = encoder.layer_norm(hidden)
@@ -317,17 +358,18 @@ class PretrainingObjective(nn.Module):
         batch, frames, _ = extract.shape
         groups = quantizer.num_groups
         logits = quantizer.weight_proj(extract).view(batch * frames * groups, -1)
+        hard = torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
         if self.training:
             probs = _gumbel_softmax_hard(logits.float(), temperature).type_as(logits)
             soft = torch.softmax(logits.view(batch * frames, groups, -1).float(), dim=-1)
             perplexity = _perplexity(soft, mask)
         else:
-            index = logits.argmax(dim=-1)
-            probs = torch.zeros_like(logits).scatter_(-1, index.view(-1, 1), 1.0)
+            probs = hard
             perplexity = _perplexity(probs.view(batch * frames, groups, -1), mask)
-        # Perplexity of the hard code choices (fairseq's code_perplexity), for logging.
-        code = _perplexity(probs.detach().view(batch * frames, groups, -1).float(), mask)
-        probs = probs.view(batch * frames, -1)
-        codevectors = (probs.unsqueeze(-1) * quantizer.codevectors).view(
-            batch * frames, groups, quantizer.num_vars, -1).sum(-2)
-        return codevectors.view(batch, frames, -1), perplexity, code
+        # fairseq's code_perplexity: of the noiseless logits' argmax, in training too.
+        code = _perplexity(hard.detach().view(batch * frames, groups, -1), mask)
+        # The codebook lookup as one matrix product per group: (N, G, V) x (G, V, D).
+        book = quantizer.codevectors.view(groups, quantizer.num_vars, -1)
+        codevectors = torch.einsum("ngv,gvd->ngd",
+                                   probs.view(batch * frames, groups, -1).to(book.dtype), book)
+        return codevectors.reshape(batch, frames, -1), perplexity, code

@@ -23,7 +23,8 @@ from .backends import UpdateResult, create_backend
 from .backends.ipu_config import IpuConfigError, resolve as resolve_ipu_config
 from .loader import StreamingLoader
 from .metrics import MetricsLogger, collapse_warning, format_line
-from .model import DEFAULT_FEATURE_GRAD_MULT, PretrainingObjective, build_model, resolve_config
+from .model import (DEFAULT_FEATURE_GRAD_MULT, PRESET_TRAINING, PretrainingObjective,
+                    build_model, resolve_config)
 from .schedule import SCHEDULES, gumbel_temperature, lr_factor
 from .stream import StreamConfig
 
@@ -101,11 +102,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--mask_time_length", type=COUNT, default=None, help="default: the preset's (10)")
     a("--num_negatives", type=COUNT, default=None, help="default: the preset's (100)")
     a("--max_gumbel_temperature", type=POSITIVE, default=2.0)
-    a("--min_gumbel_temperature", type=POSITIVE, default=0.5)
+    a("--min_gumbel_temperature", type=POSITIVE, default=None,
+      help="default: the preset's (fairseq: 0.5 BASE, 0.1 LARGE), else 0.5")
     a("--gumbel_temperature_decay", type=DECAY, default=0.999995,
       help="the temperature is max(max * decay**update, min)")
-    a("--feature_grad_mult", type=NONNEGATIVE, default=DEFAULT_FEATURE_GRAD_MULT,
-      help="scales the feature encoder's gradient (fairseq's GradMultiply)")
+    a("--feature_grad_mult", type=NONNEGATIVE, default=None,
+      help="scales the feature encoder's gradient (fairseq's GradMultiply); default: the "
+           f"preset's (0.1 BASE, 1.0 LARGE), else {DEFAULT_FEATURE_GRAD_MULT}")
+    a("--feature_penalty_weight", type=NONNEGATIVE, default=None,
+      help="weight of fairseq's feature penalty (mean square of the feature encoder's "
+           "output); default: the preset's (10 BASE, 0 LARGE), else 0")
     a("--gradient_checkpointing", action="store_true",
       help="recompute encoder layers in the backward pass (less memory, more time)")
     a("--backend", default="auto", choices=["auto", "cpu", "cuda", "ipu"],
@@ -145,6 +151,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--s3_endpoint_url", default=None, help="S3-compatible endpoint for s3:// shards")
     a("--no_tensorboard", action="store_true", help="write metrics.jsonl only")
     args = p.parse_args(argv)
+    implied = {"feature_grad_mult": DEFAULT_FEATURE_GRAD_MULT, "feature_penalty_weight": 0.0,
+               "min_gumbel_temperature": 0.5, **PRESET_TRAINING.get(args.preset, {})}
+    for name, value in implied.items():  # what the preset implies, where no flag says
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     problems = []
     if bool(args.preset) == bool(args.model_name_or_path):
         problems.append("give --preset {demo,base,large} or --model_name_or_path, not both")
@@ -244,7 +255,7 @@ def evaluate(objective, backend, stream_config, eval_batches: int | None,
     nothing stops the run."""
     backend.weights_to_host()
     objective.eval()
-    loss = masked = 0.0
+    loss = masked = correct = 0.0
     # Every bad utterance is counted here, none stops the eval: the whole set is read.
     loader = StreamingLoader(stream_config, num_workers=0, max_bad_fraction=1.0, max_epochs=1)
     for i, batch in enumerate(loader):
@@ -253,10 +264,12 @@ def evaluate(objective, backend, stream_config, eval_batches: int | None,
         out = backend.eval_forward(batch, temperature)
         loss += float(out["loss"])
         masked += float(out["num_masked"])
+        correct += float(out["num_correct"])
     objective.train()
     counters = loader.counters
-    loss, masked, read, bad = backend.all_sum(
-        [loss, masked, float(counters.utterances), float(sum(counters.skipped.values()))])
+    loss, masked, correct, read, bad = backend.all_sum(
+        [loss, masked, correct, float(counters.utterances),
+         float(sum(counters.skipped.values()))])
     examples = [e for found in backend.all_gather(counters.bad_examples) for e in found]
     if not read:
         raise RuntimeError(f"eval read no utterance from --eval_shards ({int(bad)} "
@@ -265,7 +278,8 @@ def evaluate(objective, backend, stream_config, eval_batches: int | None,
     if bad and backend.rank == 0:
         print(f"WARNING: eval skipped {int(bad)} unreadable utterances, e.g. "
               f"{'; '.join(examples[:3])}", flush=True)
-    return {"eval_loss": loss / max(masked, 1.0), "eval_utterances": int(read),
+    return {"eval_loss": loss / max(masked, 1.0), "eval_accuracy": correct / max(masked, 1.0),
+            "eval_utterances": int(read),
             "eval_bad_utterances": int(bad)}
 
 
@@ -274,8 +288,8 @@ def update_record(step: int, result: UpdateResult, backend, lr: float, loader,
     """The per-update record: losses per masked frame of the update, all ranks summed.
     ``clock`` is (seconds since this process began training, the update it began at, the
     last update)."""
-    names = ("loss", "contrastive_loss", "diversity_loss", "prob_perplexity",
-             "code_perplexity", "num_frames", "micro_batches")
+    names = ("loss", "contrastive_loss", "diversity_loss", "feature_penalty", "correct",
+             "prob_perplexity", "code_perplexity", "num_frames", "micro_batches")
     total = dict(zip(names, backend.all_sum([float(getattr(result, n)) for n in names])))
     (audio,) = backend.all_sum([float(loader.counters.audio_samples)])
     elapsed, first, last = clock
@@ -283,6 +297,8 @@ def update_record(step: int, result: UpdateResult, backend, lr: float, loader,
     return {"step": step, "loss": total["loss"] / masked,
             "contrastive_loss": total["contrastive_loss"] / masked,
             "diversity_loss": total["diversity_loss"] / masked,
+            "feature_penalty": total["feature_penalty"] / masked,
+            "accuracy": total["correct"] / masked,
             "percent_masked": 100.0 * result.masked_frames / max(total["num_frames"], 1.0),
             "prob_perplexity": total["prob_perplexity"] / total["micro_batches"],
             "code_perplexity": total["code_perplexity"] / total["micro_batches"],
@@ -405,7 +421,8 @@ def train(args: argparse.Namespace) -> None:
 
     # 3. Model, objective, optimizer; resume.
     model = build_model(config)
-    objective = PretrainingObjective(model, args.feature_grad_mult, args.gradient_checkpointing)
+    objective = PretrainingObjective(model, args.feature_grad_mult, args.gradient_checkpointing,
+                                     args.feature_penalty_weight)
     objective.train()
     optimizer = backend.prepare(objective, _param_groups(model, args.weight_decay),
                                 args.learning_rate, (args.adam_beta1, args.adam_beta2),

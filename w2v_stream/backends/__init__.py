@@ -27,6 +27,8 @@ class UpdateResult:
     loss: float  # the objective's loss, before normalisation by masked frames
     contrastive_loss: float
     diversity_loss: float
+    feature_penalty: float  # fairseq's feature penalty, summed like the loss (unweighted)
+    correct: float  # masked frames whose positive logit is above every negative's
     prob_perplexity: float  # summed over micro-batches: divide by micro_batches
     code_perplexity: float  # likewise
     num_frames: float  # real frames

@@ -85,12 +85,16 @@ class _IpuStep(torch.nn.Module):
         self.poptorch = poptorch
 
     def forward(self, input_values, attention_mask, mask_time_indices,
-                sampled_negative_indices, temperature, normaliser):
+                sampled_negative_indices, temperature, normaliser, segment_ids):
         out = self.objective(input_values, attention_mask, mask_time_indices,
-                             sampled_negative_indices, temperature[0])
+                             sampled_negative_indices, temperature[0], segment_ids)
         loss = self.poptorch.identity_loss(out["loss"] / normaliser[0], reduction="sum")
-        return (loss, out["loss"].detach(), out["contrastive_loss"], out["diversity_loss"],
-                out["codevector_perplexity"], out["code_perplexity"], out["num_frames"])
+        return (loss,) + tuple(out[name].detach() for name in STEP_OUTPUTS)
+
+
+# The objective's outputs a host call returns (summed), after the loss it trains on.
+STEP_OUTPUTS = ("loss", "contrastive_loss", "diversity_loss", "feature_penalty", "num_correct",
+                "codevector_perplexity", "code_perplexity", "num_frames")
 
 
 def micro_batch_negatives(negatives: torch.Tensor, split: int) -> torch.Tensor:
@@ -113,7 +117,8 @@ def host_batch(batches: list[dict], split: int, temperatures: list[float],
     """The inputs of one host call: ``len(batches)`` updates' loader batches stacked in order
     (poptorch gives each device iteration the next block of rows), the audio in the model's
     ``input_dtype``, negatives moved into each micro-batch's own frames, and one temperature
-    and normaliser value per row."""
+    and normaliser value per row; segment ids where the loader gives them, else one utterance
+    per row."""
     shapes = {tuple(b["input_values"].shape) for b in batches}
     if len(shapes) != 1:
         raise ValueError(f"one host call takes one shape, got {sorted(shapes)}")
@@ -130,7 +135,9 @@ def host_batch(batches: list[dict], split: int, temperatures: list[float],
             torch.cat([b["mask_time_indices"] for b in batches]),
             torch.cat([micro_batch_negatives(b["sampled_negative_indices"], split)
                        for b in batches]),
-            per_row(temperatures), per_row(normalisers))
+            per_row(temperatures), per_row(normalisers),
+            torch.cat([b["segment_ids"] if "segment_ids" in b
+                       else b["attention_mask"].to(torch.int32) for b in batches]))
 
 
 def call_size(upcoming: list[int], update: int, device_iterations: int,
@@ -146,7 +153,8 @@ def call_size(upcoming: list[int], update: int, device_iterations: int,
 
 # UpdateResult fields that add up over host calls.
 _SUMMED = ("updates", "masked_frames", "loss", "contrastive_loss", "diversity_loss",
-           "prob_perplexity", "code_perplexity", "num_frames", "micro_batches", "audio_samples")
+           "feature_penalty", "correct", "prob_perplexity", "code_perplexity", "num_frames",
+           "micro_batches", "audio_samples")
 
 
 def pipeline_modules(objective: torch.nn.Module) -> list[torch.nn.Module]:
@@ -155,7 +163,10 @@ def pipeline_modules(objective: torch.nn.Module) -> list[torch.nn.Module]:
     next block's module is called."""
     model = objective.model
     encoder = model.wav2vec2.encoder
-    return [*model.wav2vec2.feature_extractor.conv_layers, encoder.pos_conv_embed,
+    # A conv layer's conv: the objective calls it directly where it normalises the output
+    # per utterance (the first layer's group norm), and through the layer elsewhere.
+    return [*(layer.conv for layer in model.wav2vec2.feature_extractor.conv_layers),
+            encoder.pos_conv_embed,
             *encoder.layers, model.project_hid, model.quantizer.weight_proj, model.project_q]
 
 
@@ -276,12 +287,16 @@ class IpuBackend:
         model = self._activate((d,) + tuple(inputs[0].shape))
         model.setOptimizer(self.optimizer)  # the same object: only the changed lr is sent
         # Outputs come back summed over iterations and accumulation (one per replica).
-        _, loss, contrastive, diversity, prob_ppl, code_ppl, frames = (
-            float(torch.as_tensor(x).sum()) for x in model(*inputs))
+        sums = dict(zip(STEP_OUTPUTS, (float(torch.as_tensor(x).sum())
+                                       for x in model(*inputs)[1:])))
+        loss = sums["loss"]
         return UpdateResult(
-            updates=d, masked_frames=sum(normalisers), loss=loss, contrastive_loss=contrastive,
-            diversity_loss=diversity, prob_perplexity=prob_ppl, code_perplexity=code_ppl,
-            num_frames=frames, micro_batches=self.split * d,
+            updates=d, masked_frames=sum(normalisers), loss=loss,
+            contrastive_loss=sums["contrastive_loss"], diversity_loss=sums["diversity_loss"],
+            feature_penalty=sums["feature_penalty"], correct=sums["num_correct"],
+            prob_perplexity=sums["codevector_perplexity"],
+            code_perplexity=sums["code_perplexity"], num_frames=sums["num_frames"],
+            micro_batches=self.split * d,
             audio_samples=sum(int(b["audio_samples"]) for b in group),
             temperature=temperatures[-1], grad_norm=None, finite=math.isfinite(loss),
             applied=True)
@@ -291,7 +306,7 @@ class IpuBackend:
             return self.objective(batch["input_values"].to(self.dtype), batch["attention_mask"],
                                   batch["mask_time_indices"],
                                   batch["sampled_negative_indices"].long(),
-                                  torch.tensor(temperature))
+                                  torch.tensor(temperature), batch.get("segment_ids"))
 
     def all_sum(self, values: list) -> list:
         return [float(v) for v in values]
