@@ -103,11 +103,23 @@ PRESET_TRAINING = {
 }
 
 
-def resolve_config(preset: str | None, model_name_or_path: str | None,
-                   overrides: dict) -> Wav2Vec2Config:
-    """defaults < preset (or a local config.json folder) < overrides from flags."""
+# What a released model's config.json says for masking and negatives is usually a fine-tuning
+# value (mask_time_prob 0.05); continued pre-training takes these, unless flags say otherwise.
+_PRETRAINING_MASKING = ("mask_time_prob", "mask_time_length", "mask_time_min_masks",
+                        "num_negatives")
+
+
+def resolve_config(preset: str | None, model_name_or_path: str | None, overrides: dict,
+                   init_from: str | None = None) -> Wav2Vec2Config:
+    """defaults < preset (or a local config.json folder, or the config of the model at
+    ``init_from`` with pre-training masking) < overrides from flags."""
     values: dict = {}
-    if model_name_or_path:
+    if init_from:
+        values = Wav2Vec2Config.from_pretrained(init_from).to_dict()
+        values.update({k: _PRETRAINING[k] for k in _PRETRAINING_MASKING})
+        for key in ("architectures", "transformers_version", "model_type"):
+            values.pop(key, None)
+    elif model_name_or_path:
         path = Path(model_name_or_path)
         config_file = path / "config.json" if path.is_dir() else path
         if not config_file.is_file():
@@ -131,6 +143,22 @@ def build_model(config: Wav2Vec2Config) -> Wav2Vec2ForPreTraining:
     model = Wav2Vec2ForPreTraining(config)
     model.config.use_cache = False
     return model
+
+
+def load_pretrained(init_from: str, config: Wav2Vec2Config
+                    ) -> tuple[Wav2Vec2ForPreTraining, list[str]]:
+    """Released weights for continued pre-training: a folder saved by ``save_pretrained`` (a
+    ``Wav2Vec2ForPreTraining``, ``Wav2Vec2ForCTC`` or ``Wav2Vec2Model``; this project's
+    checkpoints too) or a hub id that transformers resolves through its own cache. Returns the
+    model, in float32, and the names of the weights that start fresh (the pre-training heads a
+    fine-tuned model does not have)."""
+    model, info = Wav2Vec2ForPreTraining.from_pretrained(
+        init_from, config=config, dtype=torch.float32, output_loading_info=True)
+    if info.get("mismatched_keys"):
+        raise ValueError(f"--init_from {init_from}: weights of another shape than its config "
+                         f"says: {sorted(map(str, info['mismatched_keys']))[:5]}")
+    model.config.use_cache = False
+    return model, sorted(info.get("missing_keys", []))
 
 
 def _perplexity(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

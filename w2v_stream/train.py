@@ -24,7 +24,7 @@ from .backends.ipu_config import IpuConfigError, resolve as resolve_ipu_config
 from .loader import StreamingLoader
 from .metrics import MetricsLogger, collapse_warning, format_line
 from .model import (DEFAULT_FEATURE_GRAD_MULT, PRESET_TRAINING, PretrainingObjective,
-                    build_model, resolve_config)
+                    build_model, load_pretrained, resolve_config)
 from .schedule import SCHEDULES, gumbel_temperature, lr_factor
 from .stream import StreamConfig
 
@@ -72,7 +72,12 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="checkpoints, metrics.jsonl, TensorBoard events; one run at a time (locked)")
     a("--preset", choices=["demo", "base", "large"], default=None,
       help="model size with fairseq pre-training values")
-    a("--model_name_or_path", default=None, help="local folder with config.json (no download)")
+    a("--model_name_or_path", default=None,
+      help="local folder with config.json: its architecture, random weights (no download)")
+    a("--init_from", default=None, metavar="PATH_OR_HUB_ID",
+      help="continued pre-training: start from these weights (a save_pretrained folder, a "
+           "checkpoint-N folder, or a hub id transformers resolves), with fresh optimizer, "
+           "schedule and step; the model's config, with pre-training masking")
     a("--max_train_steps", type=COUNT, required=True, help="optimizer updates: the only stop")
     a("--num_warmup_steps", type=LIMIT, default=0, help="linear warmup updates")
     a("--learning_rate", type=POSITIVE, default=5e-4, help="peak learning rate")
@@ -157,8 +162,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, value)
     problems = []
-    if bool(args.preset) == bool(args.model_name_or_path):
-        problems.append("give --preset {demo,base,large} or --model_name_or_path, not both")
+    if args.init_from and (args.preset or args.model_name_or_path):
+        problems.append("--init_from takes the model's own config: leave out --preset and "
+                        "--model_name_or_path")
+    elif not args.init_from and bool(args.preset) == bool(args.model_name_or_path):
+        problems.append("give --preset {demo,base,large}, --model_name_or_path or --init_from")
+    if args.init_from and args.resume_from_checkpoint:
+        problems.append("--init_from starts a new run; --resume_from_checkpoint continues one: "
+                        "give one")
     if args.num_warmup_steps > args.max_train_steps:
         problems.append("--num_warmup_steps must be within 0..max_train_steps")
     if args.min_duration_in_seconds >= args.max_duration_in_seconds:
@@ -328,12 +339,26 @@ def start_run(args, backend, config) -> tuple[rundir.OutputDirLock | None, dict]
                     world_size=backend.world_size)
     if backend.name == "ipu":  # each pipeline block and the IPU of a replica it runs on
         resolved["ipu_placement"] = [list(block) for block in backend.placement]
+    folder = Path(args.model_name_or_path or "")
+    if backend.rank == 0 and args.model_name_or_path and any(
+            (folder / name).exists() for name in ("model.safetensors", "pytorch_model.bin")):
+        print(f"note: --model_name_or_path takes only {folder}'s config.json; its weights are "
+              f"not loaded (to start from them, use --init_from {folder})", flush=True)
     if backend.rank == 0:
         (args.output_dir / "train_config.json").write_text(json.dumps(
             {"args": resolved, "model": config.to_dict()}, indent=1, sort_keys=True,
             default=str))
         print(f"config: {json.dumps(resolved, sort_keys=True, default=str)}", flush=True)
     return lock, resolved
+
+
+def weights_from(args, config, main: bool):
+    """The model of ``--init_from``'s weights; says which weights start fresh."""
+    model, fresh = load_pretrained(args.init_from, config)
+    if main:
+        print(f"weights from {args.init_from}; starting fresh: "
+              f"{', '.join(fresh) if fresh else 'nothing'}", flush=True)
+    return model
 
 
 def agree(backend, error: str | None) -> None:
@@ -395,7 +420,7 @@ def train(args: argparse.Namespace) -> None:
     stop = StopRequest()
     overrides = {"mask_time_prob": args.mask_time_prob,
                  "mask_time_length": args.mask_time_length, "num_negatives": args.num_negatives}
-    config = resolve_config(args.preset, args.model_name_or_path, overrides)
+    config = resolve_config(args.preset, args.model_name_or_path, overrides, args.init_from)
     cache = args.ipu_executable_cache or args.output_dir / "exe_cache"
     backend = create_backend(
         args.backend, precision=args.precision, compile_backend=args.torch_compile_backend,
@@ -420,7 +445,7 @@ def train(args: argparse.Namespace) -> None:
                                       passes_per_epoch=1) if args.eval_shards else None)
 
     # 3. Model, objective, optimizer; resume.
-    model = build_model(config)
+    model = build_model(config) if not args.init_from else weights_from(args, config, main)
     objective = PretrainingObjective(model, args.feature_grad_mult, args.gradient_checkpointing,
                                      args.feature_penalty_weight)
     objective.train()
@@ -444,6 +469,9 @@ def train(args: argparse.Namespace) -> None:
                              pin_memory=needs.pin_memory)
     logger = MetricsLogger(args.output_dir, main, tensorboard=not args.no_tensorboard,
                            resume_step=update if args.resume_from_checkpoint else None)
+    logger.log({"step": update, "run": {  # where this process's run began, and from what
+        "init_from": args.init_from, "resumed_from": args.resume_from_checkpoint and str(path),
+        "preset": args.preset, "model_name_or_path": args.model_name_or_path}})
 
     def schedule(step: int) -> tuple[float, float]:
         return (args.learning_rate * lr_factor(step, args.num_warmup_steps,
