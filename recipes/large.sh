@@ -1,19 +1,12 @@
 #!/usr/bin/env bash
-# LARGE (317 M) on LibriSpeech 960 h with the upstream hyper-parameters
-# (transformers' speech-pretraining README, "Large"). Same knobs as base.sh.
+# LARGE (317 M) on LibriSpeech 960 h with the upstream hyper-parameters (transformers'
+# speech-pretraining README, "Large"). Same knobs as base.sh.
 # BACKEND=ipu: 2 replicas of an 8-IPU pipeline on a POD16, micro-batch 1 of up to 15.6 s,
 # accumulation 64 (128 utterances per update), fp16; the placement is an estimate
 # (recipes/ipu/README.md).
 set -euo pipefail
 export RECIPE=large
-if [ "${BACKEND:-auto}" = ipu ]; then
-  BATCH_FLAGS="--ipu_config_name recipes/ipu/wav2vec2-large-ipu.json
-  --per_device_train_batch_size 1 --max_duration_in_seconds 15.6 --adam_epsilon 1e-04"
-else
-  BATCH_FLAGS="--gradient_accumulation_steps 8 --per_device_train_batch_size 2
-  --max_duration_in_seconds 20.0 --adam_epsilon 1e-06 --gradient_checkpointing"
-fi
-export TRAIN_FLAGS="--preset large --max_train_steps 200000 --num_warmup_steps 32000
-  --learning_rate 0.001 --weight_decay 0.01 --min_duration_in_seconds 2.0 --logging_steps 1
-  --saving_steps 10000 --adam_beta1 0.9 --adam_beta2 0.98 $BATCH_FLAGS ${TRAIN_FLAGS_EXTRA:-}"
+export SIZE_FLAGS="--preset large"
+export GPU_FLAGS="--gradient_accumulation_steps 8 --per_device_train_batch_size 2"
+export IPU_CONFIG=recipes/ipu/wav2vec2-large-ipu.json
 exec bash "$(dirname "${BASH_SOURCE[0]}")/pretrain.sh" "$@"
