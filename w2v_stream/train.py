@@ -63,7 +63,7 @@ DECAY = _number(float, 0, 1, low_open=True)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m w2v_stream.train", description=__doc__.split(
+    p = argparse.ArgumentParser(prog="w2v-train", description=__doc__.split(
         "\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--train_shards", required=True, nargs="+", help="shard folder/URL/pattern (index.json)")
@@ -87,9 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="polynomial decay's power (1.0: fairseq's and transformers' default)")
     a("--weight_decay", type=NONNEGATIVE, default=0.01,
       help="AdamW decay of linear and conv weights")
-    a("--adam_beta1", type=BETA, default=0.9)
-    a("--adam_beta2", type=BETA, default=0.98)
-    a("--adam_epsilon", type=POSITIVE, default=1e-6)
+    a("--adam_beta1", type=BETA, default=0.9, help="AdamW's first-moment decay")
+    a("--adam_beta2", type=BETA, default=0.98, help="AdamW's second-moment decay (fairseq)")
+    a("--adam_epsilon", type=POSITIVE, default=1e-6, help="AdamW's denominator floor")
     a("--max_grad_norm", type=POSITIVE, default=None, help="clip the gradient norm (off: None)")
     a("--gradient_accumulation_steps", type=COUNT, default=None,
       help="micro-batches per optimizer update (default: 1, or the --ipu_config_name file's)")
@@ -106,7 +106,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--mask_time_prob", type=PROBABILITY, default=None, help="default: the preset's (0.65)")
     a("--mask_time_length", type=COUNT, default=None, help="default: the preset's (10)")
     a("--num_negatives", type=COUNT, default=None, help="default: the preset's (100)")
-    a("--max_gumbel_temperature", type=POSITIVE, default=2.0)
+    a("--max_gumbel_temperature", type=POSITIVE, default=2.0,
+      help="the quantizer's gumbel temperature at update 0")
     a("--min_gumbel_temperature", type=POSITIVE, default=None,
       help="default: the preset's (fairseq: 0.5 BASE, 0.1 LARGE), else 0.5")
     a("--gumbel_temperature_decay", type=DECAY, default=0.999995,
