@@ -62,14 +62,16 @@ BETA = _number(float, 0, 1, high_open=True)
 DECAY = _number(float, 0, 1, low_open=True)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="w2v-train", description=__doc__.split(
-        "\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
+def _data_flags(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument_group("shards and output").add_argument
     a("--train_shards", required=True, nargs="+", help="shard folder/URL/pattern (index.json)")
     a("--eval_shards", nargs="+", default=None, help="held-out shards for eval_loss")
     a("--output_dir", required=True, type=Path,
       help="checkpoints, metrics.jsonl, TensorBoard events; one run at a time (locked)")
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument_group("model").add_argument
     a("--preset", choices=["demo", "base", "large"], default=None,
       help="model size with fairseq pre-training values")
     a("--model_name_or_path", default=None,
@@ -78,6 +80,10 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="continued pre-training: start from these weights (a save_pretrained folder, a "
            "checkpoint-N folder, or a hub id transformers resolves), with fresh optimizer, "
            "schedule and step; the model's config, with pre-training masking")
+
+
+def _optimizer_flags(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument_group("optimization").add_argument
     a("--max_train_steps", type=COUNT, required=True, help="optimizer updates: the only stop")
     a("--num_warmup_steps", type=LIMIT, default=0, help="linear warmup updates")
     a("--learning_rate", type=POSITIVE, default=5e-4, help="peak learning rate")
@@ -93,6 +99,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--max_grad_norm", type=POSITIVE, default=None, help="clip the gradient norm (off: None)")
     a("--gradient_accumulation_steps", type=COUNT, default=None,
       help="micro-batches per optimizer update (default: 1, or the --ipu_config_name file's)")
+
+
+def _batch_flags(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument_group("batches: the shape plan").add_argument
     a("--per_device_train_batch_size", type=COUNT, default=8,
       help="rows of the longest bucket; sets the per-batch sample budget")
     a("--max_tokens", type=COUNT, default=None, help="samples per batch (overrides the above)")
@@ -103,6 +113,10 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="longer utterances are cropped to this")
     a("--min_duration_in_seconds", type=POSITIVE, default=2.0,
       help="shorter utterances are left out")
+
+
+def _objective_flags(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument_group("masking, quantizer and loss terms").add_argument
     a("--mask_time_prob", type=PROBABILITY, default=None, help="default: the preset's (0.65)")
     a("--mask_time_length", type=COUNT, default=None, help="default: the preset's (10)")
     a("--num_negatives", type=COUNT, default=None, help="default: the preset's (100)")
@@ -120,6 +134,10 @@ def parse_args(argv=None) -> argparse.Namespace:
            "output); default: the preset's (10 BASE, 0 LARGE), else 0")
     a("--gradient_checkpointing", action="store_true",
       help="recompute encoder layers in the backward pass (less memory, more time)")
+
+
+def _device_flags(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument_group("device").add_argument
     a("--backend", default="auto", choices=["auto", "cpu", "cuda", "ipu"],
       help="auto: cuda when a GPU is visible, else cpu")
     a("--ipu_config_name", type=Path, default=None,
@@ -138,6 +156,10 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="auto: bf16 on cuda, fp32 on cpu, fp16 on ipu")
     a("--torch_compile_backend", default=None,
       help="torch.compile backend (cuda default: inductor; cpu default: none, eager)")
+
+
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument_group("logging, eval, checkpoints, loader and faults").add_argument
     a("--logging_steps", type=COUNT, default=10, help="log every N updates")
     a("--saving_steps", type=COUNT, default=500, help="checkpoint every N updates")
     a("--save_total_limit", type=COUNT, default=None,
@@ -156,12 +178,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--allow_pipe_urls", action="store_true", help="let pipe: shard URLs run a command")
     a("--s3_endpoint_url", default=None, help="S3-compatible endpoint for s3:// shards")
     a("--no_tensorboard", action="store_true", help="write metrics.jsonl only")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="w2v-train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for add in (_data_flags, _model_flags, _optimizer_flags, _batch_flags, _objective_flags,
+                _device_flags, _run_flags):
+        add(p)
     args = p.parse_args(argv)
     implied = {"feature_grad_mult": DEFAULT_FEATURE_GRAD_MULT, "feature_penalty_weight": 0.0,
                "min_gumbel_temperature": 0.5, **PRESET_TRAINING.get(args.preset, {})}
     for name, value in implied.items():  # what the preset implies, where no flag says
         if getattr(args, name) is None:
             setattr(args, name, value)
+    problems = _problems(args) + _resolve_ipu_flags(args)
+    if problems:
+        p.error("; ".join(problems))
+    return args
+
+
+def _problems(args: argparse.Namespace) -> list[str]:
+    """What no single flag's type can check: combinations."""
     problems = []
     if args.init_from and (args.preset or args.model_name_or_path):
         problems.append("--init_from takes the model's own config: leave out --preset and "
@@ -189,10 +227,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             problems.append(f"--{name} is for --backend ipu")
     if args.backend != "ipu" and args.ipu_config_name:
         problems.append("--ipu_config_name is for --backend ipu")
-    problems += _resolve_ipu_flags(args)
-    if problems:
-        p.error("; ".join(problems))
-    return args
+    return problems
 
 
 def _resolve_ipu_flags(args: argparse.Namespace) -> list[str]:
@@ -416,21 +451,105 @@ class StopRequest:
         return self.signum is not None
 
 
+def backend_for(args, config):
+    """The backend of ``--backend``, with the IPU's settings and the model's block counts."""
+    return create_backend(
+        args.backend, precision=args.precision, compile_backend=args.torch_compile_backend,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        ipu_replicas=args.ipu_replicas, ipu_device_iterations=args.ipu_device_iterations,
+        ipu_executable_cache=str(args.ipu_executable_cache or args.output_dir / "exe_cache"),
+        ipu_config_name=args.ipu_config_name and str(args.ipu_config_name),
+        ipu_conv_layers=len(config.conv_dim), ipu_encoder_layers=config.num_hidden_layers,
+        seed=args.seed)
+
+
+def schedule_for(args):
+    """(update) -> (learning rate, gumbel temperature): pure functions of the update."""
+    def schedule(step: int) -> tuple[float, float]:
+        return (args.learning_rate * lr_factor(step, args.num_warmup_steps,
+                                               args.max_train_steps, args.lr_scheduler_type,
+                                               args.lr_power),
+                gumbel_temperature(step, args.max_gumbel_temperature,
+                                   args.min_gumbel_temperature, args.gumbel_temperature_decay))
+    return schedule
+
+
+def resume(args, model, optimizer, rank: int) -> tuple[int, int, dict | None, str | None]:
+    """(update, skipped updates, this rank's loader state, checkpoint) of
+    ``--resume_from_checkpoint``, its weights and optimizer state loaded; a fresh start
+    without it."""
+    if not args.resume_from_checkpoint:
+        return 0, 0, None, None
+    path = checkpoint.find(args.output_dir, args.resume_from_checkpoint,
+                           warn=lambda text: rank == 0 and print(f"WARNING: {text}",
+                                                                 flush=True))
+    state = checkpoint.load(path, model, optimizer)
+    loader_state = state["loader"].get(str(rank))
+    if loader_state is None:
+        raise ValueError(f"{path}: no loader state for rank {rank} (world size changed?)")
+    if rank == 0:
+        print(f"resumed from {path} at update {state['update']}", flush=True)
+    return state["update"], state.get("skipped_updates", 0), loader_state, str(path)
+
+
+class Skips:
+    """Non-finite updates: counted the same way on every backend (per optimizer update); a
+    run of ``limit`` in a row stops the run."""
+
+    def __init__(self, total: int, limit: int, main: bool):
+        self.total, self.in_a_row, self.limit, self.main = total, 0, limit, main
+
+    def count(self, result: UpdateResult, update: int) -> None:
+        if result.finite:
+            self.in_a_row = 0
+            return
+        self.in_a_row += result.updates
+        self.total += result.updates
+        if self.main:
+            what = ("the IPU has applied it: it cannot be skipped there" if result.applied
+                    else "update skipped")
+            print(f"step {update}: non-finite loss or gradient, {what} "
+                  f"({self.in_a_row} in a row)", flush=True)
+        if self.in_a_row >= self.limit:
+            raise RuntimeError(f"{self.in_a_row} non-finite updates in a row: stopping. Lower "
+                               f"--learning_rate, raise --num_warmup_steps, set "
+                               f"--max_grad_norm, or use --precision fp32")
+
+
+class Pace:
+    """Audio seconds per second since the last log, and the run's elapsed time and ETA."""
+
+    def __init__(self, update: int, last: int, world: int):
+        self.began = self.since = time.perf_counter()
+        self.first, self.last, self.world, self.audio = update, last, world, 0.0
+
+    def add(self, seconds: float) -> None:
+        self.audio += seconds
+
+    def take(self) -> tuple[float, tuple]:
+        """(audio s/s since the last take, the clock for ``update_record``)."""
+        now = time.perf_counter()
+        rate = self.world * self.audio / max(now - self.since, 1e-9)
+        self.since, self.audio = now, 0.0
+        return rate, (now - self.began, self.first, self.last)
+
+
+def log_update(logger, record: dict, main: bool, num_groups: int) -> None:
+    logger.log(record)
+    if main:
+        print(format_line(record), flush=True)
+        warning = collapse_warning(record, num_groups)
+        if warning:
+            print(f"WARNING: {warning}", flush=True)
+
+
 def train(args: argparse.Namespace) -> None:
     # 1. Backend and processes, configuration.
     stop = StopRequest()
     overrides = {"mask_time_prob": args.mask_time_prob,
                  "mask_time_length": args.mask_time_length, "num_negatives": args.num_negatives}
     config = resolve_config(args.preset, args.model_name_or_path, overrides, args.init_from)
-    cache = args.ipu_executable_cache or args.output_dir / "exe_cache"
-    backend = create_backend(
-        args.backend, precision=args.precision, compile_backend=args.torch_compile_backend,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        ipu_replicas=args.ipu_replicas, ipu_device_iterations=args.ipu_device_iterations,
-        ipu_executable_cache=str(cache),
-        ipu_config_name=args.ipu_config_name and str(args.ipu_config_name),
-        ipu_conv_layers=len(config.conv_dim), ipu_encoder_layers=config.num_hidden_layers,
-        seed=args.seed)
+    backend = backend_for(args, config)
     rank, world, main = backend.rank, backend.world_size, backend.rank == 0
     torch.manual_seed(args.seed + rank)
     lock, resolved = start_run(args, backend, config)
@@ -453,33 +572,18 @@ def train(args: argparse.Namespace) -> None:
     optimizer = backend.prepare(objective, _param_groups(model, args.weight_decay),
                                 args.learning_rate, (args.adam_beta1, args.adam_beta2),
                                 args.adam_epsilon, args.max_grad_norm)
-    update, skipped_in_a_row, skipped_total, loader_state = 0, 0, 0, None
-    if args.resume_from_checkpoint:
-        path = checkpoint.find(args.output_dir, args.resume_from_checkpoint,
-                               warn=lambda text: main and print(f"WARNING: {text}", flush=True))
-        state = checkpoint.load(path, model, optimizer)
-        update, skipped_total = state["update"], state.get("skipped_updates", 0)
-        loader_state = state["loader"].get(str(rank))
-        if loader_state is None:
-            raise ValueError(f"{path}: no loader state for rank {rank} (world size changed?)")
-        if main:
-            print(f"resumed from {path} at update {update}", flush=True)
+    update, skipped, loader_state, resumed_from = resume(args, model, optimizer, rank)
+    skips = Skips(skipped, args.max_skipped_updates, main)
     loader = StreamingLoader(stream_config, num_workers=args.num_workers,
                              max_bad_fraction=args.max_bad_fraction, state=loader_state,
                              multiprocessing_context=needs.multiprocessing_context,
                              pin_memory=needs.pin_memory)
     logger = MetricsLogger(args.output_dir, main, tensorboard=not args.no_tensorboard,
-                           resume_step=update if args.resume_from_checkpoint else None)
+                           resume_step=update if resumed_from else None)
     logger.log({"step": update, "run": {  # where this process's run began, and from what
-        "init_from": args.init_from, "resumed_from": args.resume_from_checkpoint and str(path),
-        "preset": args.preset, "model_name_or_path": args.model_name_or_path}})
-
-    def schedule(step: int) -> tuple[float, float]:
-        return (args.learning_rate * lr_factor(step, args.num_warmup_steps,
-                                               args.max_train_steps, args.lr_scheduler_type,
-                                               args.lr_power),
-                gumbel_temperature(step, args.max_gumbel_temperature,
-                                   args.min_gumbel_temperature, args.gumbel_temperature_decay))
+        "init_from": args.init_from, "resumed_from": resumed_from, "preset": args.preset,
+        "model_name_or_path": args.model_name_or_path}})
+    schedule = schedule_for(args)
 
     def run_eval(at: int, temperature: float) -> None:
         record = evaluate(objective, backend, eval_config, args.eval_batches, temperature)
@@ -492,51 +596,30 @@ def train(args: argparse.Namespace) -> None:
     batches = iter(loader)
     eval_every = args.eval_steps or args.saving_steps
     every = [args.logging_steps, args.saving_steps] + ([eval_every] if eval_config else [])
-    interval_start, interval_audio = time.perf_counter(), 0.0
-    began, first_update = time.perf_counter(), update
+    pace = Pace(update, args.max_train_steps, world)
     if eval_config and update == 0:
         run_eval(0, schedule(0)[1])
     while update < args.max_train_steps:
         limit = min([args.max_train_steps] + [(update // n + 1) * n for n in every])
         lr = schedule(update)[0]
         result = backend.update(batches, loader.upcoming_buckets, update, limit, schedule)
-        interval_audio += result.audio_samples / plan.sample_rate
+        pace.add(result.audio_samples / plan.sample_rate)
         update += result.updates
-        if result.finite:
-            skipped_in_a_row = 0
-        else:
-            skipped_in_a_row += result.updates
-            skipped_total += result.updates
-            if main:
-                what = "update skipped" if not result.applied else \
-                    "the IPU has applied it: it cannot be skipped there"
-                print(f"step {update}: non-finite loss or gradient, {what} "
-                      f"({skipped_in_a_row} in a row)", flush=True)
-            if skipped_in_a_row >= args.max_skipped_updates:
-                raise RuntimeError(f"{skipped_in_a_row} non-finite updates in a row: stopping. "
-                                   f"Lower --learning_rate, raise --num_warmup_steps, set "
-                                   f"--max_grad_norm, or use --precision fp32")
+        skips.count(result, update)
         stopping = backend.all_sum([float(bool(stop))])[0] > 0  # every rank stops together
 
         # 5. Report, evaluate, save.
         last = update == args.max_train_steps
         if update % args.logging_steps == 0 or last:
-            audio_rate = world * interval_audio / max(time.perf_counter() - interval_start, 1e-9)
-            record = update_record(update, result, backend, lr, loader, audio_rate,
-                                   skipped_total, (time.perf_counter() - began, first_update,
-                                                   args.max_train_steps))
-            interval_start, interval_audio = time.perf_counter(), 0.0
-            logger.log(record)
-            if main:
-                print(format_line(record), flush=True)
-                warning = collapse_warning(record, config.num_codevector_groups)
-                if warning:
-                    print(f"WARNING: {warning}", flush=True)
+            audio_rate, clock = pace.take()
+            log_update(logger, update_record(update, result, backend, lr, loader, audio_rate,
+                                             skips.total, clock),
+                       main, config.num_codevector_groups)
         if eval_config and (update % eval_every == 0 or last):
             run_eval(update, result.temperature)
         if update % args.saving_steps == 0 or last or stopping:
             save_checkpoint(args, backend, model, optimizer, loader, update, {
-                "skipped_updates": skipped_total, "config": resolved,
+                "skipped_updates": skips.total, "config": resolved,
                 "model_config": config.to_dict()})
         if stopping:
             if main:
