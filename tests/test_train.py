@@ -306,6 +306,14 @@ def test_bad_flags_fail_before_any_work(shard_dir, tmp_path):
     assert both.returncode == 2 and "--preset" in both.stderr
 
 
+def test_batches_the_machine_cannot_hold_exit_2_before_training(shard_dir, tmp_path):
+    proc = run(train_cmd(shard_dir, tmp_path / "o", "--max_train_steps", 2,
+                         "--per_device_train_batch_size", 200_000), check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "GiB of /dev/shm" in proc.stderr and "lower --per_device_train_batch_size" in proc.stderr
+    assert "Traceback" not in proc.stderr and not list((tmp_path / "o").glob("checkpoint-*"))
+
+
 def test_a_preset_sets_the_training_values_it_implies_and_flags_override_them():
     from w2v_stream.train import parse_args
 

@@ -40,8 +40,7 @@ class BatchRing:
 
     def __init__(self, layouts: list[Layout], num_workers: int, slots: int):
         self.dtypes = {name: np.dtype(dtype) for name, (_, dtype) in layouts[0].items()}
-        nbytes = {name: max(int(np.prod(layout[name][0])) for layout in layouts)
-                  * self.dtypes[name].itemsize for name in self.dtypes}
+        nbytes = slot_bytes(layouts)
         check_shared_memory(num_workers * slots * sum(nbytes.values()))
         # busy[w, s] is 1 while worker w's slot s holds a batch the trainer has not copied.
         self.busy = torch.zeros(num_workers, slots, dtype=torch.int32).share_memory_()
@@ -75,6 +74,12 @@ class BatchRing:
     def release(self, batch: SlotBatch) -> None:
         """Give a batch's slot back to its worker without copying it out."""
         self.busy[batch.worker, batch.slot] = 0
+
+
+def slot_bytes(layouts: list[Layout]) -> dict[str, int]:
+    """Bytes of each array of a slot: enough for that array in a batch of any layout."""
+    return {name: max(int(np.prod(layout[name][0])) for layout in layouts)
+            * np.dtype(dtype).itemsize for name, (_, dtype) in layouts[0].items()}
 
 
 def check_shared_memory(needed: int, folder: str = "/dev/shm") -> None:

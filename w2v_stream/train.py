@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import signal
 import sys
 import time
@@ -22,11 +23,12 @@ from . import buckets, checkpoint, rundir, sources
 from .backends import UpdateResult, create_backend
 from .backends.ipu_config import IpuConfigError, resolve as resolve_ipu_config
 from .loader import StreamingLoader
+from .ring import RING_SLOTS_EXTRA, slot_bytes
 from .metrics import MetricsLogger, collapse_warning, format_line
 from .model import (DEFAULT_FEATURE_GRAD_MULT, PRESET_TRAINING, PretrainingObjective,
                     build_model, load_pretrained, resolve_config)
 from .schedule import SCHEDULES, gumbel_temperature, lr_factor
-from .stream import StreamConfig
+from .stream import StreamConfig, batch_arrays
 
 
 def _number(kind: type, low: float | None = None, high: float | None = None,
@@ -388,6 +390,46 @@ def start_run(args, backend, config) -> tuple[rundir.OutputDirLock | None, dict]
     return lock, resolved
 
 
+PREFETCH = 2  # batches each loader worker prepares ahead
+
+
+class UsageError(ValueError):
+    """A flag the machine cannot honour (found once the plan and model are known): exit 2."""
+
+
+def check_memory(stream_config, num_workers: int, model, on_host: bool) -> None:
+    """The loader's shared batch buffers against /dev/shm, and those with the model, its
+    gradients and AdamW's two moments (fp32) against the free RAM when they live on the host;
+    raises UsageError with what to lower."""
+    layouts = [batch_arrays(stream_config, k) for k in range(stream_config.plan.num_buckets)]
+    slots = PREFETCH + RING_SLOTS_EXTRA
+    ring = num_workers * slots * sum(slot_bytes(layouts).values())
+    weights = 16 * sum(p.numel() for p in model.parameters()) if on_host else 0
+    problems = []
+    shm = shutil.disk_usage("/dev/shm").free if Path("/dev/shm").is_dir() else None
+    if shm is not None and ring > shm:
+        problems.append(f"the loader's batch buffers need {ring / 2**30:.2f} GiB of /dev/shm, "
+                        f"which has {shm / 2**30:.2f} GiB free")
+    available = _available_ram()
+    if available is not None and ring + weights > available:
+        problems.append(f"the batch buffers and the model with its gradients and optimizer "
+                        f"state need {(ring + weights) / 2**30:.2f} GiB of RAM, "
+                        f"{available / 2**30:.2f} GiB is available")
+    if problems:
+        raise UsageError("; ".join(problems) + ": lower --per_device_train_batch_size (or "
+                         "--max_tokens), --max_duration_in_seconds or --num_workers")
+
+
+def _available_ram() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def weights_from(args, config, main: bool):
     """The model of ``--init_from``'s weights; says which weights start fresh."""
     model, fresh = load_pretrained(args.init_from, config)
@@ -566,6 +608,7 @@ def train(args: argparse.Namespace) -> None:
 
     # 3. Model, objective, optimizer; resume.
     model = build_model(config) if not args.init_from else weights_from(args, config, main)
+    check_memory(stream_config, args.num_workers, model, backend.device.type == "cpu")
     objective = PretrainingObjective(model, args.feature_grad_mult, args.gradient_checkpointing,
                                      args.feature_penalty_weight)
     objective.train()
@@ -575,6 +618,7 @@ def train(args: argparse.Namespace) -> None:
     update, skipped, loader_state, resumed_from = resume(args, model, optimizer, rank)
     skips = Skips(skipped, args.max_skipped_updates, main)
     loader = StreamingLoader(stream_config, num_workers=args.num_workers,
+                             prefetch_factor=PREFETCH,
                              max_bad_fraction=args.max_bad_fraction, state=loader_state,
                              multiprocessing_context=needs.multiprocessing_context,
                              pin_memory=needs.pin_memory)
@@ -640,6 +684,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         train(args)
+    except UsageError as exc:
+        print(f"w2v-train: error: {exc}", file=sys.stderr)
+        return 2
     except (ValueError, RuntimeError, OSError) as exc:  # each names its file or flag
         print(f"train: error: {exc}", file=sys.stderr)
         return 1
