@@ -103,18 +103,23 @@ def encode(objective: PretrainingObjective, batch: dict[str, torch.Tensor],
 def test_each_utterance_has_its_own_features_padded_or_packed(encoder):
     config = resolve_config("demo", None, LAYER_NORM_ENCODER if encoder == "layer" else {})
     torch.manual_seed(0)
-    objective = PretrainingObjective(build_model(config)).eval()
+    model = build_model(config)
+    objective = PretrainingObjective(model).eval()  # one utterance per row
     pieces = clips()
     # Padded: one utterance per row in rows of 8.5 s, segment ids from the attention mask or
-    # given; the utterances' frames agree (padding frames may not).
+    # given, one positional convolution or one per parity; the utterances' frames agree
+    # (padding frames may not).
     padded_batch = batch_of(config, [[p] for p in pieces], int(8.5 * RATE), seed=0)
     padded = encode(objective, padded_batch, with_segment_ids=False)
     given = encode(objective, padded_batch)
+    by_parity = encode(PretrainingObjective(model, packed=True).eval(), padded_batch)
     for i, piece in enumerate(pieces):
         n = frames_of(len(piece))
         assert torch.equal(padded[i, :n], given[i, :n])
+        assert torch.allclose(given[i, :n], by_parity[i, :n], atol=1e-5)
     assert_own_features(objective, pieces, list(padded))
     # Packed: all three in one row of 14 s.
+    objective = PretrainingObjective(model, packed=True).eval()
     together = encode(objective, batch_of(config, [pieces], 14 * RATE, seed=0))[0]
     assert_own_features(objective, pieces, [together[s:] for s in frame_starts(pieces)])
 
@@ -122,7 +127,7 @@ def test_each_utterance_has_its_own_features_padded_or_packed(encoder):
 def test_each_utterance_has_its_own_features_at_base_size():
     config = resolve_config("base", None, {})
     torch.manual_seed(0)
-    objective = PretrainingObjective(build_model(config)).eval()
+    objective = PretrainingObjective(build_model(config), packed=True).eval()
     pieces = clips(seed=1)
     together = encode(objective, batch_of(config, [pieces], 14 * RATE, seed=0))[0]
     assert_own_features(objective, pieces, [together[s:] for s in frame_starts(pieces)])
@@ -204,7 +209,7 @@ def test_one_compilation_per_shape_and_no_graph_break():
     torch._dynamo.reset()
     counters.clear()
     config = resolve_config("demo", None, {"layerdrop": 0.1})
-    objective = PretrainingObjective(build_model(config)).train()
+    objective = PretrainingObjective(build_model(config), packed=True).train()
     compiled = torch.compile(objective, backend="aot_eager", dynamic=False, fullgraph=True)
     pieces = clips()
     padded = [(4, 16_000), (3, 24_000), (2, 32_000)] * 2

@@ -233,12 +233,16 @@ class PretrainingObjective(nn.Module):
 
     def __init__(self, model: Wav2Vec2ForPreTraining,
                  feature_grad_mult: float = DEFAULT_FEATURE_GRAD_MULT,
-                 gradient_checkpointing: bool = False, feature_penalty_weight: float = 0.0):
+                 gradient_checkpointing: bool = False, feature_penalty_weight: float = 0.0,
+                 packed: bool = False):
         super().__init__()
         self.model = model
         self.feature_grad_mult = feature_grad_mult
         self.gradient_checkpointing = gradient_checkpointing
         self.feature_penalty_weight = feature_penalty_weight
+        # Rows may hold several utterances (the pack policy): the positional convolution then
+        # runs once per parity of utterance. With one utterance per row, once is exact.
+        self.packed = packed
 
     def forward(self, input_values: torch.Tensor, attention_mask: torch.Tensor,
                 mask_time_indices: torch.Tensor, sampled_negative_indices: torch.Tensor,
@@ -257,7 +261,7 @@ class PretrainingObjective(nn.Module):
         hidden = torch.where(mask[..., None], w2v.masked_spec_embed.to(features.hidden.dtype),
                              features.hidden)
         # 3. Context network.
-        hidden = self._context(hidden, features.segments, one_per_row=segment_ids is None)
+        hidden = self._context(hidden, features.segments, one_per_row=segment_ids is None or not self.packed)
         transformer_features = model.project_hid(hidden)
         # 4. Quantize all extracted features with the gumbel temperature given as a tensor.
         quantized, perplexity, code_perplexity = self._quantize(
@@ -306,7 +310,7 @@ class PretrainingObjective(nn.Module):
         """
         features = self._features(input_values, attention_mask, segment_ids)
         return self._context(features.hidden, features.segments,
-                             one_per_row=segment_ids is None)
+                             one_per_row=segment_ids is None or not self.packed)
 
     def _features(self, input_values: torch.Tensor, attention_mask: torch.Tensor,
                   segment_ids: torch.Tensor | None) -> Features:

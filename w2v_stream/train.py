@@ -610,7 +610,8 @@ def train(args: argparse.Namespace) -> None:
     model = build_model(config) if not args.init_from else weights_from(args, config, main)
     check_memory(stream_config, args.num_workers, model, backend.device.type == "cpu")
     objective = PretrainingObjective(model, args.feature_grad_mult, args.gradient_checkpointing,
-                                     args.feature_penalty_weight)
+                                     args.feature_penalty_weight,
+                                     packed=args.length_policy == "pack")
     objective.train()
     optimizer = backend.prepare(objective, _param_groups(model, args.weight_decay),
                                 args.learning_rate, (args.adam_beta1, args.adam_beta2),
