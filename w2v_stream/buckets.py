@@ -7,7 +7,8 @@ Computed from utterance lengths alone (``index.json``), never from audio. Three 
   real length histogram (exact on a grid of ``quantum`` samples, one frame hop by default).
 - ``crop``: each utterance goes to the largest bucket whose floor it reaches and is randomly
   cropped to that floor (fairseq style): no padding, some audio left out.
-- ``pack``: utterances are concatenated into rows of one fixed length: one shape per run.
+- ``pack``: utterances are concatenated into rows of one fixed length, each starting at a
+  multiple of the feature encoder's total stride (``align``): one shape per run.
 
 Batch sizes come from a budget of samples per batch (``max_tokens``, as in fairseq), so short
 buckets get more rows and memory is flat across buckets.

@@ -222,7 +222,8 @@ def _take(pending: list[deque], k: int, donors: Sequence[int]) -> Row:
 def _pack(items: list[Item], row_length: int, align: int, last: bool,
           carry: list[list[Item]], stream: int) -> list[Row]:
     """Pack ``items`` into rows, each utterance starting at a multiple of ``align`` samples;
-    rows with less than PACK_MIN_FILL of audio wait for the next round."""
+    rows with less than PACK_MIN_FILL of audio wait for the next round, unless it is the
+    stream's ``last``."""
     lengths = [min(i.length, row_length) for i in items]
     rows = []
     carry[stream] = []
@@ -232,6 +233,4 @@ def _pack(items: list[Item], row_length: int, align: int, last: bool,
             rows.append(tuple(items[i] for i in row))
         else:
             carry[stream] += [items[i] for i in row]
-    if last and not rows and carry[stream]:
-        rows, carry[stream] = [tuple(carry[stream])], []
     return rows

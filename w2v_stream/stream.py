@@ -3,7 +3,8 @@
 Stages, each a small function: ``read_stream`` (a stream's virtual shards → held samples,
 skipping what the plan does not need without decoding it), ``check_utterance`` (metadata
 against the index), ``assemble`` (rows of FLAC bytes → a padded batch: each utterance decoded
-straight into its place and normalised there, then masks and negatives), and
+straight into its place and normalised there, its segment id per sample, then masks and
+negatives), and
 ``stream_batches``, the batch stream of one loader worker. The torch side (the
 IterableDataset and the DataLoader with its resume position) is ``loader.py``.
 
