@@ -85,6 +85,9 @@ def test_packed_utterances_start_at_multiples_of_the_stride_and_fit_their_rows()
     plan = buckets.make_plan(lengths, "pack", 1, batch_size=8, min_samples=32_000,
                              max_samples=320_000)
     assert plan.align == 320  # the default conv stack's total stride
+    assert buckets.ShapePlan.from_json(plan.to_json()) == plan
+    pad = buckets.make_plan(lengths, "pad", 8, min_samples=32_000, max_samples=320_000)
+    assert pad.align == 1 and "align" not in pad.to_json()  # pad and crop plans never pack
     row_length = plan.lengths[0]
     kept = [min(n, row_length) for n in lengths if n >= 32_000]
     rows = buckets.pack_rows(kept, row_length, plan.align)

@@ -95,6 +95,13 @@ def test_shapes_masks_negatives_and_normalisation(shard_dir, policy):
             assert policy == "pack" or len(starts) <= 1
 
 
+def test_a_pack_plan_that_does_not_align_to_the_encoders_stride_is_refused(shard_dir):
+    config = make_config(shard_dir, "pack")
+    unaligned = dataclasses.replace(config.plan, align=1)
+    with pytest.raises(ValueError, match="stride is 320"):
+        dataclasses.replace(config, plan=unaligned)
+
+
 def test_splits_are_disjoint_and_complete_with_uneven_and_few_shards():
     plan = buckets.make_plan([32_000, 64_000, 160_000], "pad", 3, batch_size=2)
     uneven = [[32_000] * 7, [64_000] * 2, [160_000, 32_000, 64_000], [64_000] * 11]

@@ -47,8 +47,8 @@ class ShapePlan:
     min_samples: int  # shorter utterances are dropped
     max_samples: int  # longer ones are cropped to this (pad, pack) or to a floor (crop)
     sample_rate: int = 16_000
-    # The feature encoder's total stride: packed utterances start at multiples of it, so each
-    # utterance's frames are the frames it has alone.
+    # pack: the feature encoder's total stride; packed utterances start at multiples of it, so
+    # each utterance's frames are the frames it has alone. 1 for pad and crop (one per row).
     align: int = 1
 
     @property
@@ -74,7 +74,10 @@ class ShapePlan:
         return k if k >= 0 else None
 
     def to_json(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """Plain values; ``align`` only where it is not 1, so a loader state saved without it
+        (pad, crop) still matches its plan on resume."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()
+                if k != "align" or v != 1}
 
     @classmethod
     def from_json(cls, data: dict) -> "ShapePlan":
@@ -169,7 +172,8 @@ def make_plan(lengths: Sequence[int], policy: str = "pad", num_buckets: int = 8,
     sizes = [rows_for(length) for length in edges]
     frames = [frames_for_samples(e, conv_kernel, conv_stride) for e in edges]
     return ShapePlan(policy, tuple(edges), tuple(frames), tuple(sizes), int(min_samples),
-                     max_samples, sample_rate, math.prod(conv_stride))
+                     max_samples, sample_rate,
+                     math.prod(conv_stride) if policy == "pack" else 1)
 
 
 def plan_for_shards(shard_lengths: Sequence[Sequence[int]], sample_rate: int,

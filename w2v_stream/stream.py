@@ -16,6 +16,7 @@ names them (``BadRecord``: shard, sample, what was wrong); the loader raises
 
 from __future__ import annotations
 
+import math
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
@@ -60,6 +61,14 @@ class StreamConfig:
     conv_stride: tuple[int, ...] = (5, 2, 2, 2, 2, 2, 2)
     allow_pipe: bool = False
     s3_endpoint_url: str | None = None
+
+    def __post_init__(self):
+        stride = math.prod(self.conv_stride)
+        if self.plan.policy == "pack" and self.plan.align % stride:
+            raise ValueError(f"the pack plan starts utterances at multiples of "
+                             f"{self.plan.align} samples but the feature encoder's stride is "
+                             f"{stride}: make the plan with buckets.plan_for_shards for this "
+                             f"conv stack")
 
     def epoch_plan(self, epoch: int, num_workers: int) -> EpochPlan:
         streams = self.world_size * max(num_workers, 1)
