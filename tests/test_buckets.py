@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
 
@@ -77,6 +78,33 @@ def test_efficiency_on_dev_clean():
     assert 0.85 < pad8["efficiency"] < pad16["efficiency"] < 0.95
     assert pack["efficiency"] >= 0.98 and pack["audio_kept"] == 1.0
     assert pad8["dropped"] == sum(n < 32_000 for n in lengths)
+
+
+def test_packed_utterances_start_at_multiples_of_the_stride_and_fit_their_rows():
+    lengths = dev_clean_lengths()
+    plan = buckets.make_plan(lengths, "pack", 1, batch_size=8, min_samples=32_000,
+                             max_samples=320_000)
+    assert plan.align == 320  # the default conv stack's total stride
+    assert buckets.ShapePlan.from_json(plan.to_json()) == plan
+    pad = buckets.make_plan(lengths, "pad", 8, min_samples=32_000, max_samples=320_000)
+    assert pad.align == 1 and "align" not in pad.to_json()  # pad and crop plans never pack
+    row_length = plan.lengths[0]
+    kept = [min(n, row_length) for n in lengths if n >= 32_000]
+    rows = buckets.pack_rows(kept, row_length, plan.align)
+    assert sorted(i for row in rows for i in row) == list(range(len(kept)))
+    gaps = 0
+    for row in rows:
+        offset = 0
+        for i in row:  # in the order they sit in the row
+            start = -(-offset // plan.align) * plan.align
+            gaps += start - offset
+            offset = start + kept[i]
+        assert offset <= row_length
+    # The gaps cost under 0.1 % of the rows' samples on real dev-clean lengths.
+    assert 0 < gaps < 0.001 * len(rows) * row_length
+    unaligned = buckets.padded_efficiency(dataclasses.replace(plan, align=1), lengths)
+    aligned = buckets.padded_efficiency(plan, lengths)
+    assert aligned["efficiency"] >= unaligned["efficiency"] - 0.001
 
 
 def test_bad_arguments_say_what_is_wrong():

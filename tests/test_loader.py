@@ -51,7 +51,8 @@ def take(loader, n):
 
 
 def same(a, b) -> bool:
-    keys = ("input_values", "attention_mask", "mask_time_indices", "sampled_negative_indices")
+    keys = ("input_values", "attention_mask", "mask_time_indices", "sampled_negative_indices",
+            "frame_mask", "segment_ids")
     return all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in keys) and len(a) == len(b)
 
 
@@ -80,9 +81,25 @@ def test_shapes_masks_negatives_and_normalisation(shard_dir, policy):
                 assert abs(values[row, :n].mean()) < 1e-3
                 assert 0.95 < values[row, :n].std() < 1.001  # below 1 only for near silence
     assert sum(b["num_utterances"] for b in batches) > 0
-    for b in batches:  # dummy rows (no audio) carry no mask and no valid frame
+    for b in batches:  # dummy rows (no audio) carry no mask, no valid frame, no segment
         dummy = ~b["attention_mask"].bool().any(-1)
         assert not b["mask_time_indices"][dummy].any() and not b["frame_mask"][dummy].any()
+        ids = b["segment_ids"]
+        assert ids.dtype == torch.int32 and ids.shape == b["input_values"].shape
+        assert torch.equal(b["attention_mask"], ids > 0) and not ids[dummy].any()
+        # Each row numbers its utterances 1..n in order, each starting at a stride multiple.
+        for row in ids.numpy():
+            starts = np.flatnonzero(np.diff(row, prepend=0) > 0)
+            assert (row[starts] == np.arange(1, len(starts) + 1)).all()
+            assert (starts % 320 == 0).all()
+            assert policy == "pack" or len(starts) <= 1
+
+
+def test_a_pack_plan_that_does_not_align_to_the_encoders_stride_is_refused(shard_dir):
+    config = make_config(shard_dir, "pack")
+    unaligned = dataclasses.replace(config.plan, align=1)
+    with pytest.raises(ValueError, match="stride is 320"):
+        dataclasses.replace(config, plan=unaligned)
 
 
 def test_splits_are_disjoint_and_complete_with_uneven_and_few_shards():

@@ -1,19 +1,23 @@
 #!/usr/bin/env python
-"""Benchmark: training step time per real audio second, bucketed static batches against the
-HF script's way (random batches padded to the longest, eager), same model and data, one run.
+"""Benchmark: training step time per real audio second for each length policy (pad, crop,
+pack, segment ids and all) against the HF script's way (random batches padded to the
+longest, eager), same model and data, one run.
 
     python tools/bench_train.py --shards exp/demo/shards/train --steps 30 --preset demo
     python tools/bench_train.py --shards SHARDS --preset base --device cuda --precision bf16 \
         --rows 8 --max_seconds 20 --steps 200      # the GPU comparison (compiled with inductor)
 
-Both sides train the same model from the same initial weights on the same utterances with the
-same per-batch row count; both run forward + backward + AdamW. "ours": StreamingLoader (pad,
-8 buckets) and PretrainingObjective, through the trainer's backend (``--compile``: none on the
-CPU, inductor on CUDA). "HF way": utterances in shuffled order, batches of ``--rows`` padded to
-the longest, transformers' ``_compute_mask_indices`` and ``_sample_negative_indices``,
-``Wav2Vec2ForPreTraining.forward``, eager. Reported: seconds of compute per second of real audio
-(lower is better) and real audio seconds per second, after 3 warm-up steps; steps that compiled
-a new graph are not timed, and the number of compiled graphs is reported.
+Every contender trains the same model from the same initial weights on the same utterances
+with the same per-batch row budget; each runs forward + backward + AdamW. Each ``--policies``
+entry: StreamingLoader with that length policy (8 buckets for pad and crop) and
+PretrainingObjective with the batch's segment ids, through the trainer's backend
+(``--compile``: none on the CPU, inductor on CUDA). "HF way": utterances in shuffled order,
+batches of ``--rows`` padded to the longest, transformers' ``_compute_mask_indices`` and
+``_sample_negative_indices``, ``Wav2Vec2ForPreTraining.forward``, eager. The contenders take
+steps in turn (round robin), so a machine whose speed drifts slows them alike. Reported:
+seconds of compute per second of real audio (lower is better) and real audio seconds per
+second, after 3 warm-up steps each; steps that compiled a new graph are not timed, and the
+number of compiled graphs is reported.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from __future__ import annotations
 import argparse
 import io
 import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import numpy as np
 import soundfile as sf
@@ -71,33 +77,87 @@ def hf_batches(shard_list, rows: int, max_samples: int, config, seed: int):
                    sum(a.shape[0] for a in chosen))
 
 
-def timed(steps, batches, step_fn, sync) -> tuple[float, float]:
-    """Compute seconds and real audio seconds over ``steps`` timed steps: warm-up steps and
-    steps that compiled a new graph are run but not timed."""
+@dataclass
+class Contender:
+    """One way of training, with what its timed steps have added up."""
+
+    label: str
+    batches: Iterator[tuple[dict, int]]  # (batch, real audio samples in it)
+    step: Callable[[dict], None]
+    ran: int = 0
+    timed: int = 0
+    graphs: int = 0  # graphs compiled during its steps
+    compute: float = 0.0  # seconds over timed steps
+    audio: float = 0.0  # real audio seconds over timed steps
+
+
+def timed_step(contender: Contender, sync) -> None:
+    """Run one step of ``contender``; time it unless it is a warm-up step or compiled a new
+    graph."""
     from torch._dynamo.utils import counters
 
-    compute = audio = 0.0
-    done = ran = 0
-    while done < steps:
-        batch, real = next(batches)
-        graphs = counters["stats"]["unique_graphs"]
-        sync()
-        start = time.perf_counter()
-        step_fn(batch)
-        sync()
-        ran += 1
-        if ran > WARMUP and counters["stats"]["unique_graphs"] == graphs:
-            compute += time.perf_counter() - start
-            audio += real / 16_000
-            done += 1
-    return compute, audio
+    batch, real = next(contender.batches)
+    graphs = counters["stats"]["unique_graphs"]
+    sync()
+    start = time.perf_counter()
+    contender.step(batch)
+    sync()
+    contender.ran += 1
+    compiled = counters["stats"]["unique_graphs"] - graphs
+    contender.graphs += compiled
+    if contender.ran > WARMUP and not compiled:
+        contender.compute += time.perf_counter() - start
+        contender.audio += real / 16_000
+        contender.timed += 1
+
+
+def ours(policy: str, config, shard_list, args) -> Contender:
+    """The trainer's own update (forward, backward, clip, step) on ``policy`` batches."""
+    plan = buckets.plan_for_shards(shard_list.lengths, shard_list.sample_rate,
+                                   config.conv_kernel, config.conv_stride, policy=policy,
+                                   num_buckets=8, batch_size=args.rows, min_seconds=2.0,
+                                   max_seconds=args.max_seconds)
+    torch.manual_seed(0)
+    backend = TorchBackend(args.device, args.precision, args.compile)
+    model = build_model(config).train().to(backend.device)
+    backend.prepare(PretrainingObjective(model).train(),
+                    [{"params": list(model.parameters())}], 1e-4, (0.9, 0.98), 1e-6, None)
+    loader = StreamingLoader(StreamConfig(shard_list, plan), num_workers=0)
+
+    def step(batch):
+        backend.update(iter([batch]), None, 0, 1, lambda update: (1e-4, 2.0))
+
+    print(f"{policy} plan (rows, samples): {plan.shapes()}")
+    label = f"w2v_stream `{policy}` ({plan.num_buckets} shapes), objective with segment ids"
+    return Contender(label, ((b, b["audio_samples"]) for b in loader), step)
+
+
+def hf_way(config, shard_list, args, autocast) -> Contender:
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    model = build_model(config).train().to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.set_gumbel_temperature(2.0)
+
+    def step(batch):
+        with autocast():
+            out = model(**{k: v.to(device) for k, v in batch.items()})
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return Contender("HF script: random batches padded to the longest, eager HF forward",
+                     hf_batches(shard_list, args.rows, int(args.max_seconds * 16_000), config,
+                                0), step)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", required=True)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=30, help="timed steps per contender")
     p.add_argument("--preset", default="demo")
+    p.add_argument("--policies", nargs="+", choices=buckets.POLICIES, default=["pad"],
+                   help="length policies to run as contenders, beside the HF way")
     p.add_argument("--rows", type=int, default=4, help="rows of the longest bucket / HF batch")
     p.add_argument("--max_seconds", type=float, default=16.0)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -105,62 +165,31 @@ def main() -> None:
     p.add_argument("--compile", default=None,
                    help="torch.compile backend for ours (default: none on cpu, inductor on cuda)")
     args = p.parse_args()
-    from torch._dynamo.utils import counters
 
-    backend = TorchBackend(args.device, args.precision, args.compile)
-    compile_backend = backend.compile_backend
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-    torch.manual_seed(0)
     config = resolve_config(args.preset, None, {"layerdrop": 0.0})
     shard_list = sources.resolve(args.shards)
-    max_samples = int(args.max_seconds * 16_000)
-    plan = buckets.plan_for_shards(shard_list.lengths, shard_list.sample_rate,
-                                   config.conv_kernel, config.conv_stride, policy="pad",
-                                   num_buckets=8, batch_size=args.rows, min_seconds=2.0,
-                                   max_seconds=args.max_seconds)
-    results = {}
-    graphs = 0
-    for name in ("ours", "hf"):
-        torch.manual_seed(0)
-        model = build_model(config).train().to(backend.device)
-        if name == "ours":  # the trainer's own update: forward, backward, clip, step
-            backend.prepare(PretrainingObjective(model).train(),
-                            [{"params": list(model.parameters())}], 1e-4, (0.9, 0.98), 1e-6,
-                            None)
-            loader = StreamingLoader(StreamConfig(shard_list, plan), num_workers=0)
-            batches = ((b, b["audio_samples"]) for b in loader)
-
-            def step(batch):
-                backend.update(iter([batch]), None, 0, 1, lambda update: (1e-4, 2.0))
-        else:
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            batches = hf_batches(shard_list, args.rows, max_samples, config, 0)
-            model.set_gumbel_temperature(2.0)
-
-            def step(batch):
-                with backend.autocast():
-                    out = model(**{k: v.to(backend.device) for k, v in batch.items()})
-                out.loss.backward()
-                optimizer.step()
-                optimizer.zero_grad()
-        torch._dynamo.reset()
-        counters.clear()
-        results[name] = timed(args.steps, batches, step, sync)
-        if name == "ours":
-            graphs = counters["stats"]["unique_graphs"]
+    contenders = {policy: ours(policy, config, shard_list, args) for policy in args.policies}
+    backend = TorchBackend(args.device, args.precision, args.compile)
+    contenders["hf"] = hf_way(config, shard_list, args, backend.autocast)
+    while any(c.timed < args.steps for c in contenders.values()):
+        for contender in contenders.values():
+            if contender.timed < args.steps:
+                timed_step(contender, sync)
+    compiled_with = backend.compile_backend or "nothing: eager"
     print(f"model {args.preset} on {args.device} ({args.precision}, ours compiled with "
-          f"{compile_backend or 'nothing: eager'}), {args.steps} timed steps each after "
-          f"{WARMUP} warm-up, {torch.get_num_threads()} threads; plan {plan.shapes()}; "
-          f"graphs compiled for ours: {graphs} (plan shapes: {plan.num_buckets})")
-    print("| way | audio s trained | compute s | compute s per audio s | audio s per s |")
-    print("|---|---|---|---|---|")
-    labels = {"ours": "w2v_stream: 8 static pad buckets, PretrainingObjective",
-              "hf": "HF script: random batches padded to the longest, eager HF forward"}
-    for name, (compute, audio) in results.items():
-        print(f"| {labels[name]} | {audio:.0f} | {compute:.1f} | {compute / audio:.4f} | "
-              f"{audio / compute:.0f} |")
-    ratio = (results["hf"][0] / results["hf"][1]) / (results["ours"][0] / results["ours"][1])
-    print(f"speed-up per real audio second: {ratio:.2f}x")
+          f"{compiled_with}), {args.steps} timed steps each after {WARMUP} warm-up, round "
+          f"robin, {torch.get_num_threads()} threads; graphs compiled: "
+          + ", ".join(f"{name} {c.graphs}" for name, c in contenders.items()))
+    print("| way | audio s trained | compute s | compute s per audio s | audio s per s |"
+          " vs HF |")
+    print("|---|---|---|---|---|---|")
+    hf = contenders["hf"].compute / contenders["hf"].audio
+    for contender in contenders.values():
+        per_audio = contender.compute / contender.audio
+        print(f"| {contender.label} | {contender.audio:.0f} | {contender.compute:.1f} | "
+              f"{per_audio:.4f} | {contender.audio / contender.compute:.0f} | "
+              f"{hf / per_audio:.2f}x |")
 
 
 if __name__ == "__main__":

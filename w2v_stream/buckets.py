@@ -7,7 +7,8 @@ Computed from utterance lengths alone (``index.json``), never from audio. Three 
   real length histogram (exact on a grid of ``quantum`` samples, one frame hop by default).
 - ``crop``: each utterance goes to the largest bucket whose floor it reaches and is randomly
   cropped to that floor (fairseq style): no padding, some audio left out.
-- ``pack``: utterances are concatenated into rows of one fixed length: one shape per run.
+- ``pack``: utterances are concatenated into rows of one fixed length, each starting at a
+  multiple of the feature encoder's total stride (``align``): one shape per run.
 
 Batch sizes come from a budget of samples per batch (``max_tokens``, as in fairseq), so short
 buckets get more rows and memory is flat across buckets.
@@ -46,6 +47,9 @@ class ShapePlan:
     min_samples: int  # shorter utterances are dropped
     max_samples: int  # longer ones are cropped to this (pad, pack) or to a floor (crop)
     sample_rate: int = 16_000
+    # pack: the feature encoder's total stride; packed utterances start at multiples of it, so
+    # each utterance's frames are the frames it has alone. 1 for pad and crop (one per row).
+    align: int = 1
 
     @property
     def num_buckets(self) -> int:
@@ -70,7 +74,10 @@ class ShapePlan:
         return k if k >= 0 else None
 
     def to_json(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """Plain values; ``align`` only where it is not 1, so a loader state saved without it
+        (pad, crop) still matches its plan on resume."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()
+                if k != "align" or v != 1}
 
     @classmethod
     def from_json(cls, data: dict) -> "ShapePlan":
@@ -165,7 +172,8 @@ def make_plan(lengths: Sequence[int], policy: str = "pad", num_buckets: int = 8,
     sizes = [rows_for(length) for length in edges]
     frames = [frames_for_samples(e, conv_kernel, conv_stride) for e in edges]
     return ShapePlan(policy, tuple(edges), tuple(frames), tuple(sizes), int(min_samples),
-                     max_samples, sample_rate)
+                     max_samples, sample_rate,
+                     math.prod(conv_stride) if policy == "pack" else 1)
 
 
 def plan_for_shards(shard_lengths: Sequence[Sequence[int]], sample_rate: int,
@@ -203,7 +211,8 @@ def padded_efficiency(plan: ShapePlan, lengths: Sequence[int]) -> dict:
     """Real audio samples / samples in the padded batches of one pass over ``lengths``.
 
     Counts partial-batch filler rows (the last batch of each bucket is filled to full size)
-    and, for pack, the gaps at row ends (rows packed first-fit decreasing). Also gives, per
+    and, for pack, the gaps between utterances (each starts at a multiple of ``plan.align``)
+    and at row ends (rows packed first-fit decreasing). Also gives, per
     bucket, the share of utterances, batches and efficiency, and the audio kept (crop leaves
     some out; pad and pack crop only what exceeds the maximum).
     """
@@ -214,7 +223,7 @@ def padded_efficiency(plan: ShapePlan, lengths: Sequence[int]) -> dict:
     valid = np.array([b is not None for b in buckets], dtype=bool)
     used = capped[valid]
     if plan.policy == "pack":
-        counts = [len(pack_rows(used.tolist(), plan.lengths[0]))]
+        counts = [len(pack_rows(used.tolist(), plan.lengths[0], plan.align))]
         audio = [int(used.sum())]
     else:
         index = buckets[valid].astype(np.int64)
@@ -232,20 +241,22 @@ def padded_efficiency(plan: ShapePlan, lengths: Sequence[int]) -> dict:
             "share": ([1.0] if plan.policy == "pack" else [c / utterances for c in counts])}
 
 
-def pack_rows(lengths: Sequence[int], row_length: int) -> list[list[int]]:
-    """First-fit-decreasing packing of utterance indices into rows of ``row_length`` samples."""
+def pack_rows(lengths: Sequence[int], row_length: int, align: int = 1) -> list[list[int]]:
+    """First-fit-decreasing packing of utterance indices into rows of ``row_length`` samples,
+    each row's indices in the order they sit in it: each utterance starts at the first
+    multiple of ``align`` after the previous one ends, and ends within the row."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     rows: list[list[int]] = []
-    free: list[int] = []
+    ends: list[int] = []  # per row, where its last utterance ends
     for i in order:
         need = min(lengths[i], row_length)
-        for r, space in enumerate(free):
-            if space >= need:
+        for r, end in enumerate(ends):
+            start = -(-end // align) * align
+            if start + need <= row_length:
                 rows[r].append(i)
-                free[r] -= need
+                ends[r] = start + need
                 break
         else:
             rows.append([i])
-            free.append(row_length - need)
+            ends.append(need)
     return rows
-

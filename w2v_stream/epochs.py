@@ -161,7 +161,7 @@ def plan_epoch(shard_lengths: Sequence[Sequence[int]], plan: ShapePlan, num_stre
             cursor[s] += len(taken)
             last = cursor[s] >= len(queues[s])
             if plan.policy == "pack":
-                for row in _pack(carry[s] + taken, plan.lengths[0], last, carry, s):
+                for row in _pack(carry[s] + taken, plan.lengths[0], plan.align, last, carry, s):
                     pending[s][0].append(row)
             else:
                 for item in taken:
@@ -219,18 +219,18 @@ def _take(pending: list[deque], k: int, donors: Sequence[int]) -> Row:
     return ()
 
 
-def _pack(items: list[Item], row_length: int, last: bool, carry: list[list[Item]],
-          stream: int) -> list[Row]:
-    """Pack ``items`` into rows; rows below PACK_MIN_FILL wait for the next round."""
+def _pack(items: list[Item], row_length: int, align: int, last: bool,
+          carry: list[list[Item]], stream: int) -> list[Row]:
+    """Pack ``items`` into rows, each utterance starting at a multiple of ``align`` samples;
+    rows with less than PACK_MIN_FILL of audio wait for the next round, unless it is the
+    stream's ``last``."""
     lengths = [min(i.length, row_length) for i in items]
     rows = []
     carry[stream] = []
-    for row in pack_rows(lengths, row_length):
+    for row in pack_rows(lengths, row_length, align):
         fill = sum(lengths[i] for i in row) / row_length
         if fill >= PACK_MIN_FILL or last:
-            rows.append(tuple(items[i] for i in sorted(row)))
+            rows.append(tuple(items[i] for i in row))
         else:
             carry[stream] += [items[i] for i in row]
-    if last and not rows and carry[stream]:
-        rows, carry[stream] = [tuple(carry[stream])], []
     return rows

@@ -3,7 +3,8 @@
 Stages, each a small function: ``read_stream`` (a stream's virtual shards → held samples,
 skipping what the plan does not need without decoding it), ``check_utterance`` (metadata
 against the index), ``assemble`` (rows of FLAC bytes → a padded batch: each utterance decoded
-straight into its place and normalised there, then masks and negatives), and
+straight into its place and normalised there, its segment id per sample, then masks and
+negatives), and
 ``stream_batches``, the batch stream of one loader worker. The torch side (the
 IterableDataset and the DataLoader with its resume position) is ``loader.py``.
 
@@ -15,6 +16,7 @@ names them (``BadRecord``: shard, sample, what was wrong); the loader raises
 
 from __future__ import annotations
 
+import math
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
@@ -59,6 +61,14 @@ class StreamConfig:
     conv_stride: tuple[int, ...] = (5, 2, 2, 2, 2, 2, 2)
     allow_pipe: bool = False
     s3_endpoint_url: str | None = None
+
+    def __post_init__(self):
+        stride = math.prod(self.conv_stride)
+        if self.plan.policy == "pack" and self.plan.align % stride:
+            raise ValueError(f"the pack plan starts utterances at multiples of "
+                             f"{self.plan.align} samples but the feature encoder's stride is "
+                             f"{stride}: make the plan with buckets.plan_for_shards for this "
+                             f"conv stack")
 
     def epoch_plan(self, epoch: int, num_workers: int) -> EpochPlan:
         streams = self.world_size * max(num_workers, 1)
@@ -171,8 +181,10 @@ def assemble(config: StreamConfig, batch: Batch, rows: list[list[Piece]],
     """Rows of utterances → the fixed-shape arrays of one batch.
 
     ``rows[i]`` holds the utterances of row i (empty for a dummy row). Each is cropped as the
-    policy says, decoded straight into the row at its next free sample and normalised over
-    its own samples; the rest is exact zeros. Audio that fails to decode leaves zeros, a
+    policy says, decoded straight into the row at the first multiple of the encoder's total
+    stride after the previous one and normalised over its own samples; the rest is exact
+    zeros. ``segment_ids`` numbers each row's utterances 1..n per sample (0: padding and
+    gaps); ``attention_mask`` is where it is not 0. Audio that fails to decode leaves zeros, a
     count in ``skipped`` and a ``BadRecord`` in ``bad``. Masks and negatives stay inside each
     utterance's frames.
     ``alloc(name, shape, dtype)`` makes the arrays, uninitialised like ``np.empty``: every
@@ -188,37 +200,44 @@ def assemble(config: StreamConfig, batch: Batch, rows: list[list[Piece]],
     arrays = {name: alloc(name, shape, dtype)
               for name, (shape, dtype) in batch_arrays(config, k).items()}
     values, attention = arrays["input_values"], arrays["attention_mask"]
+    segment_ids = arrays["segment_ids"]
+    segment_ids.fill(0)
     size, length = values.shape
     segments: list[list[tuple[int, int]]] = []
     skipped: Counter = Counter()
     bad_records: list[BadRecord] = []
     audio_samples = utterances = 0
     for i, pieces in enumerate(rows):
-        offset = 0
-        row_segments = []
+        offset = 0  # where the row's audio ends so far
+        row_segments = []  # (first, last) frames of each utterance with frames
+        count = 0  # utterances in the row so far
         for piece in pieces:
+            # Each utterance starts at a multiple of the total stride, so its frames are the
+            # frames it has alone; the samples in between are gap (exact zeros, id 0).
+            begin = -(-offset // stride) * stride
             num_samples = piece.num_samples
-            target = length if plan.policy == "crop" else length - offset
+            target = length if plan.policy == "crop" else length - begin
             take = min(num_samples, target)
             start = int(rng.integers(0, num_samples - take + 1)) if num_samples > take else 0
-            end = offset + take
+            end = begin + take
             try:
-                decode_piece(piece.flac, values[i, offset:end], start, num_samples,
+                decode_piece(piece.flac, values[i, begin:end], start, num_samples,
                              plan.sample_rate)
             except BadUtterance as bad:  # the next piece (or the zeros below) goes here
                 skipped[bad.reason] += 1
                 bad_records.append(BadRecord(piece.shard, piece.key, str(bad)))
                 continue
-            first = -(-offset // stride)
+            values[i, offset:begin] = 0.0
+            count += 1
+            segment_ids[i, begin:end] = count
             last = (end - field) // stride + 1 if end >= field else 0
-            if last > first:
-                row_segments.append((first, min(last, frames)))
+            if last > begin // stride:
+                row_segments.append((begin // stride, min(last, frames)))
             offset = end
             audio_samples += take
             utterances += 1
         values[i, offset:] = 0.0  # exact zeros after the row's audio
-        attention[i, :offset] = True
-        attention[i, offset:] = False
+        np.greater(segment_ids[i], 0, out=attention[i])
         segments.append(row_segments)
     mask = compute_mask(segments, frames, config.mask_time_prob, config.mask_time_length,
                         config.mask_time_min_masks, rng, out=arrays["mask_time_indices"])
@@ -244,7 +263,9 @@ def batch_arrays(config: StreamConfig, bucket: int) -> dict[str, tuple[tuple[int
             "mask_time_indices": ((rows, frames), np.bool_),
             # int32 halves what crosses from the workers; the device widens it for indexing
             "sampled_negative_indices": ((rows, frames, config.num_negatives), np.int32),
-            "frame_mask": ((rows, frames), np.bool_)}
+            "frame_mask": ((rows, frames), np.bool_),
+            # per sample: the row's n-th utterance is n, padding and gaps 0 (see model.encode)
+            "segment_ids": ((rows, length), np.int32)}
 
 
 def _fresh(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:

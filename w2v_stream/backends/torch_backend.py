@@ -14,7 +14,7 @@ import torch.distributed as dist
 from . import LoaderNeeds, UpdateResult
 
 _BATCH_KEYS = ("input_values", "attention_mask", "mask_time_indices",
-               "sampled_negative_indices")
+               "sampled_negative_indices", "segment_ids")
 
 
 def init_processes() -> tuple[int, int]:
