@@ -325,8 +325,11 @@ def _describe(file: Path) -> dict:
 
 
 def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
     with open(file, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _fsync(path: Path) -> None:
