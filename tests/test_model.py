@@ -219,6 +219,8 @@ def test_a_batch_of_dummy_rows_gives_a_zero_finite_loss(with_segment_ids):
                if p.grad is not None)
 
 
+@pytest.mark.skipif(torch.__version__ < "2.1", reason="torch 2.0's dynamo cannot trace the "
+                    "weight_norm hook of transformers 4.x's positional convolution")
 def test_one_compilation_per_shape_and_no_graph_break():
     # Padded batches (segment ids from the attention mask) and packed ones (segment ids
     # given), three shapes and two, each shape twice.
