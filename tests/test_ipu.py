@@ -14,17 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import CPU_HALF_CONV, REPO
 from w2v_stream.backends import create_backend, ipu_config
 from w2v_stream.backends.ipu_config import IpuConfig, IpuConfigError
 from w2v_stream.masking import compute_mask, sample_negatives
 from w2v_stream.model import PretrainingObjective, build_model, resolve_config
 
 SIM = REPO / "tests" / "sim_poptorch"
-# The simulation runs the fp16 model on the CPU, where torch < 2.1 (the Poplar SDK's torch
-# 2.0.1) has no float16 convolution; on an IPU the convolutions run on the IPU.
-CPU_HALF_CONV = pytest.mark.skipif(torch.__version__ < "2.1",
-                                   reason="torch < 2.1 has no float16 convolution on the CPU")
 FAST = ["--preset", "demo", "--per_device_train_batch_size", "2", "--max_duration_in_seconds",
         "4", "--min_duration_in_seconds", "1", "--num_buckets", "2", "--num_workers", "1",
         "--learning_rate", "1e-3", "--num_warmup_steps", "2", "--no_tensorboard"]
