@@ -31,7 +31,7 @@ def released(tmp_path_factory):
     folder = tmp_path_factory.mktemp("released")
     torch.manual_seed(123)
     model = build_model(resolve_config("demo", None, {"mask_time_prob": 0.05}))
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, safe_serialization=True)  # 4.x writes a .bin without it
     return folder
 
 
@@ -73,7 +73,7 @@ def test_init_from_a_fine_tuned_ctc_model_loads_the_encoder_and_starts_fresh_hea
     torch.manual_seed(5)
     config = resolve_config("demo", None, {})
     config.vocab_size = 32
-    Wav2Vec2ForCTC(config).save_pretrained(ctc)
+    Wav2Vec2ForCTC(config).save_pretrained(ctc, safe_serialization=True)
     out = tmp_path / "run"
     proc = run(init_cmd(shard_dir, out, ctc))
     fresh = proc.stdout.split("starting fresh: ")[1].splitlines()[0]

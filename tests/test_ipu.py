@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import CPU_HALF_CONV, REPO
 from w2v_stream.backends import create_backend, ipu_config
 from w2v_stream.backends.ipu_config import IpuConfig, IpuConfigError
 from w2v_stream.masking import compute_mask, sample_negatives
@@ -153,6 +153,7 @@ def test_known_optimum_keys_load_and_flags_override_the_file(tmp_path):
         ipu_config.resolve(path, gradient_accumulation_steps=4)  # a flag is checked too
 
 
+@CPU_HALF_CONV
 def test_every_block_fires_in_pipeline_order_in_a_real_forward(poptorch, tmp_path):
     # The demo model's 13 blocks over 3 IPUs. Every block's module is one the objective
     # really calls (the quantizer's block starts at quantizer.weight_proj), in IPU order.
@@ -246,6 +247,7 @@ def test_bad_ipu_settings_fail_through_the_real_command_before_any_work(shard_di
 
 
 @pytest.mark.slow
+@CPU_HALF_CONV
 def test_pipelined_training_under_the_simulation_resumes_exactly(shard_dir, tmp_path):
     # The real command, pipelined over 2 IPUs in fp16: the file's placement, options and
     # recomputation reach poptorch, a flag overrides the file's replication, the placement is

@@ -3,7 +3,6 @@ the invariance of every utterance's features to padding and packing."""
 
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
@@ -161,7 +160,8 @@ def test_objective_gradients_equal_transformers_for_unpadded_rows(encoder):
     config = resolve_config("demo", None, overrides)
     torch.manual_seed(0)
     theirs = build_model(config).train()
-    ours = copy.deepcopy(theirs)
+    ours = build_model(config).train()
+    ours.load_state_dict(theirs.state_dict())  # torch 2.0 cannot deepcopy weight_norm's weight
     batch = batch_of(config, noise_rows([32_000] * 3, seed=1), 32_000, seed=1)
     del batch["segment_ids"]
     theirs.set_gumbel_temperature(1.5)
@@ -187,6 +187,29 @@ def test_objective_gradients_equal_transformers_for_unpadded_rows(encoder):
     assert compared > 20
 
 
+def test_gradients_with_onednn_equal_those_without_it():
+    # torch 2.0.1's oneDNN GELU backward misreads the transposed gradient the feature encoder's
+    # last GELU receives (w2v_stream.model._prepared makes it contiguous); an odd positional
+    # kernel puts the positional convolution's GELU on the same path. In bf16 the gradient
+    # multiplier test below goes through it too.
+    config = resolve_config("demo", None, {**NO_DROPOUT, "num_conv_pos_embeddings": 31})
+    torch.manual_seed(0)
+    model = build_model(config).train()
+    batch = batch_of(config, noise_rows([32_000] * 2, seed=1), 32_000, seed=1)
+    grads = []
+    for onednn in (True, False):
+        model.zero_grad()
+        with torch.backends.mkldnn.flags(enabled=onednn):
+            torch.manual_seed(2)
+            PretrainingObjective(model, 1.0).train()(**batch, temperature=torch.tensor(1.5))[
+                "loss"].backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters()
+                      if p.grad is not None})
+    for name, grad in grads[1].items():
+        assert torch.isfinite(grads[0][name]).all(), name
+        assert (grads[0][name] - grad).abs().max() <= 1e-4 * grad.abs().max() + 1e-6, name
+
+
 @pytest.mark.parametrize("with_segment_ids", [False, True])
 def test_a_batch_of_dummy_rows_gives_a_zero_finite_loss(with_segment_ids):
     config = resolve_config("demo", None, {})
@@ -201,6 +224,8 @@ def test_a_batch_of_dummy_rows_gives_a_zero_finite_loss(with_segment_ids):
                if p.grad is not None)
 
 
+@pytest.mark.skipif(torch.__version__ < "2.1", reason="torch 2.0's dynamo cannot trace the "
+                    "weight_norm hook of transformers 4.x's positional convolution")
 def test_one_compilation_per_shape_and_no_graph_break():
     # Padded batches (segment ids from the attention mask) and packed ones (segment ids
     # given), three shapes and two, each shape twice.

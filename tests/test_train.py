@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import CPU_HALF_CONV, REPO
 from w2v_stream.masking import compute_mask, sample_negatives
 from w2v_stream.model import PretrainingObjective, build_model, resolve_config
 
@@ -451,6 +451,7 @@ def test_ipu_host_call_split_like_poptorch_gives_each_update_its_loss():
 
 
 @pytest.mark.slow
+@CPU_HALF_CONV
 def test_ipu_loop_on_simulated_poptorch_runs_device_iterations_and_resumes_exactly(
         shard_dir, tmp_path):
     # tests/sim_poptorch runs a trainingModel on the CPU the way poptorch documents it, so

@@ -19,6 +19,7 @@ presence, readable safetensors, optimizer and RNG files, and finite weights.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import pickle
@@ -235,9 +236,13 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
+# torch < 2.1 (the Poplar SDK's torch 2.0.1) cannot map a file: it reads the whole file instead.
+_CAN_MAP = "mmap" in inspect.signature(torch.load).parameters
+
+
 def _torch_load(file: Path, mmap: bool = False):
     try:
-        return torch.load(file, weights_only=True, mmap=mmap)
+        return torch.load(file, weights_only=True, **({"mmap": mmap} if _CAN_MAP else {}))
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
         raise CheckpointError(f"{file}: unreadable ({err})") from err
 
@@ -281,14 +286,15 @@ def _save_error(err: BaseException, writing: str, update: int, output_dir: Path,
 
 def _errno(err: BaseException) -> int | None:
     """The operating system's error number behind a failed write: an OSError in the exception
-    chain (torch's writer) or "(os error N)" in the text (safetensors' writer)."""
+    chain (torch's writer) or, in the text, safetensors' "(os error N)" ("Os { code: N" from
+    0.5.3, requirements-ipu.txt's)."""
     cause = err
     while cause is not None:
         if isinstance(cause, OSError) and cause.errno is not None:
             return cause.errno
         cause = cause.__cause__ or cause.__context__
-    match = re.search(r"\(os error (\d+)\)", str(err))
-    return int(match.group(1)) if match else None
+    match = re.search(r"\(os error (\d+)\)|Os \{ code: (\d+)", str(err))
+    return int(match.group(1) or match.group(2)) if match else None
 
 
 def _human(n: float) -> str:
@@ -325,8 +331,11 @@ def _describe(file: Path) -> dict:
 
 
 def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
     with open(file, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _fsync(path: Path) -> None:

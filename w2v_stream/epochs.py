@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, Tuple
 
 import numpy as np
 
@@ -48,7 +48,7 @@ class Item:
     length: int  # samples, as in the index
 
 
-Row = tuple[Item, ...]  # the utterances of one row: one, or several when packing; () is filler
+Row = Tuple[Item, ...]  # the utterances of one row: one, or several when packing; () is filler
 
 
 @dataclass(frozen=True)

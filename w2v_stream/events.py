@@ -9,7 +9,7 @@ kind of input.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Iterator, Protocol, Union
 
 from .audio import Excerpt
 
@@ -48,7 +48,7 @@ class Problem:
     seconds: float | None = None  # audio left out by it, when its length is known
 
 
-Event = AudioFound | TranscriptFound | Problem
+Event = Union[AudioFound, TranscriptFound, Problem]
 
 
 class Source(Protocol):

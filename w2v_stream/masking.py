@@ -17,11 +17,11 @@ its own and draws negatives only from its own masked frames.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Sequence, Tuple
 
 import numpy as np
 
-Segment = tuple[int, int]  # [start, end) frames of one utterance within a row
+Segment = Tuple[int, int]  # [start, end) frames of one utterance within a row
 
 
 def compute_mask(segments: Sequence[Sequence[Segment]], num_frames: int, mask_prob: float,

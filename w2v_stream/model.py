@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import transformers
 from torch import nn
 from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining
 
@@ -55,6 +56,52 @@ DEFAULT_FEATURE_GRAD_MULT = 0.1
 # The logit of a negative equal to its positive: exp() of it is 0 against any real logit
 # (cosine / 0.1 is within [-10, 10]), and it stays finite in fp16, unlike -inf.
 NEGATIVE_IS_POSITIVE = -1e4
+
+# transformers 4.29.2 (the Poplar SDK's environment, requirements-ipu.txt) and the main pin
+# differ in three places the model path touches; these names are the only version switches.
+# 5.x loads weights in their saved dtype unless ``dtype`` says otherwise; 4.x calls it
+# ``torch_dtype`` and loads float32 by default.
+_DTYPE_ARGUMENT = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+
+
+def _use_sdpa(config: Wav2Vec2Config) -> None:
+    """Scaled-dot-product attention where transformers offers a choice (4.36 on); 4.29's
+    attention is the eager one, with the same additive (B, 1, T, T) mask."""
+    if hasattr(config, "_attn_implementation"):
+        config._attn_implementation = "sdpa"
+
+
+def _encoder_layer(layer: nn.Module, hidden: torch.Tensor, key_mask: torch.Tensor
+                   ) -> torch.Tensor:
+    """One transformer layer over (B, T, H) with an additive (B, 1, T, T) key mask: the hidden
+    states, which transformers 4.x returns as the first item of a tuple."""
+    out = layer(hidden, attention_mask=key_mask)
+    return out[0] if isinstance(out, tuple) else out
+
+
+# torch < 2.1 (torch 2.0.1 in the Poplar SDK's environment): the oneDNN path of the exact GELU's
+# backward on the CPU (gelu_backward_out_cpu, fp32 and bf16) checks only that the GELU's input is
+# contiguous and reads a non-contiguous incoming gradient as if it were, giving garbage (1e30,
+# inf, nan). The feature encoder's last GELU and the positional convolution's GELU receive their
+# gradient through a transpose, so it is made contiguous before it reaches them.
+_GELU_GRADIENT_MUST_BE_CONTIGUOUS = torch.__version__ < "2.1"
+
+
+def _contiguous_gradient(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+    """Forward hook: the gradient that reaches ``output`` goes on contiguous."""
+    if output.requires_grad and output.device.type == "cpu":
+        output.register_hook(torch.Tensor.contiguous)
+
+
+def _prepared(model: Wav2Vec2ForPreTraining) -> Wav2Vec2ForPreTraining:
+    """A built or loaded model as training uses it."""
+    model.config.use_cache = False
+    if _GELU_GRADIENT_MUST_BE_CONTIGUOUS:
+        w2v = model.wav2vec2
+        for layer in w2v.feature_extractor.conv_layers:
+            layer.activation.register_forward_hook(_contiguous_gradient)
+        w2v.encoder.pos_conv_embed.activation.register_forward_hook(_contiguous_gradient)
+    return model
 
 
 def preset_demo() -> dict:
@@ -135,14 +182,12 @@ def resolve_config(preset: str | None, model_name_or_path: str | None, overrides
     values.update({k: v for k, v in overrides.items() if v is not None})
     config = Wav2Vec2Config(**values)
     config.apply_spec_augment = True  # pre-training must replace masked frames
-    config._attn_implementation = "sdpa"
+    _use_sdpa(config)
     return config
 
 
 def build_model(config: Wav2Vec2Config) -> Wav2Vec2ForPreTraining:
-    model = Wav2Vec2ForPreTraining(config)
-    model.config.use_cache = False
-    return model
+    return _prepared(Wav2Vec2ForPreTraining(config))
 
 
 def load_pretrained(init_from: str, config: Wav2Vec2Config
@@ -153,12 +198,11 @@ def load_pretrained(init_from: str, config: Wav2Vec2Config
     model, in float32, and the names of the weights that start fresh (the pre-training heads a
     fine-tuned model does not have)."""
     model, info = Wav2Vec2ForPreTraining.from_pretrained(
-        init_from, config=config, dtype=torch.float32, output_loading_info=True)
+        init_from, config=config, output_loading_info=True, **{_DTYPE_ARGUMENT: torch.float32})
     if info.get("mismatched_keys"):
         raise ValueError(f"--init_from {init_from}: weights of another shape than its config "
                          f"says: {sorted(map(str, info['mismatched_keys']))[:5]}")
-    model.config.use_cache = False
-    return model, sorted(info.get("missing_keys", []))
+    return _prepared(model), sorted(info.get("missing_keys", []))
 
 
 def _perplexity(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -359,10 +403,10 @@ class PretrainingObjective(nn.Module):
         hidden = encoder.dropout(hidden)
         for layer in encoder.layers:
             if self.gradient_checkpointing and self.training:
-                out = torch.utils.checkpoint.checkpoint(layer, hidden, key_mask,
+                out = torch.utils.checkpoint.checkpoint(_encoder_layer, layer, hidden, key_mask,
                                                         use_reentrant=False)
             else:
-                out = layer(hidden, attention_mask=key_mask)
+                out = _encoder_layer(layer, hidden, key_mask)
             if self.training and config.layerdrop > 0.0:
                 keep = torch.rand((), device=hidden.device) >= config.layerdrop
                 out = torch.where(keep, out, hidden)

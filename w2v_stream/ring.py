@@ -13,11 +13,12 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from typing import Dict, Tuple
 
 import numpy as np
 import torch
 
-Layout = dict[str, tuple[tuple[int, ...], type]]  # array name → (shape, dtype) of one bucket
+Layout = Dict[str, Tuple[Tuple[int, ...], type]]  # array name → (shape, dtype) of one bucket
 
 # Slots per worker: the DataLoader holds at most prefetch_factor of a worker's batches
 # before the trainer takes one, plus the one being built.

@@ -68,7 +68,7 @@ def open_url(url: str, allow_pipe: bool = False, s3_endpoint_url: str | None = N
     if url.startswith("s3://"):
         return _retry(url, lambda: _open_s3(url, s3_endpoint_url))
     try:
-        return open(url.removeprefix("file://"), "rb")
+        return open(_local_path(url), "rb")
     except OSError as exc:
         raise SourceError(f"{url}: {exc.strerror or exc}") from None
 
@@ -203,10 +203,15 @@ def resolve(spec: str | list[str], allow_pipe: bool = False,
     return ShardList(tuple(urls), tuple(lengths), int(rate))
 
 
+def _local_path(url: str) -> str:
+    """The file path of a local shard URL: a plain path or a file:// URL."""
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
 def _load_index(url: str, open_args: dict) -> dict:
     """The checked index at ``url`` (shards.parse_index: the converter's own check)."""
     local = not url.startswith((*REMOTE_SCHEMES, PIPE))
-    if local and not Path(url.removeprefix("file://")).exists():
+    if local and not Path(_local_path(url)).exists():
         raise SourceError(f"{url}: no index.json; shards need one (tools/make_shards.py "
                           f"writes it)")
     with open_url(url, **open_args) as f:
