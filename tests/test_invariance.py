@@ -55,7 +55,8 @@ def test_each_loader_utterance_has_the_features_it_has_alone(shard_dir, policy):
     config = make_config(shard_dir, policy)
     plan = config.plan
     torch.manual_seed(0)
-    objective = PretrainingObjective(build_model(resolve_config("demo", None, {}))).eval()
+    objective = PretrainingObjective(build_model(resolve_config("demo", None, {})),
+                                     packed=policy == "pack").eval()
     audio = shard_audio(config)
     planned = config.epoch_plan(0, 0).streams[0]  # one stream: the loader without workers
     loader = StreamingLoader(config, num_workers=0, max_epochs=1)
