@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -68,6 +69,11 @@ def run_tool(*args, check=True) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def read_records(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl, one dict per line."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:

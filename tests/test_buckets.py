@@ -140,8 +140,9 @@ def test_plan_for_shards_is_the_plan_for_all_lengths_with_the_models_conv_stack(
 
 
 def test_plan_buckets_prints_the_trainers_plan_for_the_model(tmp_path):
-    from conftest import run_tool
     from w2v_stream.model import resolve_config
+
+    from conftest import run_tool
 
     tsv = Path(__file__).parent / "data" / "librispeech-dev-clean.num_samples.tsv"
     flags = ["--num_buckets", "4", "--per_device_train_batch_size", "2"]

@@ -143,10 +143,10 @@ def test_a_checkpoint_without_a_file_list_loads_and_its_weights_are_still_checke
     with pytest.raises(CheckpointError, match=f"non-finite weight {bad_name}"):
         checkpoint.verify(old)
     truncate(old / "model.safetensors")
-    with pytest.raises(CheckpointError, match="model.safetensors: truncated or unreadable"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated or unreadable"):
         checkpoint.verify(old)
     truncate(old / "rng.pt")
-    with pytest.raises(CheckpointError, match="rng.pt: unreadable"):
+    with pytest.raises(CheckpointError, match=r"rng\.pt: unreadable"):
         checkpoint.verify(old)
 
 

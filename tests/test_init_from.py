@@ -13,6 +13,8 @@ from transformers import Wav2Vec2ForCTC, Wav2Vec2ForPreTraining
 
 from w2v_stream.model import build_model, resolve_config
 
+from conftest import read_records
+
 # FAST's preset goes: --init_from brings its own config.
 FLAGS = ("--max_train_steps", 1, "--num_warmup_steps", 0, "--learning_rate", 1e-9,
          "--saving_steps", 1, "--logging_steps", 1)
@@ -49,7 +51,7 @@ def test_init_from_a_saved_model_keeps_its_weights_and_its_eval_loss(shard_dir, 
     assert given.keys() == trained.keys()
     for name, tensor in given.items():
         assert (trained[name] - tensor).abs().max() <= 1e-6, name
-    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    records = read_records(out / "metrics.jsonl")
     assert records[0]["run"]["init_from"] == str(released)
     step0 = next(r for r in records if "eval_loss" in r and r["step"] == 0)
     config = json.loads((out / "train_config.json").read_text())["model"]

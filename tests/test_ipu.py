@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CPU_HALF_CONV, REPO
 from w2v_stream.backends import create_backend, ipu_config
 from w2v_stream.backends.ipu_config import IpuConfig, IpuConfigError
 from w2v_stream.masking import compute_mask, sample_negatives
 from w2v_stream.model import PretrainingObjective, build_model, resolve_config
+
+from conftest import CPU_HALF_CONV, REPO, read_records
 
 SIM = REPO / "tests" / "sim_poptorch"
 FAST = ["--preset", "demo", "--per_device_train_batch_size", "2", "--max_duration_in_seconds",
@@ -170,7 +171,7 @@ def test_every_block_fires_in_pipeline_order_in_a_real_forward(poptorch, tmp_pat
     objective = PretrainingObjective(build_model(config)).train()
     optimizer = backend.prepare(objective, [{"params": list(objective.parameters())}],
                                 1e-3, (0.9, 0.98), 1e-6, None)
-    assert poptorch.BLOCKS == placed
+    assert placed == poptorch.BLOCKS
     assert {p.dtype for p in objective.parameters()} == {torch.half}
     assert optimizer.loss_scaling == 2.0 ** 15
 
@@ -180,7 +181,7 @@ def test_every_block_fires_in_pipeline_order_in_a_real_forward(poptorch, tmp_pat
     out = objective(batch["input_values"].half(), batch["attention_mask"],
                     batch["mask_time_indices"], batch["sampled_negative_indices"],
                     torch.tensor(2.0))
-    assert poptorch.FIRED == placed  # each block once, in call order
+    assert placed == poptorch.FIRED  # each block once, in call order
     assert len(poptorch.CHECKPOINTS) == config.num_hidden_layers
     assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
     objective.eval()  # eval runs on the host's half weights, fp32 audio cast on the way in
@@ -264,7 +265,7 @@ def test_pipelined_training_under_the_simulation_resumes_exactly(shard_dir, tmp_
                                  "--saving_steps", 3, "--ipu_config_name", path,
                                  "--ipu_replicas", 2, *extra), log)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        return proc, [json.loads(line) for line in open(log)]
+        return proc, read_records(log)
 
     proc, calls = ipu_run(tmp_path / "whole")
     placed = [[name, 0] for name in [f"Conv {i}" for i in range(7)] + ["Positional Embedding",
@@ -286,12 +287,12 @@ def test_pipelined_training_under_the_simulation_resumes_exactly(shard_dir, tmp_
         assert call["memory"] == {"IPU0": 0.3, "IPU1": 0.6} and call["partials"] == "half"
         assert call["stochastic_rounding"] and call["loss_scaling"] == 2.0 ** 15
         assert call["optimizer_location"] == {"onChip": True, "replicatedTensorSharding": True}
-    records = [json.loads(line) for line in open(tmp_path / "whole" / "metrics.jsonl")]
+    records = read_records(tmp_path / "whole" / "metrics.jsonl")
     whole = {r["step"]: r["loss"] for r in records if "loss" in r}
     assert sorted(whole) == [3, 6] and all(np.isfinite(v) for v in whole.values())
 
     _, resumed_calls = ipu_run(tmp_path / "resumed", "--resume_from_checkpoint",
                                tmp_path / "whole" / "checkpoint-3")
     assert sum(c["iterations"] for c in resumed_calls) == 3
-    records = [json.loads(line) for line in open(tmp_path / "resumed" / "metrics.jsonl")]
+    records = read_records(tmp_path / "resumed" / "metrics.jsonl")
     assert {r["step"]: r["loss"] for r in records if "loss" in r} == {6: whole[6]}

@@ -396,7 +396,7 @@ def test_the_budget_is_a_rate_from_the_first_utterance_and_names_the_shards(shar
     assert len(list(within)) > 0 and sum(within.counters.skipped.values()) == 1
     over = StreamingLoader(make_config(one_bad), num_workers=0, max_bad_fraction=0.04,
                            min_for_budget=20, max_epochs=1)
-    with pytest.raises(ErrorBudgetExceeded, match="shard-000003.tar"):
+    with pytest.raises(ErrorBudgetExceeded, match=r"shard-000003\.tar"):
         list(over)
 
 

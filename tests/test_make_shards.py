@@ -19,8 +19,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import soundfile as sf
 
-from conftest import REPO, SPLIT, folder_bytes, run_tool
 from w2v_stream import audio, shards
+
+from conftest import REPO, SPLIT, folder_bytes, run_tool
 
 TOOL = "tools/make_shards.py"
 
@@ -156,7 +157,7 @@ def test_broken_archive_keeps_what_came_before(corpus_archive, tmp_path):
     assert index["problems"]["broken_archive"]["count"] == 1
     assert 0 < index["totals"]["utterances"] < 12
     assert "broken_archive" in proc.stdout
-    for utt, parts in read_all(out).items():  # what was kept is whole
+    for parts in read_all(out).values():  # what was kept is whole
         assert audio.probe(parts["flac"], full_decode=True).num_samples > 0
 
 
@@ -186,7 +187,8 @@ def test_parquet_rows_without_audio_or_with_unsafe_ids(corpus_parquet, tmp_path)
     assert index["problems"]["missing_audio"]["count"] == 1
     assert index["problems"]["unsafe_id"]["count"] == 1
     assert index["totals"]["utterances"] == len(table) - 2
-    assert all(".." not in name for name in tarfile.open(out / "shard-000000.tar").getnames())
+    with tarfile.open(out / "shard-000000.tar") as tar:
+        assert all(".." not in name for name in tar.getnames())
 
 
 def test_same_output_for_any_worker_count_and_seeded_shuffle(corpus, tmp_path):

@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers.models.wav2vec2.modeling_wav2vec2 import (_compute_mask_indices,
-                                                            _sample_negative_indices)
+from transformers.models.wav2vec2.modeling_wav2vec2 import (
+    _compute_mask_indices,
+    _sample_negative_indices,
+)
 
 from w2v_stream.masking import compute_mask, sample_negatives
 
@@ -88,4 +90,4 @@ def test_negatives_are_uniform_over_the_other_masked_frames():
         counts = np.bincount(neg[0, t], minlength=T)
         others = [f for f in range(10, 60) if f != t]
         assert counts[t] == 0 and counts.sum() == counts[others].sum() == 4900
-        assert 60 < counts[others].min() and counts[others].max() < 140  # 100 expected each
+        assert counts[others].min() > 60 and counts[others].max() < 140  # 100 expected each

@@ -13,6 +13,8 @@ import pytest
 
 from w2v_stream.metrics import MetricsLogger, collapse_warning, format_line
 
+from conftest import read_records
+
 REPO = Path(__file__).resolve().parents[1]
 
 RECORD = {"step": 10, "loss": 4.2, "contrastive_loss": 4.1, "diversity_loss": 0.1,
@@ -80,7 +82,7 @@ def test_a_resumed_run_logs_each_step_once_after_a_kill_tore_the_last_line(tmp_p
     for step in range(5, 9):
         resumed.log({**RECORD, "step": step, "loss": 10.0 + step})
     resumed.close()
-    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    records = read_records(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 9))
     assert [r["loss"] for r in records] == [1.0, 2.0, 3.0, 4.0, 15.0, 16.0, 17.0, 18.0]
     assert steps_in_events(tmp_path / "tensorboard") == {1: 1.0, 2: 2.0, 3: 3.0, 4: 4.0,
@@ -99,7 +101,7 @@ def test_a_run_without_resume_keeps_every_record_but_a_torn_line(tmp_path):
     logger = MetricsLogger(tmp_path, enabled=True, tensorboard=False)
     logger.log({**RECORD, "step": 12})
     logger.close()
-    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [10, 12]
+    assert [r["step"] for r in read_records(tmp_path / "metrics.jsonl")] == [10, 12]
     assert not list(tmp_path.glob("*.tmp"))
 
 

@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 import soxr
-
-from conftest import REPO, SPLIT, folder_bytes, run_tool
 from test_make_shards import kill_midway, read_all
+
 from w2v_stream import inputs, shards
 from w2v_stream.events import AudioFound
 from w2v_stream.inputs import hashed_id
+
+from conftest import REPO, SPLIT, folder_bytes, run_tool
 
 TOOL = "tools/make_shards.py"
 # (relative path, rate, channels, seconds, soundfile format, subtype): one of each kind.
@@ -79,7 +80,7 @@ def test_folder_of_every_format(tree, tmp_path):
     proc = run_tool(TOOL, tree, "--output_dir", out, "--num_workers", "2")
     samples = read_all(out)
     assert sorted(samples) == sorted(hashed_id(r) for r, *_ in GOOD)
-    for relative, rate, channels, seconds, fmt, _ in GOOD:
+    for relative, rate, channels, _seconds, fmt, _ in GOOD:
         parts = samples[hashed_id(relative)]
         meta = json.loads(parts["json"])
         path = tree / relative

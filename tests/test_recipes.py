@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import REPO
 from w2v_stream.model import build_model, resolve_config
+
+from conftest import REPO, read_records
 
 TINY = ["--max_train_steps", "2", "--num_warmup_steps", "0", "--gradient_accumulation_steps",
         "1", "--per_device_train_batch_size", "2", "--max_duration_in_seconds", "4",
@@ -59,7 +60,7 @@ def test_continue_recipe_shards_your_audio_and_trains_from_a_saved_model(my_audi
                                   "INIT": str(init), "WORK": str(work)}, *TINY)
     assert (work / "model" / "checkpoint-2" / "model.safetensors").exists()
     assert (work / "model" / "report.png").stat().st_size > 10_000
-    records = [json.loads(line) for line in open(work / "model" / "metrics.jsonl")]
+    records = read_records(work / "model" / "metrics.jsonl")
     assert records[0]["run"]["init_from"] == str(init)
     assert any("eval_loss" in r for r in records) and "starting fresh: nothing" in proc.stdout
     index = json.loads((work / "shards" / "train" / "index.json").read_text())

@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_train import run, train_cmd
+
+from w2v_stream.report import read_metrics, report_figure, series
 
 from conftest import REPO
-from test_train import run, train_cmd
-from w2v_stream.report import read_metrics, report_figure, series
 
 PANEL_TITLES = ["Loss and its terms (train)", "Contrastive accuracy",
                 "Eval loss (train loss faint)", "Codevector perplexity",

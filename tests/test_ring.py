@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -113,8 +114,6 @@ def test_a_worker_waiting_for_a_slot_stops_when_the_trainer_is_gone(tmp_path):
             assert time.monotonic() < deadline, "the orphaned worker still waits for a slot"
             time.sleep(0.1)
     finally:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # the orphan stays in the trainer's group
-        except ProcessLookupError:
-            pass
     assert "trainer's process is gone" in said.read_text()

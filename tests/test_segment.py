@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-
-from conftest import SPLIT, run_tool
 from test_make_shards import read_all
 from test_own_audio import speechlike
+
 from w2v_stream import segment, shards
 from w2v_stream.demo_corpus import write_openslr_archive
 from w2v_stream.inputs import hashed_id
+
+from conftest import SPLIT, run_tool
 
 TOOL = "tools/make_shards.py"
 RATE = 16000

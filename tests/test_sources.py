@@ -52,7 +52,7 @@ def test_index_errors_name_the_index(shard_dir, tmp_path):
     with pytest.raises(ShardFormatError, match=f"^{path}: not valid JSON"):
         sources.resolve(str(folder))
     _edit_index(_copy(shard_dir, tmp_path / "b"), shards=None)
-    with pytest.raises(ShardFormatError, match="index.json: 'shards' is missing"):
+    with pytest.raises(ShardFormatError, match=r"index\.json: 'shards' is missing"):
         sources.resolve(str(tmp_path / "b" / "shards"))
     path.unlink()
     with pytest.raises(SourceError, match=f"^{path}: no index.json"):
@@ -81,7 +81,7 @@ def test_pipe_template_needs_a_place_for_the_file_name(shard_dir):
 
 def test_failing_pipe_command_is_a_source_error_with_its_stderr(tmp_path):
     url = f"pipe:cat {tmp_path}/{{}}"
-    with pytest.raises(SourceError, match="exited with status 1: cat: .*No such file") as err:
+    with pytest.raises(SourceError, match=r"exited with status 1: cat: .*No such file") as err:
         sources.resolve(url, allow_pipe=True)
     assert str(err.value).startswith(f"pipe:cat {tmp_path}/index.json: ")
     with pytest.raises(SourceError, match="cannot start 'no-such-command-here'"):
@@ -135,10 +135,11 @@ def test_streaming_loader_reads_pipe_shards_like_local_ones(shard_dir):
 def test_missing_and_truncated_shards_are_named(shard_dir, tmp_path):
     folder = _copy(shard_dir, tmp_path)
     (folder / "shard-000001.tar").unlink()
-    with pytest.raises(SourceError, match="shard-000001.tar: No such file"):
+    with pytest.raises(SourceError, match=r"shard-000001\.tar: No such file"):
         sources.open_url(str(folder / "shard-000001.tar"))
     data = (folder / "shard-000002.tar").read_bytes()
     (folder / "shard-000002.tar").write_bytes(data[:1500])
-    with open(folder / "shard-000002.tar", "rb") as f:
-        with pytest.raises(ShardFormatError, match="shard-000002.tar: truncated"):
+    with open(folder / "shard-000002.tar", "rb") as f, pytest.raises(
+        ShardFormatError, match=r"shard-000002\.tar: truncated"
+    ):
             list(shards.iter_samples(f, str(folder / "shard-000002.tar")))

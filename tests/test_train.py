@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CPU_HALF_CONV, REPO
 from w2v_stream.masking import compute_mask, sample_negatives
 from w2v_stream.model import PretrainingObjective, build_model, resolve_config
+
+from conftest import CPU_HALF_CONV, REPO, read_records
 
 FAST = ["--preset", "demo", "--per_device_train_batch_size", "2", "--max_duration_in_seconds",
         "4", "--min_duration_in_seconds", "1", "--num_buckets", "2", "--num_workers", "1",
@@ -43,7 +44,7 @@ def run(cmd, check=True, env=None) -> subprocess.CompletedProcess:
 
 
 def losses(out: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    records = read_records(out / "metrics.jsonl")
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
@@ -53,7 +54,7 @@ def test_train_eval_checkpoint_and_load_with_transformers(shard_dir, tmp_path):
                          "--saving_steps", 3, "--save_total_limit", 1, "--eval_shards",
                          shard_dir))
     assert re.search(r"step +6 \| loss [0-9.]+ \| contrastive", proc.stdout)
-    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    records = read_records(out / "metrics.jsonl")
     train = [r for r in records if "loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
     for key in ("contrastive_loss", "diversity_loss", "feature_penalty", "accuracy",
@@ -99,7 +100,7 @@ def test_sigkill_then_resume_gives_identical_losses(shard_dir, tmp_path):
     run(train_cmd(shard_dir, killed, *args, "--resume_from_checkpoint", "latest"))
     expected, got = losses(whole), losses(killed)
     assert [got[s] for s in range(5, 9)] == [expected[s] for s in range(5, 9)]
-    records = [json.loads(line) for line in open(killed / "metrics.jsonl")]
+    records = read_records(killed / "metrics.jsonl")
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 9))  # each step once
     assert [r["run"]["resumed_from"] for r in records if "run" in r] == [
         None, str(killed / "checkpoint-4")]
@@ -151,7 +152,7 @@ def test_training_on_unreadable_audio_stops_before_any_update(shard_dir, tmp_pat
     proc = run(train_cmd(bad, tmp_path / "run", "--max_train_steps", 20), check=False)
     assert proc.returncode == 1 and "shard-0000" in proc.stderr, proc.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or not [
-        line for line in open(tmp_path / "run" / "metrics.jsonl") if '"loss"' in line]
+        line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
 
 
 @pytest.mark.slow
@@ -186,7 +187,7 @@ def test_a_full_disk_at_a_save_names_the_file_and_leaves_no_partial_folder(shard
         assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
         assert "could not write" in proc.stderr and "No space left" in proc.stderr
         assert "Traceback" not in proc.stderr and not list((disk / "run").glob("checkpoint-*"))
-        assert [json.loads(line)["step"] for line in open(disk / "run" / "metrics.jsonl")]
+        assert [r["step"] for r in read_records(disk / "run" / "metrics.jsonl")]
     finally:
         subprocess.run(["umount", str(disk)], check=True)
 
@@ -467,7 +468,7 @@ def test_ipu_loop_on_simulated_poptorch_runs_device_iterations_and_resumes_exact
         run(train_cmd(shard_dir, out, "--max_train_steps", 12, "--backend", "ipu",
                       "--ipu_replicas", 2, "--ipu_device_iterations", 3, "--logging_steps", 4,
                       "--saving_steps", 6, *extra), env={**env, "SIM_POPTORCH_LOG": str(log)})
-        return [json.loads(line) for line in open(log)]
+        return read_records(log)
 
     calls = ipu_run(tmp_path / "whole")
     assert sum(c["iterations"] for c in calls) == 12

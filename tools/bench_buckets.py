@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -55,7 +56,8 @@ def main() -> None:
     p.add_argument("lengths_tsv")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    raw = np.array([int(line.split()[-1]) for line in open(args.lengths_tsv) if line.strip()])
+    lines = Path(args.lengths_tsv).read_text().splitlines()
+    raw = np.array([int(line.split()[-1]) for line in lines if line.strip()])
     lengths = np.minimum(raw[raw >= LO], HI)
     rng = np.random.default_rng(args.seed)
     print(f"{len(raw)} utterances, {len(raw) - len(lengths)} under 2 s dropped, "

@@ -31,8 +31,10 @@ from typing import Callable, Iterator
 import numpy as np
 import soundfile as sf
 import torch
-from transformers.models.wav2vec2.modeling_wav2vec2 import (_compute_mask_indices,
-                                                            _sample_negative_indices)
+from transformers.models.wav2vec2.modeling_wav2vec2 import (
+    _compute_mask_indices,
+    _sample_negative_indices,
+)
 
 from w2v_stream import buckets, shards as shard_format, sources
 from w2v_stream.backends.torch_backend import TorchBackend

@@ -80,7 +80,7 @@ class ShapePlan:
                 if k != "align" or v != 1}
 
     @classmethod
-    def from_json(cls, data: dict) -> "ShapePlan":
+    def from_json(cls, data: dict) -> ShapePlan:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import os
 import pickle
 import re
@@ -300,11 +301,9 @@ def _errno(err: BaseException) -> int | None:
 def _human(n: float) -> str:
     if n < 1000:
         return f"{n} bytes"
-    for unit in ("kB", "MB", "GB", "TB"):
-        n /= 1000
-        if n < 1000:
-            break
-    return f"{n:.1f} {unit}"
+    units = ("kB", "MB", "GB", "TB")
+    power = min(int(math.log10(n) // 3), len(units))
+    return f"{n / 1000 ** power:.1f} {units[power - 1]}"
 
 
 def _rotate(output_dir: Path, keep: Path, total_limit: int | None) -> None:

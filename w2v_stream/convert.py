@@ -14,6 +14,7 @@ index.json.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -25,10 +26,26 @@ from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 from . import audio, segment
 from .events import AudioFound, Problem, Source
 from .scan import KEPT_REASONS, Mapper, Planned, scan, select
-from .shards import (AUDIO_EXT, INDEX_NAME, META_EXT, BadSample, ShardFormatError, ShardRecord,
-                     SplitTotal, archive_bytes, build_index, check_sample, file_sha256,
-                     iter_samples, member_bytes, read_index, record_for, shard_name,
-                     write_index, write_shard)
+from .shards import (
+    AUDIO_EXT,
+    INDEX_NAME,
+    META_EXT,
+    BadSample,
+    ShardFormatError,
+    ShardRecord,
+    SplitTotal,
+    archive_bytes,
+    build_index,
+    check_sample,
+    file_sha256,
+    iter_samples,
+    member_bytes,
+    read_index,
+    record_for,
+    shard_name,
+    write_index,
+    write_shard,
+)
 
 # Shards finished by a run that has not yet written index.json, with their sha256: a rerun
 # keeps a shard only if its bytes still hash to what was written.
@@ -275,10 +292,8 @@ def _journal(journal, record: ShardRecord) -> None:
 def _written_hashes(output_dir: Path) -> dict[str, str]:
     """sha256 of each shard as written, from index.json and an unfinished run's journal."""
     known: dict[str, str] = {}
-    try:
+    with contextlib.suppress(ShardFormatError):  # no usable index: the journal alone vouches
         known.update((e["file"], e["sha256"]) for e in read_index(output_dir)["shards"])
-    except ShardFormatError:
-        pass  # no usable index: only the journal can vouch for shards
     journal = output_dir / JOURNAL_NAME
     if journal.exists():
         for line in journal.read_text(encoding="utf-8").splitlines():

@@ -46,7 +46,7 @@ class SpeechSynthesizer:
     such as f2 and f3) is seeded from the clock at start-up; ``speak`` reseeds it each time.
     """
 
-    _instance: "SpeechSynthesizer | None" = None
+    _instance: SpeechSynthesizer | None = None
 
     def __init__(self):
         import espeakng_loader
@@ -71,7 +71,7 @@ class SpeechSynthesizer:
         self.lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
 
     @classmethod
-    def get(cls) -> "SpeechSynthesizer":
+    def get(cls) -> SpeechSynthesizer:
         if cls._instance is None:
             cls._instance = SpeechSynthesizer()
         return cls._instance

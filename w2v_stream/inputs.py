@@ -11,8 +11,9 @@ manifest.
    utterance.
 
 Ids come from the relative path (``hashed_id``) or the cut's id (``utterance_id``), so they
-are unique and the same from run to run; the file goes into the sample's metadata as ``source``. Each kind
-yields the events of ``events.py``, so the converter treats them as any other input.
+are unique and the same from run to run; the file goes into the sample's metadata as
+``source``. Each kind yields the events of ``events.py``, so the converter treats them as any
+other input.
 """
 
 from __future__ import annotations

@@ -90,7 +90,8 @@ class PipeStream:
             raise SourceError(f"{url}: cannot split the command ({exc})") from None
         if not args:
             raise SourceError(f"{url}: no command after pipe:")
-        self._stderr = tempfile.TemporaryFile()
+        # Read and closed in close(), when the command has ended.
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
         try:
             self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL,
                                           stdout=subprocess.PIPE, stderr=self._stderr)
@@ -120,7 +121,7 @@ class PipeStream:
         self._proc.wait()
         self._stderr.close()
 
-    def __enter__(self) -> "PipeStream":
+    def __enter__(self) -> PipeStream:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -133,7 +134,7 @@ def _retry(url: str, opener):
         try:
             return opener()
         except urllib.error.HTTPError as exc:
-            if exc.code < 500 and exc.code != 429 or attempt == RETRIES:
+            if (exc.code < 500 and exc.code != 429) or attempt == RETRIES:
                 raise SourceError(f"{url}: HTTP {exc.code} {exc.reason}") from None
         except Exception as exc:  # network and S3 client errors: try again, then report
             if attempt == RETRIES or _is_missing(exc):

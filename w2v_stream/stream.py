@@ -28,9 +28,12 @@ from .audio import AudioError, AudioFormatError, read_into
 from .buckets import ShapePlan, frames_to_min_samples
 from .epochs import Batch, EpochPlan, batch_source, plan_epoch
 from .masking import compute_mask, sample_negatives
-from .shards import BadSample as BadUtterance  # a sample the loader cannot use, by reason
-from .shards import ShardFormatError, iter_samples
-from .shards import check_sample as check_utterance  # the per-sample check --verify runs too
+from .shards import (
+    BadSample as BadUtterance,  # a sample the loader cannot use, by reason
+    ShardFormatError,
+    check_sample as check_utterance,  # the per-sample check --verify runs too
+    iter_samples,
+)
 from .sources import ShardList, SourceError, open_url
 
 NORM_EPS = 1e-7  # as transformers' Wav2Vec2FeatureExtractor zero_mean_unit_var_norm
@@ -152,7 +155,7 @@ def read_stream(config: StreamConfig, reads, needed: set[tuple[int, int]]
     by_read: dict[int, set[int]] = {}
     for read, pos in needed:
         by_read.setdefault(read, set()).add(pos)
-    for read, (shard, j, m) in enumerate(reads):
+    for read, (shard, _pass, _parity) in enumerate(reads):
         want = by_read.get(read, set())
         if not want:
             continue

@@ -23,10 +23,16 @@ from . import buckets, checkpoint, rundir, sources
 from .backends import UpdateResult, create_backend
 from .backends.ipu_config import IpuConfigError, resolve as resolve_ipu_config
 from .loader import StreamingLoader
-from .ring import RING_SLOTS_EXTRA, slot_bytes
 from .metrics import MetricsLogger, collapse_warning, format_line
-from .model import (DEFAULT_FEATURE_GRAD_MULT, PRESET_TRAINING, PretrainingObjective,
-                    build_model, load_pretrained, resolve_config)
+from .model import (
+    DEFAULT_FEATURE_GRAD_MULT,
+    PRESET_TRAINING,
+    PretrainingObjective,
+    build_model,
+    load_pretrained,
+    resolve_config,
+)
+from .ring import RING_SLOTS_EXTRA, slot_bytes
 from .schedule import SCHEDULES, gumbel_temperature, lr_factor
 from .stream import StreamConfig, batch_arrays
 

@@ -144,7 +144,8 @@ def identity_loss(x, reduction):
     return x
 
 
-def BeginBlock(layer_to_call: torch.nn.Module, user_id: str = None, ipu_id: int = None):
+def BeginBlock(layer_to_call: torch.nn.Module, user_id: str | None = None,
+               ipu_id: int | None = None):
     if any(getattr(h, "block", None) for h in layer_to_call._forward_pre_hooks.values()):
         raise RuntimeError("module has already been assigned to a block.")
 
@@ -211,7 +212,7 @@ class _AdamW(torch.optim.AdamW):
                     self.state[params[int(index)]][key] = value.float().clone()
 
 
-class optim:  # noqa: N801 (poptorch's spelling)
+class optim:
     AdamW = _AdamW
 
 
