@@ -16,8 +16,9 @@ from w2v_stream.demo_corpus import make_demo_corpus, write_hf_parquet, write_ope
 REPO = Path(__file__).resolve().parents[1]
 # The IPU simulation runs the fp16 model on the CPU, where torch < 2.1 (the Poplar SDK's torch
 # 2.0.1) has no float16 convolution; on an IPU the convolutions run on the IPU.
-CPU_HALF_CONV = pytest.mark.skipif(torch.__version__ < "2.1",
-                                   reason="torch < 2.1 has no float16 convolution on the CPU")
+CPU_HALF_CONV = pytest.mark.skipif(
+    torch.__version__ < "2.1", reason="torch < 2.1 has no float16 convolution on the CPU"
+)
 SPLIT = "dev-clean"
 
 
@@ -25,15 +26,17 @@ SPLIT = "dev-clean"
 def corpus(tmp_path_factory) -> Path:
     """LibriSpeech root with one split: 2 speakers x 2 chapters x 3 utterances."""
     root = tmp_path_factory.mktemp("corpus") / "LibriSpeech"
-    make_demo_corpus(root, SPLIT, num_speakers=2, chapters_per_speaker=2,
-                     utterances_per_chapter=3, seed=7)
+    make_demo_corpus(
+        root, SPLIT, num_speakers=2, chapters_per_speaker=2, utterances_per_chapter=3, seed=7
+    )
     return root
 
 
 @pytest.fixture(scope="session")
 def corpus_archive(corpus, tmp_path_factory) -> Path:
-    return write_openslr_archive(corpus, SPLIT,
-                                 tmp_path_factory.mktemp("archive") / f"{SPLIT}.tar.gz")
+    return write_openslr_archive(
+        corpus, SPLIT, tmp_path_factory.mktemp("archive") / f"{SPLIT}.tar.gz"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -64,8 +67,9 @@ def corpus_copy(corpus, tmp_path) -> Path:
 
 def run_tool(*args, check=True) -> subprocess.CompletedProcess:
     """Run a tools/ script as a user would; returns the finished process."""
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -21,8 +21,14 @@ from w2v_stream import checkpoint
 from w2v_stream.checkpoint import CheckpointError, CheckpointSaveError, NonFiniteWeights
 from w2v_stream.model import build_model, resolve_config
 
-TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-        "intermediate_size": 64, "codevector_dim": 32, "proj_codevector_dim": 32}
+TINY = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "codevector_dim": 32,
+    "proj_codevector_dim": 32,
+}
 
 
 def tiny_model_and_optimizer(seed: int, stepped: bool = True):
@@ -51,8 +57,9 @@ def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 
 
 def save(output_dir: Path, update: int, model, optimizer, **kwargs) -> Path:
-    return checkpoint.save(output_dir, update, model, optimizer,
-                           {"loader": {"0": {"position": update}}}, **kwargs)
+    return checkpoint.save(
+        output_dir, update, model, optimizer, {"loader": {"0": {"position": update}}}, **kwargs
+    )
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +70,21 @@ def saved(tmp_path_factory):
     return path, snapshot(model, optimizer)
 
 
-def test_the_state_file_lists_every_other_file_and_a_load_restores_everything(saved,
-                                                                              tmp_path):
+def test_the_state_file_lists_every_other_file_and_a_load_restores_everything(saved, tmp_path):
     path, expected = saved
     state = json.loads((path / "trainer_state.json").read_text())
     names = {p.name for p in path.iterdir()} - {"trainer_state.json"}
-    assert set(state["files"]) == names >= {"model.safetensors", "config.json",
-                                            "preprocessor_config.json", "optimizer.pt", "rng.pt"}
+    assert (
+        set(state["files"])
+        == names
+        >= {
+            "model.safetensors",
+            "config.json",
+            "preprocessor_config.json",
+            "optimizer.pt",
+            "rng.pt",
+        }
+    )
     for name, entry in state["files"].items():
         data = (path / name).read_bytes()
         assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -96,16 +111,19 @@ DAMAGE = {
     "flipped bytes": ("model.safetensors", flip_bytes, "sha256 differs"),
     "truncated": ("model.safetensors", truncate, " bytes, "),
     "deleted": ("optimizer.pt", Path.unlink, "missing"),
-    "garbage state": ("trainer_state.json",
-                      lambda f: f.write_bytes(b'{"update": 3, "files": {\x00\xff garbage'),
-                      "not valid JSON"),
+    "garbage state": (
+        "trainer_state.json",
+        lambda f: f.write_bytes(b'{"update": 3, "files": {\x00\xff garbage'),
+        "not valid JSON",
+    ),
     "no state": ("trainer_state.json", Path.unlink, "incomplete"),
 }
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_a_damaged_checkpoint_is_refused_naming_the_file_before_anything_is_loaded(
-        saved, tmp_path, damage):
+    saved, tmp_path, damage
+):
     name, spoil, problem = DAMAGE[damage]
     path = Path(shutil.copytree(saved[0], tmp_path / "checkpoint-3"))
     spoil(path / name)
@@ -126,8 +144,7 @@ def without_file_list(path: Path) -> None:
     (path / "trainer_state.json").write_text(json.dumps(state))
 
 
-def test_a_checkpoint_without_a_file_list_loads_and_its_weights_are_still_checked(saved,
-                                                                                 tmp_path):
+def test_a_checkpoint_without_a_file_list_loads_and_its_weights_are_still_checked(saved, tmp_path):
     path, expected = saved
     old = Path(shutil.copytree(path, tmp_path / "checkpoint-3"))
     without_file_list(old)
@@ -138,8 +155,11 @@ def test_a_checkpoint_without_a_file_list_loads_and_its_weights_are_still_checke
     weights = model.state_dict()
     bad_name = next(k for k, v in weights.items() if v.is_floating_point())
     weights[bad_name] = torch.full_like(weights[bad_name], float("nan"))
-    save_file({k: v.contiguous() for k, v in weights.items()}, old / "model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in weights.items()},
+        old / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     with pytest.raises(CheckpointError, match=f"non-finite weight {bad_name}"):
         checkpoint.verify(old)
     truncate(old / "model.safetensors")
@@ -191,8 +211,10 @@ def test_rotation_keeps_the_newest_and_the_one_just_written_and_clears_partials(
     assert not tmp_path.joinpath("checkpoint-1").exists()
     for update in (1, 2, 3):
         save(tmp_path, update, model, optimizer, total_limit=2)
-    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["checkpoint-2",
-                                                                        "checkpoint-3"]
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == [
+        "checkpoint-2",
+        "checkpoint-3",
+    ]
     # Resumed from an earlier checkpoint, a run writes a lower number than one on disk.
     save(tmp_path, 1, model, optimizer, total_limit=1)
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["checkpoint-1"]
@@ -200,8 +222,11 @@ def test_rotation_keeps_the_newest_and_the_one_just_written_and_clears_partials(
     (tmp_path / "checkpoint-5.tmp" / "optimizer.pt").write_bytes(b"partial")
     for update in (2, 3):
         save(tmp_path, update, model, optimizer)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-2",
-                                                          "checkpoint-3"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint-1",
+        "checkpoint-2",
+        "checkpoint-3",
+    ]
 
 
 @pytest.fixture
@@ -210,8 +235,11 @@ def small_tmpfs(tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
     try:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8M", "tmpfs", str(disk)],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=8M", "tmpfs", str(disk)],
+            check=True,
+            capture_output=True,
+        )
     except (OSError, subprocess.CalledProcessError) as err:
         pytest.skip(f"cannot mount a tmpfs here ({err}); needs root")
     try:
@@ -226,7 +254,8 @@ def resize(disk: Path, size: int) -> None:
 
 @pytest.mark.parametrize("room, failing", [(64 << 10, "model"), (320 << 10, "optimizer.pt")])
 def test_a_full_disk_fails_the_save_cleanly_and_keeps_the_earlier_checkpoint(
-        small_tmpfs, room, failing):
+    small_tmpfs, room, failing
+):
     # checkpoint-1 holds an empty AdamW state; checkpoint-2's moments (2 x 194 kB) do not fit.
     model, optimizer = tiny_model_and_optimizer(seed=1, stepped=False)
     save(small_tmpfs, 1, model, optimizer)
@@ -266,8 +295,7 @@ def test_a_folder_the_trainer_may_not_write_fails_the_save_and_keeps_the_earlier
             if as_root:
                 os.seteuid(0)
         assert raised.value.errno == errno.EACCES
-        assert "Permission denied" in str(raised.value) and "checkpoint-2.tmp" in str(
-            raised.value)
+        assert "Permission denied" in str(raised.value) and "checkpoint-2.tmp" in str(raised.value)
         assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1"]
         checkpoint.verify(out / "checkpoint-1")
     finally:

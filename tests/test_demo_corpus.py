@@ -32,7 +32,7 @@ def test_layout_and_audio(corpus):
 def test_it_is_speech_not_noise(corpus):
     samples, _ = sf.read(str(sorted((corpus / SPLIT).rglob("*.flac"))[0]))
     frames = samples[: len(samples) // 400 * 400].reshape(-1, 400)
-    energy = (frames ** 2).mean(axis=1)
+    energy = (frames**2).mean(axis=1)
     # Speech has loud voiced frames and near-silent gaps: a wide dynamic range.
     assert energy.max() > 1000 * np.median(energy[energy < np.quantile(energy, 0.2)])
     assert (energy > 1e-3).mean() > 0.3
@@ -50,14 +50,20 @@ def test_breathy_voices_do_not_follow_the_clock():
     # eSpeak NG seeds its noise generator from time(NULL) at start-up; voice variants with
     # breath noise (f2, f3) spoke differently from one second to the next until speak()
     # reseeded it. Each call runs in a fresh process, as make_demo_corpus does.
-    code = ("import hashlib, sys; from w2v_stream.demo_corpus import SpeechSynthesizer; "
-            "print(hashlib.sha256(SpeechSynthesizer.get().speak("
-            "'the river under the mountain', sys.argv[1], 160, 50, int(sys.argv[2]))"
-            ".tobytes()).hexdigest())")
+    code = (
+        "import hashlib, sys; from w2v_stream.demo_corpus import SpeechSynthesizer; "
+        "print(hashlib.sha256(SpeechSynthesizer.get().speak("
+        "'the river under the mountain', sys.argv[1], 160, 50, int(sys.argv[2]))"
+        ".tobytes()).hexdigest())"
+    )
 
     def speak(voice: str, seed: int) -> str:
-        return subprocess.run([sys.executable, "-c", code, voice, str(seed)], check=True,
-                              capture_output=True, text=True).stdout.strip()
+        return subprocess.run(
+            [sys.executable, "-c", code, voice, str(seed)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
 
     for voice in ("en+f2", "en-us+f3"):
         first = speak(voice, 7)

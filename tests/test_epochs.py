@@ -14,10 +14,10 @@ from w2v_stream import epochs
 def test_each_position_has_its_own_batch_of_the_ranks_streams(num_workers):
     workers, per_stream = max(num_workers, 1), 5
     for rank in (0, 2):
-        sources = [epochs.batch_source(rank, num_workers, p)
-                   for p in range(per_stream * workers)]
-        assert sorted((s.stream, s.index) for s in sources) == sorted(itertools.product(
-            range(rank * workers, (rank + 1) * workers), range(per_stream)))
+        sources = [epochs.batch_source(rank, num_workers, p) for p in range(per_stream * workers)]
+        assert sorted((s.stream, s.index) for s in sources) == sorted(
+            itertools.product(range(rank * workers, (rank + 1) * workers), range(per_stream))
+        )
         for p, s in enumerate(sources):  # workers take turns; each keeps to its stream
             assert s.stream == rank * workers + p % workers and s.index == p // workers
 

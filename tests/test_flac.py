@@ -43,8 +43,11 @@ def test_vouches_for_whole_files_with_the_decoders_facts(tmp_path, rate, channel
     assert flac.quick_check_bytes(path.read_bytes()) == info  # the same from memory
     with sf.SoundFile(path) as f:
         assert info is not None
-        assert (info.sample_rate, info.channels, info.num_samples) == (f.samplerate,
-                                                                         f.channels, f.frames)
+        assert (info.sample_rate, info.channels, info.num_samples) == (
+            f.samplerate,
+            f.channels,
+            f.frames,
+        )
 
 
 def test_refuses_every_truncation_and_damage_and_the_decoder_then_says_why(tmp_path):
@@ -96,7 +99,7 @@ def test_the_loaders_decode_gives_libsndfiles_floats_and_names_faults(tmp_path):
     with pytest.raises(audio.AudioError, match="the index"):
         audio.read_into(data, out[:-1], 0, 16000, n - 1)
     with pytest.raises(audio.AudioError, match="lost sync"):  # dr_flac stops short
-        audio.read_into(data[:len(data) // 2], out, 0, 16000, n)
+        audio.read_into(data[: len(data) // 2], out, 0, 16000, n)
     flipped = bytearray(data)
     flipped[len(data) // 2] ^= 0xFF  # dr_flac drops the frame; libsndfile names the fault
     with pytest.raises(audio.AudioError):

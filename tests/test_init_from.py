@@ -16,14 +16,24 @@ from w2v_stream.model import build_model, resolve_config
 from conftest import read_records
 
 # FAST's preset goes: --init_from brings its own config.
-FLAGS = ("--max_train_steps", 1, "--num_warmup_steps", 0, "--learning_rate", 1e-9,
-         "--saving_steps", 1, "--logging_steps", 1)
+FLAGS = (
+    "--max_train_steps",
+    1,
+    "--num_warmup_steps",
+    0,
+    "--learning_rate",
+    1e-9,
+    "--saving_steps",
+    1,
+    "--logging_steps",
+    1,
+)
 
 
 def init_cmd(shards, out, init, *extra):
     cmd = train_cmd(shards, out, *FLAGS, "--init_from", init, *extra)
     at = cmd.index("--preset")
-    return cmd[:at] + cmd[at + 2:]
+    return cmd[:at] + cmd[at + 2 :]
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +47,7 @@ def released(tmp_path_factory):
     return folder
 
 
-def test_init_from_a_saved_model_keeps_its_weights_and_its_eval_loss(shard_dir, released,
-                                                                      tmp_path):
+def test_init_from_a_saved_model_keeps_its_weights_and_its_eval_loss(shard_dir, released, tmp_path):
     from w2v_stream.backends.torch_backend import TorchBackend
     from w2v_stream.model import PretrainingObjective
     from w2v_stream.train import evaluate, make_stream_config, parse_args
@@ -63,14 +72,16 @@ def test_init_from_a_saved_model_keeps_its_weights_and_its_eval_loss(shard_dir, 
     stream = make_stream_config([str(shard_dir)], args, model.config, 0, 1, passes_per_epoch=1)
     objective = PretrainingObjective(model, args.feature_grad_mult)
     backend = TorchBackend("cpu")
-    backend.prepare(objective, [{"params": list(model.parameters())}], 1e-9, (0.9, 0.98), 1e-6,
-                    None)
+    backend.prepare(
+        objective, [{"params": list(model.parameters())}], 1e-9, (0.9, 0.98), 1e-6, None
+    )
     expected = evaluate(objective, backend, stream, None, 2.0)["eval_loss"]
     assert step0["eval_loss"] == pytest.approx(expected, rel=1e-6)
 
 
 def test_init_from_a_fine_tuned_ctc_model_loads_the_encoder_and_starts_fresh_heads(
-        shard_dir, tmp_path):
+    shard_dir, tmp_path
+):
     ctc = tmp_path / "ctc"
     torch.manual_seed(5)
     config = resolve_config("demo", None, {})
@@ -80,7 +91,8 @@ def test_init_from_a_fine_tuned_ctc_model_loads_the_encoder_and_starts_fresh_hea
     proc = run(init_cmd(shard_dir, out, ctc))
     fresh = proc.stdout.split("starting fresh: ")[1].splitlines()[0]
     assert {"quantizer.codevectors", "project_q.weight", "project_hid.weight"} <= set(
-        fresh.split(", ")), fresh
+        fresh.split(", ")
+    ), fresh
     given = load_file(ctc / "model.safetensors")
     trained = load_file(out / "checkpoint-1" / "model.safetensors")
     encoder = [name for name in given if name.startswith("wav2vec2.")]
@@ -89,18 +101,23 @@ def test_init_from_a_fine_tuned_ctc_model_loads_the_encoder_and_starts_fresh_hea
         assert (trained[name] - given[name]).abs().max() <= 1e-6, name
 
 
-@pytest.mark.parametrize("extra,reason", [
-    (("--preset", "demo"), "leave out --preset"),
-    (("--model_name_or_path", "x"), "leave out --preset and --model_name_or_path"),
-    (("--resume_from_checkpoint", "latest"), "give one")])
+@pytest.mark.parametrize(
+    "extra,reason",
+    [
+        (("--preset", "demo"), "leave out --preset"),
+        (("--model_name_or_path", "x"), "leave out --preset and --model_name_or_path"),
+        (("--resume_from_checkpoint", "latest"), "give one"),
+    ],
+)
 def test_init_from_with_a_config_or_a_resume_exits_2(released, tmp_path, extra, reason):
     proc = run(init_cmd("shards", tmp_path / "o", released, *extra), check=False)
     assert proc.returncode == 2 and reason in proc.stderr, proc.stderr
     assert not (tmp_path / "o").exists()
 
 
-def test_model_name_or_path_on_a_folder_with_weights_points_at_init_from(shard_dir, released,
-                                                                        tmp_path):
+def test_model_name_or_path_on_a_folder_with_weights_points_at_init_from(
+    shard_dir, released, tmp_path
+):
     cmd = init_cmd(shard_dir, tmp_path / "o", released)
     at = cmd.index("--init_from")
     cmd[at] = "--model_name_or_path"

@@ -22,12 +22,20 @@ FIELD = buckets.frames_to_min_samples(1)  # 400 samples: one frame's receptive f
 
 def make_config(shard_dir, policy: str) -> StreamConfig:
     shard_list = sources.resolve(str(shard_dir))
-    plan = buckets.plan_for_shards(shard_list.lengths, shard_list.sample_rate,
-                                   buckets.DEFAULT_CONV_KERNEL, buckets.DEFAULT_CONV_STRIDE,
-                                   policy=policy, num_buckets=3, batch_size=2,
-                                   min_seconds=2.0, max_seconds=30.0)  # pack: rows of two
-    return StreamConfig(shard_list, plan, shuffle_seconds=30.0, round_items=4,
-                        passes_per_epoch=1, num_negatives=20)
+    plan = buckets.plan_for_shards(
+        shard_list.lengths,
+        shard_list.sample_rate,
+        buckets.DEFAULT_CONV_KERNEL,
+        buckets.DEFAULT_CONV_STRIDE,
+        policy=policy,
+        num_buckets=3,
+        batch_size=2,
+        min_seconds=2.0,
+        max_seconds=30.0,
+    )  # pack: rows of two
+    return StreamConfig(
+        shard_list, plan, shuffle_seconds=30.0, round_items=4, passes_per_epoch=1, num_negatives=20
+    )
 
 
 def shard_audio(config: StreamConfig) -> dict[tuple[int, int], np.ndarray]:
@@ -46,8 +54,9 @@ def shard_audio(config: StreamConfig) -> dict[tuple[int, int], np.ndarray]:
 def frame_segments(objective: PretrainingObjective, batch: dict) -> torch.Tensor:
     """(B, T) the model's segment id of each frame (0: padding, gap or crossing frames)."""
     with torch.no_grad():
-        return objective._features(batch["input_values"], batch["attention_mask"],
-                                   batch["segment_ids"]).segments
+        return objective._features(
+            batch["input_values"], batch["attention_mask"], batch["segment_ids"]
+        ).segments
 
 
 @pytest.mark.parametrize("policy", ["pad", "crop", "pack"])
@@ -55,8 +64,9 @@ def test_each_loader_utterance_has_the_features_it_has_alone(shard_dir, policy):
     config = make_config(shard_dir, policy)
     plan = config.plan
     torch.manual_seed(0)
-    objective = PretrainingObjective(build_model(resolve_config("demo", None, {})),
-                                     packed=policy == "pack").eval()
+    objective = PretrainingObjective(
+        build_model(resolve_config("demo", None, {})), packed=policy == "pack"
+    ).eval()
     audio = shard_audio(config)
     planned = config.epoch_plan(0, 0).streams[0]  # one stream: the loader without workers
     loader = StreamingLoader(config, num_workers=0, max_epochs=1)
@@ -78,17 +88,21 @@ def test_each_loader_utterance_has_the_features_it_has_alone(shard_dir, policy):
                 where = np.flatnonzero(row_ids == n)
                 begin, end = int(where[0]), int(where[-1]) + 1
                 assert begin % STRIDE == 0 and len(where) == end - begin
-                assert end - begin == min(item.length, length) if policy != "crop" \
+                assert (
+                    end - begin == min(item.length, length)
+                    if policy != "crop"
                     else end - begin == length
+                )
                 values = batch["input_values"][i, begin:end]
                 if end - begin == item.length:  # not cropped: the shard's utterance itself
                     assert np.array_equal(values.numpy(), audio[item.shard, item.pos])
                 with torch.no_grad():
-                    alone = objective.encode(values[None],
-                                             torch.ones(1, end - begin, dtype=torch.bool))[0]
+                    alone = objective.encode(
+                        values[None], torch.ones(1, end - begin, dtype=torch.bool)
+                    )[0]
                 frames = (end - begin - FIELD) // STRIDE + 1
                 assert alone.shape[0] == frames
-                got = encoded[i, begin // STRIDE:begin // STRIDE + frames]
+                got = encoded[i, begin // STRIDE : begin // STRIDE + frames]
                 error = float((got - alone).abs().max())
                 assert error <= 1e-4 * float(alone.abs().max()), (policy, i, n, error)
                 checked += 1

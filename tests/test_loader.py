@@ -33,10 +33,17 @@ MASK = dict(mask_time_prob=0.65, mask_time_length=10, mask_time_min_masks=2, num
 
 def make_config(spec, policy="pad", num_buckets=3, **kw) -> StreamConfig:
     shard_list = sources.resolve(str(spec), s3_endpoint_url=kw.get("s3_endpoint_url"))
-    plan = buckets.plan_for_shards(shard_list.lengths, shard_list.sample_rate,
-                                   buckets.DEFAULT_CONV_KERNEL, buckets.DEFAULT_CONV_STRIDE,
-                                   policy=policy, num_buckets=num_buckets, batch_size=2,
-                                   min_seconds=1.0, max_seconds=16.0)
+    plan = buckets.plan_for_shards(
+        shard_list.lengths,
+        shard_list.sample_rate,
+        buckets.DEFAULT_CONV_KERNEL,
+        buckets.DEFAULT_CONV_STRIDE,
+        policy=policy,
+        num_buckets=num_buckets,
+        batch_size=2,
+        min_seconds=1.0,
+        max_seconds=16.0,
+    )
     kw.setdefault("passes_per_epoch", 1)  # short epochs: the tests cross their boundaries
     return StreamConfig(shard_list, plan, shuffle_seconds=30.0, round_items=4, **MASK, **kw)
 
@@ -51,8 +58,14 @@ def take(loader, n):
 
 
 def same(a, b) -> bool:
-    keys = ("input_values", "attention_mask", "mask_time_indices", "sampled_negative_indices",
-            "frame_mask", "segment_ids")
+    keys = (
+        "input_values",
+        "attention_mask",
+        "mask_time_indices",
+        "sampled_negative_indices",
+        "frame_mask",
+        "segment_ids",
+    )
     return all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in keys) and len(a) == len(b)
 
 
@@ -107,8 +120,16 @@ def test_splits_are_disjoint_and_complete_with_uneven_and_few_shards():
     uneven = [[32_000] * 7, [64_000] * 2, [160_000, 32_000, 64_000], [64_000] * 11]
     cases = [(uneven, 4, 1), (uneven, 6, 2), (uneven[:2], 5, 3), (uneven, 1, 1)]
     for shard_lengths, streams, passes in cases:
-        ep = epochs.plan_epoch(shard_lengths, plan, streams, epoch=3, seed=1,
-                               shuffle_samples=400_000, round_items=3, passes=passes)
+        ep = epochs.plan_epoch(
+            shard_lengths,
+            plan,
+            streams,
+            epoch=3,
+            seed=1,
+            shuffle_samples=400_000,
+            round_items=3,
+            passes=passes,
+        )
         seen = [(i.shard, i.pos) for s in ep.streams for b in s for r in b.rows for i in r]
         expected = [(s, p) for s, lens in enumerate(shard_lengths) for p in range(len(lens))]
         assert sorted(seen) == sorted(expected * passes), "an utterance lost or read twice"
@@ -127,15 +148,20 @@ def test_splits_are_disjoint_and_complete_with_uneven_and_few_shards():
 def test_bucket_runs_keep_each_rounds_buckets_together_with_the_same_data():
     rng = np.random.default_rng(5)
     shard_lengths = [list(rng.integers(16_000, 256_000, 40)) for _ in range(6)]
-    plan = buckets.make_plan([n for s in shard_lengths for n in s], "pad", 4, batch_size=2,
-                             min_samples=16_000, max_samples=256_000)
+    plan = buckets.make_plan(
+        [n for s in shard_lengths for n in s],
+        "pad",
+        4,
+        batch_size=2,
+        min_samples=16_000,
+        max_samples=256_000,
+    )
     args = dict(num_streams=3, epoch=0, seed=2, shuffle_samples=2_000_000, round_items=40)
     mixed = epochs.plan_epoch(shard_lengths, plan, **args)
     runs = epochs.plan_epoch(shard_lengths, plan, **args, bucket_runs=True)
 
     def items(ep):
-        return sorted((i.shard, i.pos) for s in ep.streams for b in s for r in b.rows
-                      for i in r)
+        return sorted((i.shard, i.pos) for s in ep.streams for b in s for r in b.rows for i in r)
 
     def switches(batches):
         return sum(a.bucket != b.bucket for a, b in zip(batches, batches[1:]))
@@ -151,10 +177,11 @@ def test_bucket_runs_keep_each_rounds_buckets_together_with_the_same_data():
 
 
 def test_ranks_agree_on_shapes_and_differ_in_data(shard_dir):
-    runs = [take(StreamingLoader(make_config(shard_dir, world_size=2, rank=r), num_workers=2),
-                 12) for r in (0, 1)]
-    assert [b["input_values"].shape for b in runs[0]] == [b["input_values"].shape
-                                                          for b in runs[1]]
+    runs = [
+        take(StreamingLoader(make_config(shard_dir, world_size=2, rank=r), num_workers=2), 12)
+        for r in (0, 1)
+    ]
+    assert [b["input_values"].shape for b in runs[0]] == [b["input_values"].shape for b in runs[1]]
     assert not same(runs[0], runs[1])
 
 
@@ -221,11 +248,17 @@ def _free_port() -> int:
 def test_s3_stream_equals_local(shard_dir, monkeypatch):
     boto3 = pytest.importorskip("boto3")
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://127.0.0.1:{port}"
-    for name, value in [("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"),
-                        ("AWS_DEFAULT_REGION", "us-east-1")]:
+    for name, value in [
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ]:
         monkeypatch.setenv(name, value)
     try:
         client = boto3.client("s3", endpoint_url=endpoint)
@@ -278,8 +311,7 @@ def rewrite_shard(path: Path, change) -> None:
         samples = list(shards.iter_samples(f))
     changed = [change(i, key, parts) for i, (key, parts) in enumerate(samples)]
     lengths = [json.loads(p["json"])["num_samples"] for _, p in samples]
-    shards.write_shard(path, iter((k, f, m, n) for (k, f, m), n in zip(changed, lengths)),
-                       16000)
+    shards.write_shard(path, iter((k, f, m, n) for (k, f, m), n in zip(changed, lengths)), 16000)
 
 
 def garbage_flac(i, key, parts):
@@ -293,7 +325,7 @@ def test_bad_audio_and_metadata_are_skipped_by_reason_and_good_data_kept(shard_d
     shutil.copytree(shard_dir, broken)
 
     def shard0(i, key, parts):  # garbage FLAC, then a FLAC cut in half
-        flac = b"\x00garbage" * 100 if i == 0 else parts["flac"][:len(parts["flac"]) // 2]
+        flac = b"\x00garbage" * 100 if i == 0 else parts["flac"][: len(parts["flac"]) // 2]
         return key, flac, parts["json"]
 
     def shard2(i, key, parts):  # malformed JSON, then 8 kHz audio of the indexed length
@@ -305,8 +337,9 @@ def test_bad_audio_and_metadata_are_skipped_by_reason_and_good_data_kept(shard_d
     rewrite_shard(broken / "shard-000000.tar", shard0)
     rewrite_shard(broken / "shard-000002.tar", shard2)
     clean = StreamingLoader(make_config(shard_dir), num_workers=2, max_epochs=1)
-    bad = StreamingLoader(make_config(broken), num_workers=2, max_bad_fraction=0.9,
-                          min_for_budget=1, max_epochs=1)
+    bad = StreamingLoader(
+        make_config(broken), num_workers=2, max_bad_fraction=0.9, min_for_budget=1, max_epochs=1
+    )
     clean_batches, bad_batches = list(clean), list(bad)
     # A batch whose every utterance was bad is held back, and counted.
     assert len(clean_batches) == len(bad_batches) + bad.counters.empty_batches
@@ -322,25 +355,30 @@ def test_bad_audio_and_metadata_are_skipped_by_reason_and_good_data_kept(shard_d
         assert not batch["input_values"][empty].any()
         assert not batch["mask_time_indices"][empty].any()
     # Where they came from, and what was wrong, for the budget's message and the checkpoint.
-    assert bad.counters.bad_by_shard == {str(broken / "shard-000000.tar"): 2,
-                                         str(broken / "shard-000002.tar"): 2}
+    assert bad.counters.bad_by_shard == {
+        str(broken / "shard-000000.tar"): 2,
+        str(broken / "shard-000002.tar"): 2,
+    }
     pattern = re.compile(re.escape(str(broken)) + r"/shard-00000[02]\.tar: [^ :]+: (\w+): .+")
     reasons = [pattern.fullmatch(e).group(1) for e in bad.counters.bad_examples]
     assert sorted(reasons) == sorted(skipped.elements())
-    assert StreamingLoader(make_config(broken), num_workers=2,
-                           state=bad.state_dict()).counters == bad.counters
+    assert (
+        StreamingLoader(make_config(broken), num_workers=2, state=bad.state_dict()).counters
+        == bad.counters
+    )
 
 
 def _planned(config: StreamConfig, num_workers: int) -> list[epochs.Batch]:
     """This rank's batches of epoch 0, in the order the loader gives them."""
     plan = config.epoch_plan(0, num_workers)
-    sources = [epochs.batch_source(config.rank, num_workers, p)
-               for p in range(plan.batches_per_stream * max(num_workers, 1))]
+    sources = [
+        epochs.batch_source(config.rank, num_workers, p)
+        for p in range(plan.batches_per_stream * max(num_workers, 1))
+    ]
     return [plan.streams[s.stream][s.index] for s in sources]
 
 
-def test_a_batch_of_bad_utterances_only_is_held_back_and_resume_stays_exact(shard_dir,
-                                                                             tmp_path):
+def test_a_batch_of_bad_utterances_only_is_held_back_and_resume_stays_exact(shard_dir, tmp_path):
     broken = tmp_path / "shards"
     shutil.copytree(shard_dir, broken)
     bad_shards = {1, 4}
@@ -352,8 +390,9 @@ def test_a_batch_of_bad_utterances_only_is_held_back_and_resume_stays_exact(shar
     all_bad = [bool(s) and s <= bad_shards for s in shards_of]
     untouched = [not (s & bad_shards) for s in shards_of]
     assert any(all_bad) and any(untouched), "the corruption should empty a batch, not all"
-    loader = StreamingLoader(config, num_workers=2, max_bad_fraction=0.9, min_for_budget=1,
-                             max_epochs=1)
+    loader = StreamingLoader(
+        config, num_workers=2, max_bad_fraction=0.9, min_for_budget=1, max_epochs=1
+    )
     got = list(loader)
     clean = list(StreamingLoader(clean_config, num_workers=2, max_epochs=1))
     kept = [p for p in range(len(planned)) if not all_bad[p]]
@@ -366,13 +405,20 @@ def test_a_batch_of_bad_utterances_only_is_held_back_and_resume_stays_exact(shar
     for stop in range(len(got)):
         head = StreamingLoader(config, num_workers=2, max_bad_fraction=0.9, min_for_budget=1)
         take(head, stop + 1)
-        rest = list(StreamingLoader(config, num_workers=2, max_bad_fraction=0.9,
-                                    min_for_budget=1, max_epochs=1, state=head.state_dict()))
-        assert same(rest, got[stop + 1:])
+        rest = list(
+            StreamingLoader(
+                config,
+                num_workers=2,
+                max_bad_fraction=0.9,
+                min_for_budget=1,
+                max_epochs=1,
+                state=head.state_dict(),
+            )
+        )
+        assert same(rest, got[stop + 1 :])
 
 
-def test_the_budget_is_a_rate_from_the_first_utterance_and_names_the_shards(shard_dir,
-                                                                             tmp_path):
+def test_the_budget_is_a_rate_from_the_first_utterance_and_names_the_shards(shard_dir, tmp_path):
     broken = tmp_path / "shards"
     shutil.copytree(shard_dir, broken)
     for path in broken.glob("shard-*.tar"):
@@ -388,14 +434,19 @@ def test_the_budget_is_a_rate_from_the_first_utterance_and_names_the_shards(shar
     # One bad utterance in the twelve: within 10 % of at least 20 seen (2), over 4 % (0.8).
     one_bad = tmp_path / "one_bad"
     shutil.copytree(shard_dir, one_bad)
-    rewrite_shard(one_bad / "shard-000003.tar",
-                  lambda i, key, parts: garbage_flac(i, key, parts) if i else (
-                      key, parts["flac"], parts["json"]))
-    within = StreamingLoader(make_config(one_bad), num_workers=0, max_bad_fraction=0.1,
-                             min_for_budget=20, max_epochs=1)
+    rewrite_shard(
+        one_bad / "shard-000003.tar",
+        lambda i, key, parts: (
+            garbage_flac(i, key, parts) if i else (key, parts["flac"], parts["json"])
+        ),
+    )
+    within = StreamingLoader(
+        make_config(one_bad), num_workers=0, max_bad_fraction=0.1, min_for_budget=20, max_epochs=1
+    )
     assert len(list(within)) > 0 and sum(within.counters.skipped.values()) == 1
-    over = StreamingLoader(make_config(one_bad), num_workers=0, max_bad_fraction=0.04,
-                           min_for_budget=20, max_epochs=1)
+    over = StreamingLoader(
+        make_config(one_bad), num_workers=0, max_bad_fraction=0.04, min_for_budget=20, max_epochs=1
+    )
     with pytest.raises(ErrorBudgetExceeded, match=r"shard-000003\.tar"):
         list(over)
 
@@ -414,8 +465,7 @@ def test_max_epochs_yields_each_planned_batch_once_then_stops(shard_dir, workers
     # Resumed within the epoch, it gives the rest of it.
     head = StreamingLoader(config, num_workers=workers)
     take(head, 3)
-    rest = list(StreamingLoader(config, num_workers=workers, max_epochs=1,
-                                state=head.state_dict()))
+    rest = list(StreamingLoader(config, num_workers=workers, max_epochs=1, state=head.state_dict()))
     assert same(rest, got[3:])
 
 
@@ -423,8 +473,10 @@ def test_kept_worker_batches_are_the_in_process_batches(shard_dir):
     """Workers reuse a few shared buffers: batches the trainer keeps must not change, and
     every element of a reused buffer must be written again (in-process batches are fresh)."""
     config = make_config(shard_dir, "pack")
-    assert same(take(StreamingLoader(config, num_workers=1), 20),
-                take(StreamingLoader(config, num_workers=0), 20))
+    assert same(
+        take(StreamingLoader(config, num_workers=1), 20),
+        take(StreamingLoader(config, num_workers=0), 20),
+    )
 
 
 # A trainer in miniature. Given a signal, its handler asks it to stop: it saves (a second),
@@ -463,10 +515,15 @@ def _run_trainer(shard_dir: Path, tmp_path: Path, mode: str) -> subprocess.Popen
     """The miniature trainer in its own process group (session), started."""
     script = tmp_path / "trainer.py"
     script.write_text(TRAINER)
-    return subprocess.Popen([sys.executable, str(script), str(shard_dir), mode], cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, str(script), str(shard_dir), mode],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
 
 
 def _assert_group_gone(pgid: int) -> None:
@@ -497,8 +554,9 @@ def test_a_signal_to_the_process_group_reaches_only_the_trainer(shard_dir, tmp_p
     _assert_group_gone(proc.pid)
 
 
-def test_a_trainer_that_fails_with_the_loader_open_exits_and_its_workers_with_it(shard_dir,
-                                                                                 tmp_path):
+def test_a_trainer_that_fails_with_the_loader_open_exits_and_its_workers_with_it(
+    shard_dir, tmp_path
+):
     proc = _run_trainer(shard_dir, tmp_path, "error")
     try:
         out, err = proc.communicate(timeout=60)  # the workers ignore SIGTERM: no hang at exit

@@ -34,11 +34,14 @@ def read_all(out: Path) -> dict[str, dict[str, bytes]]:
     return samples
 
 
-def test_three_input_kinds_give_identical_shards(corpus, corpus_archive, corpus_parquet,
-                                                 tmp_path):
+def test_three_input_kinds_give_identical_shards(corpus, corpus_archive, corpus_parquet, tmp_path):
     outs = {}
-    for kind, source in [("folder", corpus / SPLIT), ("root", corpus),
-                         ("archive", corpus_archive), ("parquet", corpus_parquet)]:
+    for kind, source in [
+        ("folder", corpus / SPLIT),
+        ("root", corpus),
+        ("archive", corpus_archive),
+        ("parquet", corpus_parquet),
+    ]:
         outs[kind] = tmp_path / kind
         extra = ["--splits", SPLIT] if kind == "root" else []
         run_tool(TOOL, source, "--output_dir", outs[kind], "--samples_per_shard", "5", *extra)
@@ -63,13 +66,15 @@ def test_three_input_kinds_give_identical_shards(corpus, corpus_archive, corpus_
         assert meta["duration"] == round(meta["num_samples"] / 16000, 6)
         assert meta["text"] == transcripts[path.stem] and meta["split"] == SPLIT
         assert (meta["speaker_id"], meta["chapter_id"]) == tuple(
-            int(x) for x in path.stem.split("-")[:2])
+            int(x) for x in path.stem.split("-")[:2]
+        )
         assert meta["converted"] is False and meta["sample_rate"] == 16000
     index = shards.read_index(outs["parquet"])
     assert index["totals"]["utterances"] == 12
     assert [s["num_samples"] for s in index["shards"]] == [
-        [json.loads(samples[k]["json"])["num_samples"] for k in sorted(samples)[i:i + 5]]
-        for i in range(0, 12, 5)]
+        [json.loads(samples[k]["json"])["num_samples"] for k in sorted(samples)[i : i + 5]]
+        for i in range(0, 12, 5)
+    ]
     assert sum(index["duration_histogram"]["counts"]) == 12
     assert index["splits"][SPLIT]["utterances"] == 12
 
@@ -111,21 +116,29 @@ def test_bad_inputs_are_reported_and_good_ones_kept(corpus_copy, tmp_path):
     assert sorted(samples) == sorted(expected)
     for utt in good:  # every good utterance is there, untouched
         assert samples[utt]["flac"] == next(corpus_copy.rglob(f"{utt}.flac")).read_bytes()
-    for n, rate, channels, seconds in (("0103", 44100, 2, 2.5), ("0104", 8000, 1, 3.0),
-                                       ("0107", 16000, 1, 2.2)):
+    for n, rate, channels, seconds in (
+        ("0103", 44100, 2, 2.5),
+        ("0104", 8000, 1, 3.0),
+        ("0107", 16000, 1, 2.2),
+    ):
         parts = samples[f"{spk}-{chap}-{n}"]
         meta = json.loads(parts["json"])
         info = audio.probe(parts["flac"], full_decode=True)
         assert info.is_target and info.num_samples == meta["num_samples"] == int(16000 * seconds)
         assert meta["converted"] and meta["original"]["sample_rate"] == rate
         assert meta["original"]["channels"] == channels and meta["text"] == "CONVERTED ONE"
-    assert json.loads(samples[f"{spk}-{chap}-0107"]["json"])["original"]["length_in_header"] \
-        is False
+    assert (
+        json.loads(samples[f"{spk}-{chap}-0107"]["json"])["original"]["length_in_header"] is False
+    )
     assert json.loads(samples[f"{spk}-{chap}-0105"]["json"])["text"] is None
     problems = shards.read_index(out)["problems"]
     assert {k: v["count"] for k, v in problems.items()} == {
-        "unreadable_audio": 3, "converted": 3, "no_transcript": 1,
-        "transcript_without_audio": 1, "unrecognised_name": 1}
+        "unreadable_audio": 3,
+        "converted": 3,
+        "no_transcript": 1,
+        "transcript_without_audio": 1,
+        "unrecognised_name": 1,
+    }
     unreadable = {p["id"]: p["detail"] for p in problems["unreadable_audio"]["items"]}
     assert "empty" in unreadable[f"{spk}-{chap}-0101"]
     assert "truncated" in unreadable[f"{spk}-{chap}-0100"]
@@ -136,8 +149,16 @@ def test_bad_inputs_are_reported_and_good_ones_kept(corpus_copy, tmp_path):
 
 def test_duration_limits_skip_and_count(corpus, tmp_path):
     out = tmp_path / "out"
-    run_tool(TOOL, corpus / SPLIT, "--output_dir", out, "--min_duration_in_seconds", "8",
-             "--max_duration_in_seconds", "15")
+    run_tool(
+        TOOL,
+        corpus / SPLIT,
+        "--output_dir",
+        out,
+        "--min_duration_in_seconds",
+        "8",
+        "--max_duration_in_seconds",
+        "15",
+    )
     index = shards.read_index(out)
     lengths = [n / 16000 for s in index["shards"] for n in s["num_samples"]]
     problems = index["problems"]
@@ -170,8 +191,9 @@ def test_plain_tar_gives_the_same_shards(corpus_archive, tmp_path):
     for name, source in [("gz", corpus_archive), ("tar", plain)]:
         outs[name] = tmp_path / name
         run_tool(TOOL, source, "--output_dir", outs[name], "--samples_per_shard", "5")
-    shards_of = {k: {f: b for f, b in folder_bytes(v).items() if f.endswith(".tar")}
-                 for k, v in outs.items()}
+    shards_of = {
+        k: {f: b for f, b in folder_bytes(v).items() if f.endswith(".tar")} for k, v in outs.items()
+    }
     assert len(shards_of["gz"]) == 3 and shards_of["tar"] == shards_of["gz"]
 
 
@@ -195,8 +217,19 @@ def test_same_output_for_any_worker_count_and_seeded_shuffle(corpus, tmp_path):
     outs = []
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
-        run_tool(TOOL, corpus, "--output_dir", out, "--samples_per_shard", "4",
-                 "--num_workers", workers, "--shuffle", "--seed", "3")
+        run_tool(
+            TOOL,
+            corpus,
+            "--output_dir",
+            out,
+            "--samples_per_shard",
+            "4",
+            "--num_workers",
+            workers,
+            "--shuffle",
+            "--seed",
+            "3",
+        )
         outs.append(folder_bytes(out))
     assert outs[0] == outs[1]
     order = [k for s in shards.read_index(tmp_path / "w1")["shards"] for k in [s["file"]]]
@@ -204,8 +237,9 @@ def test_same_output_for_any_worker_count_and_seeded_shuffle(corpus, tmp_path):
     ids = list(read_all(tmp_path / "w1"))
     assert ids != sorted(ids)  # shuffled
     other = tmp_path / "seed4"
-    run_tool(TOOL, corpus, "--output_dir", other, "--samples_per_shard", "4", "--shuffle",
-             "--seed", "4")
+    run_tool(
+        TOOL, corpus, "--output_dir", other, "--samples_per_shard", "4", "--shuffle", "--seed", "4"
+    )
     assert list(read_all(other)) != ids and sorted(read_all(other)) == sorted(ids)
 
 
@@ -230,8 +264,12 @@ sys.exit(make_shards.main())
 def kill_midway(args: list[str], out: Path, settle: float = 0.0) -> None:
     """Run make_shards ``args`` into ``out`` in a real process, slowed down (_SLOW_RUN), and
     SIGKILL it ``settle`` seconds after its second shard is complete."""
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW_RUN, *args, "--output_dir", str(out)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_RUN, *args, "--output_dir", str(out)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while len(list(out.glob("shard-*.tar"))) < 2 and time.time() < deadline:
         time.sleep(0.02)
@@ -296,12 +334,21 @@ def test_exit_codes_and_messages(tmp_path, corpus):
     assert unwritable.returncode == 2 and "not writable" in unwritable.stderr
     missing = run_tool(TOOL, tmp_path / "nope", "--output_dir", tmp_path / "o", check=False)
     assert missing.returncode == 2 and "no such file" in missing.stderr
-    bad_flag = run_tool(TOOL, corpus, "--output_dir", tmp_path / "o", "--num_workers", "0",
-                        check=False)
+    bad_flag = run_tool(
+        TOOL, corpus, "--output_dir", tmp_path / "o", "--num_workers", "0", check=False
+    )
     assert bad_flag.returncode == 2 and "--num_workers must be >= 1" in bad_flag.stderr
-    bad_range = run_tool(TOOL, corpus, "--output_dir", tmp_path / "o",
-                         "--min_duration_in_seconds", "9", "--max_duration_in_seconds", "3",
-                         check=False)
+    bad_range = run_tool(
+        TOOL,
+        corpus,
+        "--output_dir",
+        tmp_path / "o",
+        "--min_duration_in_seconds",
+        "9",
+        "--max_duration_in_seconds",
+        "3",
+        check=False,
+    )
     assert bad_range.returncode == 2 and "min_duration_in_seconds 9.0 >" in bad_range.stderr
 
 
@@ -331,22 +378,24 @@ def test_first_transcript_line_wins_across_speaker_folders(corpus_copy, tmp_path
         run_tool(TOOL, str(corpus_copy), "--output_dir", str(out), "--num_workers", workers)
         texts[workers] = {k: json.loads(v["json"])["text"] for k, v in read_all(out).items()}
     assert texts["1"][victim] == texts["2"][victim] == "FROM THE FIRST FOLDER"
-    own = (second / victim.split("-")[1] / f"{'-'.join(victim.split('-')[:2])}.trans.txt")
+    own = second / victim.split("-")[1] / f"{'-'.join(victim.split('-')[:2])}.trans.txt"
     assert victim in own.read_text()  # its own folder's line was there, and lost
     assert texts["1"] == texts["2"]
 
 
-
-def test_archive_members_outside_split_speaker_chapter_are_problems(corpus, corpus_archive,
-                                                                   tmp_path):
+def test_archive_members_outside_split_speaker_chapter_are_problems(
+    corpus, corpus_archive, tmp_path
+):
     flac = sorted((corpus / SPLIT).rglob("*.flac"))[0].read_bytes()
-    bad = {"../../etc/1-2-0090.flac": "unsafe_member",
-           f"/abs/{SPLIT}/1/2/1-2-0091.flac": "unsafe_member",
-           f"{SPLIT}/1/../2/1-2-0092.flac": "unsafe_member",
-           "LibriSpeech/1/2/1-2-0093.flac": "misplaced_member",
-           "1-2-0094.flac": "misplaced_member",
-           f"{SPLIT}/x/2/1-2-0095.flac": "misplaced_member",
-           "LibriSpeech/1/2/1-2.trans.txt": "misplaced_member"}
+    bad = {
+        "../../etc/1-2-0090.flac": "unsafe_member",
+        f"/abs/{SPLIT}/1/2/1-2-0091.flac": "unsafe_member",
+        f"{SPLIT}/1/../2/1-2-0092.flac": "unsafe_member",
+        "LibriSpeech/1/2/1-2-0093.flac": "misplaced_member",
+        "1-2-0094.flac": "misplaced_member",
+        f"{SPLIT}/x/2/1-2-0095.flac": "misplaced_member",
+        "LibriSpeech/1/2/1-2.trans.txt": "misplaced_member",
+    }
     archive = tmp_path / f"{SPLIT}.tar.gz"
     with tarfile.open(corpus_archive) as good, tarfile.open(archive, "w:gz") as tar:
         for member in good:
@@ -361,8 +410,9 @@ def test_archive_members_outside_split_speaker_chapter_are_problems(corpus, corp
     out, clean = tmp_path / "out", tmp_path / "clean"
     proc = run_tool(TOOL, archive, "--output_dir", out, "--samples_per_shard", "5")
     run_tool(TOOL, corpus_archive, "--output_dir", clean, "--samples_per_shard", "5")
-    assert ({k: v for k, v in folder_bytes(out).items() if k.endswith(".tar")}
-            == {k: v for k, v in folder_bytes(clean).items() if k.endswith(".tar")})
+    assert {k: v for k, v in folder_bytes(out).items() if k.endswith(".tar")} == {
+        k: v for k, v in folder_bytes(clean).items() if k.endswith(".tar")
+    }
     index = shards.read_index(out)
     assert list(index["splits"]) == [SPLIT] and index["totals"]["utterances"] == 12
     for reason in ("unsafe_member", "misplaced_member"):
@@ -377,19 +427,24 @@ def test_archive_members_outside_split_speaker_chapter_are_problems(corpus, corp
 def test_every_flag_is_checked_before_any_work(corpus, tmp_path):
     out = tmp_path / "o"
     for flags, message in [
-            (["--num_workers", "-3"], "--num_workers must be >= 1, got -3"),
-            (["--samples_per_shard", "0"], "samples_per_shard must be >= 1, got 0"),
-            (["--max_shard_bytes", "-5"], "--max_shard_bytes must be >= 1 (or 0: no limit)"),
-            (["--max_buffer_bytes", "0"], "max_buffer_bytes must be >= 1, got 0"),
-            (["--min_duration_in_seconds", "-1"], "min_duration_in_seconds must be a finite"),
-            (["--max_duration_in_seconds", "inf"], "max_duration_in_seconds must be a finite"),
-            (["--max_duration_in_seconds", "nan"], "max_duration_in_seconds must be a finite"),
-            (["--min_duration_in_seconds", "3", "--max_duration_in_seconds", "3"],
-             "min_duration_in_seconds 3.0 >= max_duration_in_seconds 3.0"),
-            (["--max_segment_seconds", "0"], "max_segment_seconds must be a finite number > 0"),
-            (["--max_segment_seconds", "inf"], "max_segment_seconds must be a finite number"),
-            (["--min_duration_in_seconds", "20", "--max_segment_seconds", "20"],
-             "min_duration_in_seconds 20.0 >= max_segment_seconds 20.0")]:
+        (["--num_workers", "-3"], "--num_workers must be >= 1, got -3"),
+        (["--samples_per_shard", "0"], "samples_per_shard must be >= 1, got 0"),
+        (["--max_shard_bytes", "-5"], "--max_shard_bytes must be >= 1 (or 0: no limit)"),
+        (["--max_buffer_bytes", "0"], "max_buffer_bytes must be >= 1, got 0"),
+        (["--min_duration_in_seconds", "-1"], "min_duration_in_seconds must be a finite"),
+        (["--max_duration_in_seconds", "inf"], "max_duration_in_seconds must be a finite"),
+        (["--max_duration_in_seconds", "nan"], "max_duration_in_seconds must be a finite"),
+        (
+            ["--min_duration_in_seconds", "3", "--max_duration_in_seconds", "3"],
+            "min_duration_in_seconds 3.0 >= max_duration_in_seconds 3.0",
+        ),
+        (["--max_segment_seconds", "0"], "max_segment_seconds must be a finite number > 0"),
+        (["--max_segment_seconds", "inf"], "max_segment_seconds must be a finite number"),
+        (
+            ["--min_duration_in_seconds", "20", "--max_segment_seconds", "20"],
+            "min_duration_in_seconds 20.0 >= max_segment_seconds 20.0",
+        ),
+    ]:
         proc = run_tool(TOOL, corpus, "--output_dir", out, *flags, check=False)
         assert proc.returncode == 2, flags
         errors = [line for line in proc.stderr.splitlines() if "error:" in line]
@@ -399,8 +454,7 @@ def test_every_flag_is_checked_before_any_work(corpus, tmp_path):
 
 def test_too_many_workers_are_capped_at_the_cpu_count(corpus, tmp_path):
     out = tmp_path / "o"
-    proc = run_tool(TOOL, corpus, "--output_dir", out, "--num_workers",
-                    "100000000000000000000")
+    proc = run_tool(TOOL, corpus, "--output_dir", out, "--num_workers", "100000000000000000000")
     cpus = os.cpu_count()
     assert f"is more than the {cpus} CPUs here; using {cpus}" in proc.stderr
     assert shards.read_index(out)["totals"]["utterances"] == 12
@@ -423,7 +477,5 @@ def test_verify_names_missing_truncated_and_mismatched_shards(shard_dir, tmp_pat
     assert "shard-000001.tar: missing (listed in index.json)" in errors
     assert any(e.startswith("shard-000002.tar: truncated tar member") for e in errors)
     assert "shard-000002.tar: 0 samples, the index lists 2" in errors
-    assert any(e.startswith("shard-000003.tar: sample ") and "index_mismatch" in e
-               for e in errors)
-    assert not any(e.startswith(("shard-000000", "shard-000004", "shard-000005"))
-                   for e in errors)
+    assert any(e.startswith("shard-000003.tar: sample ") and "index_mismatch" in e for e in errors)
+    assert not any(e.startswith(("shard-000000", "shard-000004", "shard-000005")) for e in errors)

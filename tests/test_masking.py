@@ -44,8 +44,7 @@ def test_same_arrays_as_transformers_for_the_same_seed(seed):
     assert (theirs == ours).all()
     np.random.seed(seed + 1)
     theirs_neg = _sample_negative_indices((len(lengths), T), 100, theirs)
-    ours_neg = sample_negatives(ours.copy(), [[(0, n)] for n in lengths], 100,
-                                Legacy(seed + 1))
+    ours_neg = sample_negatives(ours.copy(), [[(0, n)] for n in lengths], 100, Legacy(seed + 1))
     assert (theirs_neg == ours_neg).all()
 
 

@@ -17,12 +17,24 @@ from conftest import read_records
 
 REPO = Path(__file__).resolve().parents[1]
 
-RECORD = {"step": 10, "loss": 4.2, "contrastive_loss": 4.1, "diversity_loss": 0.1,
-          "accuracy": 0.25,
-          "percent_masked": 49.0, "prob_perplexity": 120.0, "code_perplexity": 110.0,
-          "lr": 1e-3, "temperature": 1.99, "grad_norm": 0.5, "padding_efficiency": 0.9,
-          "audio_seconds_per_second": 40.0, "audio_hours": 1.25, "elapsed_seconds": 3725.0,
-          "eta_seconds": 59.0}
+RECORD = {
+    "step": 10,
+    "loss": 4.2,
+    "contrastive_loss": 4.1,
+    "diversity_loss": 0.1,
+    "accuracy": 0.25,
+    "percent_masked": 49.0,
+    "prob_perplexity": 120.0,
+    "code_perplexity": 110.0,
+    "lr": 1e-3,
+    "temperature": 1.99,
+    "grad_norm": 0.5,
+    "padding_efficiency": 0.9,
+    "audio_seconds_per_second": 40.0,
+    "audio_hours": 1.25,
+    "elapsed_seconds": 3725.0,
+    "eta_seconds": 59.0,
+}
 
 
 def test_records_are_strict_json_and_tensorboard_gets_events(tmp_path):
@@ -42,8 +54,7 @@ def test_records_are_strict_json_and_tensorboard_gets_events(tmp_path):
 
 def test_collapse_warning_names_each_sign_and_stays_quiet_otherwise():
     assert collapse_warning(RECORD, num_groups=2) is None
-    collapsed = {**RECORD, "prob_perplexity": 2.5, "contrastive_loss": 0.001,
-                 "grad_norm": 1e-6}
+    collapsed = {**RECORD, "prob_perplexity": 2.5, "contrastive_loss": 0.001, "grad_norm": 1e-6}
     warning = collapse_warning(collapsed, num_groups=2)
     assert "perplexity" in warning and "contrastive" in warning and "gradient" in warning
     assert collapse_warning({**RECORD, "grad_norm": math.nan}, num_groups=2) is None
@@ -85,8 +96,16 @@ def test_a_resumed_run_logs_each_step_once_after_a_kill_tore_the_last_line(tmp_p
     records = read_records(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 9))
     assert [r["loss"] for r in records] == [1.0, 2.0, 3.0, 4.0, 15.0, 16.0, 17.0, 18.0]
-    assert steps_in_events(tmp_path / "tensorboard") == {1: 1.0, 2: 2.0, 3: 3.0, 4: 4.0,
-                                                        5: 15.0, 6: 16.0, 7: 17.0, 8: 18.0}
+    assert steps_in_events(tmp_path / "tensorboard") == {
+        1: 1.0,
+        2: 2.0,
+        3: 3.0,
+        4: 4.0,
+        5: 15.0,
+        6: 16.0,
+        7: 17.0,
+        8: 18.0,
+    }
 
 
 def test_a_run_without_resume_keeps_every_record_but_a_torn_line(tmp_path):
@@ -109,20 +128,40 @@ def test_each_record_reaches_the_file_in_one_write_call(tmp_path):
     strace = shutil.which("strace")
     if strace is None:
         pytest.skip("strace is not installed")
-    script = ("from w2v_stream.metrics import MetricsLogger\n"
-              f"logger = MetricsLogger({str(tmp_path)!r}, enabled=True, tensorboard=False)\n"
-              "logger.log({'step': 1, 'note': 'x' * 50_000})\n"
-              "logger.log({'step': 2, 'note': 'y'})\n"
-              "logger.close()\n")
+    script = (
+        "from w2v_stream.metrics import MetricsLogger\n"
+        f"logger = MetricsLogger({str(tmp_path)!r}, enabled=True, tensorboard=False)\n"
+        "logger.log({'step': 1, 'note': 'x' * 50_000})\n"
+        "logger.log({'step': 2, 'note': 'y'})\n"
+        "logger.close()\n"
+    )
     trace = tmp_path / "trace.txt"
-    proc = subprocess.run([strace, "-f", "-e", "trace=write", "-e", "signal=none", "-o",
-                           str(trace), sys.executable, "-c", script], cwd=REPO,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            strace,
+            "-f",
+            "-e",
+            "trace=write",
+            "-e",
+            "signal=none",
+            "-o",
+            str(trace),
+            sys.executable,
+            "-c",
+            script,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0 and "ptrace" in proc.stderr:
         pytest.skip(f"strace cannot trace here: {proc.stderr.strip()}")
     assert proc.returncode == 0, proc.stderr
     lines = (tmp_path / "metrics.jsonl").read_bytes().splitlines(keepends=True)
     assert [json.loads(line)["step"] for line in lines] == [1, 2]
-    returned = [int(line.rsplit("=", 1)[1]) for line in trace.read_text().splitlines()
-                if '"{\\"note\\": ' in line]
+    returned = [
+        int(line.rsplit("=", 1)[1])
+        for line in trace.read_text().splitlines()
+        if '"{\\"note\\": ' in line
+    ]
     assert returned == [len(lines[0]), len(lines[1])]

@@ -16,10 +16,15 @@ RATE = 16_000
 STRIDE = 320  # the default conv stack's total stride in samples
 FIELD = 400  # and its receptive field
 CLIP_SECONDS = (2.3, 4.1, 6.7)
-LAYER_NORM_ENCODER = {"feat_extract_norm": "layer", "do_stable_layer_norm": True,
-                      "conv_bias": True}
-NO_DROPOUT = {"hidden_dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0,
-              "feat_proj_dropout": 0.0, "feat_quantizer_dropout": 0.0, "layerdrop": 0.0}
+LAYER_NORM_ENCODER = {"feat_extract_norm": "layer", "do_stable_layer_norm": True, "conv_bias": True}
+NO_DROPOUT = {
+    "hidden_dropout": 0.0,
+    "attention_dropout": 0.0,
+    "activation_dropout": 0.0,
+    "feat_proj_dropout": 0.0,
+    "feat_quantizer_dropout": 0.0,
+    "layerdrop": 0.0,
+}
 
 
 def frames_of(samples: int) -> int:
@@ -48,8 +53,9 @@ def frame_starts(pieces: list[torch.Tensor]) -> list[int]:
     return [0, *ends[:-1].tolist()]
 
 
-def batch_of(config, rows: list[list[torch.Tensor]], samples: int,
-             seed: int) -> dict[str, torch.Tensor]:
+def batch_of(
+    config, rows: list[list[torch.Tensor]], samples: int, seed: int
+) -> dict[str, torch.Tensor]:
     """A batch of rows of ``samples``, row i holding the pieces rows[i] in order, each starting
     at a multiple of the total stride, zeros between and after: input_values, attention_mask,
     segment_ids (int32), and mask and negative indices inside each piece's frames."""
@@ -60,16 +66,24 @@ def batch_of(config, rows: list[list[torch.Tensor]], samples: int,
     for i, pieces in enumerate(rows):
         for n, (piece, first) in enumerate(zip(pieces, frame_starts(pieces)), start=1):
             offset = first * STRIDE
-            values[i, offset:offset + len(piece)] = piece
-            ids[i, offset:offset + len(piece)] = n
-        segments.append([(first, first + frames_of(len(piece)))
-                         for piece, first in zip(pieces, frame_starts(pieces))])
+            values[i, offset : offset + len(piece)] = piece
+            ids[i, offset : offset + len(piece)] = n
+        segments.append(
+            [
+                (first, first + frames_of(len(piece)))
+                for piece, first in zip(pieces, frame_starts(pieces))
+            ]
+        )
     frames = frames_of(samples)
     mask = compute_mask(segments, frames, 0.65, 10, 2, rs)
     negatives = sample_negatives(mask, segments, config.num_negatives, rs)
-    return {"input_values": values, "attention_mask": ids > 0, "segment_ids": ids,
-            "mask_time_indices": torch.from_numpy(mask),
-            "sampled_negative_indices": torch.from_numpy(negatives).long()}
+    return {
+        "input_values": values,
+        "attention_mask": ids > 0,
+        "segment_ids": ids,
+        "mask_time_indices": torch.from_numpy(mask),
+        "sampled_negative_indices": torch.from_numpy(negatives).long(),
+    }
 
 
 def noise_rows(lengths: list[int], seed: int) -> list[list[torch.Tensor]]:
@@ -78,8 +92,9 @@ def noise_rows(lengths: list[int], seed: int) -> list[list[torch.Tensor]]:
     return [[torch.randn(n, generator=generator)] for n in lengths]
 
 
-def assert_own_features(objective: PretrainingObjective, pieces: list[torch.Tensor],
-                        encoded: list[torch.Tensor]) -> None:
+def assert_own_features(
+    objective: PretrainingObjective, pieces: list[torch.Tensor], encoded: list[torch.Tensor]
+) -> None:
     """``encoded[i]`` (frames, H) begins with the frames pieces[i] has alone, to 1e-4 of the
     largest feature value."""
     for piece, got in zip(pieces, encoded):
@@ -91,11 +106,15 @@ def assert_own_features(objective: PretrainingObjective, pieces: list[torch.Tens
         assert error <= 1e-4 * alone.abs().max(), (error, alone.abs().max())
 
 
-def encode(objective: PretrainingObjective, batch: dict[str, torch.Tensor],
-           with_segment_ids: bool = True) -> torch.Tensor:
+def encode(
+    objective: PretrainingObjective, batch: dict[str, torch.Tensor], with_segment_ids: bool = True
+) -> torch.Tensor:
     with torch.no_grad():
-        return objective.encode(batch["input_values"], batch["attention_mask"],
-                                batch["segment_ids"] if with_segment_ids else None)
+        return objective.encode(
+            batch["input_values"],
+            batch["attention_mask"],
+            batch["segment_ids"] if with_segment_ids else None,
+        )
 
 
 @pytest.mark.parametrize("encoder", ["group", "layer"])
@@ -148,7 +167,8 @@ def test_objective_equals_transformers_loss(encoder):
     theirs = model(**{**batch, "attention_mask": batch["attention_mask"].long()})
     torch.manual_seed(2)
     ours = PretrainingObjective(model, feature_grad_mult=1.0).train()(
-        **batch, temperature=torch.tensor(1.5))
+        **batch, temperature=torch.tensor(1.5)
+    )
     assert torch.allclose(theirs.loss, ours["loss"], rtol=1e-5)
     assert torch.allclose(theirs.codevector_perplexity, ours["codevector_perplexity"])
 
@@ -170,7 +190,8 @@ def test_objective_gradients_equal_transformers_for_unpadded_rows(encoder):
     their_loss.backward()
     torch.manual_seed(2)
     our_loss = PretrainingObjective(ours, feature_grad_mult=1.0).train()(
-        **batch, temperature=torch.tensor(1.5))["loss"]
+        **batch, temperature=torch.tensor(1.5)
+    )["loss"]
     our_loss.backward()
     assert torch.allclose(their_loss, our_loss, rtol=1e-5)
     our_params = dict(ours.named_parameters())
@@ -202,9 +223,11 @@ def test_gradients_with_onednn_equal_those_without_it():
         with torch.backends.mkldnn.flags(enabled=onednn):
             torch.manual_seed(2)
             PretrainingObjective(model, 1.0).train()(**batch, temperature=torch.tensor(1.5))[
-                "loss"].backward()
-        grads.append({name: p.grad.clone() for name, p in model.named_parameters()
-                      if p.grad is not None})
+                "loss"
+            ].backward()
+        grads.append(
+            {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        )
     for name, grad in grads[1].items():
         assert torch.isfinite(grads[0][name]).all(), name
         assert (grads[0][name] - grad).abs().max() <= 1e-4 * grad.abs().max() + 1e-6, name
@@ -220,12 +243,14 @@ def test_a_batch_of_dummy_rows_gives_a_zero_finite_loss(with_segment_ids):
     out = objective(**batch, temperature=torch.tensor(2.0))
     assert out["loss"].item() == 0.0 and out["num_masked"].item() == 0
     out["loss"].backward()
-    assert all(torch.isfinite(p.grad).all() for p in objective.parameters()
-               if p.grad is not None)
+    assert all(torch.isfinite(p.grad).all() for p in objective.parameters() if p.grad is not None)
 
 
-@pytest.mark.skipif(torch.__version__ < "2.1", reason="torch 2.0's dynamo cannot trace the "
-                    "weight_norm hook of transformers 4.x's positional convolution")
+@pytest.mark.skipif(
+    torch.__version__ < "2.1",
+    reason="torch 2.0's dynamo cannot trace the "
+    "weight_norm hook of transformers 4.x's positional convolution",
+)
 def test_one_compilation_per_shape_and_no_graph_break():
     # Padded batches (segment ids from the attention mask) and packed ones (segment ids
     # given), three shapes and two, each shape twice.
@@ -243,7 +268,7 @@ def test_one_compilation_per_shape_and_no_graph_break():
         if step < len(padded):
             pieces_per_row = noise_rows([samples] * (rows - 1) + [samples // 2], seed=step)
         else:
-            pieces_per_row = [pieces[step % 2:]] * rows
+            pieces_per_row = [pieces[step % 2 :]] * rows
         batch = batch_of(config, pieces_per_row, samples, seed=step)
         if step < len(padded):
             del batch["segment_ids"]
@@ -264,7 +289,8 @@ def test_feature_penalty_is_fairseqs_mean_square_of_real_frames_times_masked_fra
         fairseq = model.wav2vec2.feature_extractor(batch["input_values"]).float().pow(2).mean()
         plain = PretrainingObjective(model, 1.0).eval()(**batch, temperature=temperature)
         weighted = PretrainingObjective(model, 1.0, feature_penalty_weight=10.0).eval()(
-            **batch, temperature=temperature)
+            **batch, temperature=temperature
+        )
         # The same utterance padded to twice its length: its penalty, not the padding's.
         padded = batch_of(config, noise_rows([32_000], seed=1), 64_000, seed=1)
         alone = PretrainingObjective(model, 1.0).eval()(**padded, temperature=temperature)
@@ -290,8 +316,9 @@ def test_accuracy_counts_masked_frames_whose_positive_beats_every_negative():
     size = targets.shape[-1]
     negatives = targets.reshape(-1, size)[batch["sampled_negative_indices"].reshape(-1)]
     negatives = negatives.view(*targets.shape[:2], -1, size).permute(2, 0, 1, 3)
-    logits = torch.cosine_similarity(out.projected_states[None],
-                                     torch.cat([targets[None], negatives]), dim=-1)
+    logits = torch.cosine_similarity(
+        out.projected_states[None], torch.cat([targets[None], negatives]), dim=-1
+    )
     logits[1:][(negatives == targets[None]).all(-1)] = float("-inf")
     correct = (logits[:1] > logits[1:]).all(0) & batch["mask_time_indices"]
     assert int(ours["num_correct"]) == int(correct.sum())
@@ -308,8 +335,7 @@ def test_the_gradient_multiplier_leaves_the_forward_exact_in_bf16_and_scales_the
     losses, grads = [], []
     for multiplier in (1.0, 0.1):
         first.grad = None
-        out = PretrainingObjective(model, multiplier).eval()(**batch,
-                                                             temperature=torch.tensor(1.0))
+        out = PretrainingObjective(model, multiplier).eval()(**batch, temperature=torch.tensor(1.0))
         out["loss"].backward()
         losses.append(out["loss"].detach())
         grads.append(first.grad.float().clone())

@@ -24,12 +24,14 @@ from conftest import REPO, SPLIT, folder_bytes, run_tool
 
 TOOL = "tools/make_shards.py"
 # (relative path, rate, channels, seconds, soundfile format, subtype): one of each kind.
-GOOD = [("a16.flac", 16000, 1, 1.5, "FLAC", "PCM_16"),
-        ("sub/b16.wav", 16000, 1, 1.2, "WAV", "PCM_16"),
-        ("sub/c44 stereo.wav", 44100, 2, 1.1, "WAV", "PCM_16"),
-        ("sub/deeper/d.ogg", 22050, 1, 1.3, "OGG", "VORBIS"),
-        ("e.opus", 48000, 1, 1.4, "OGG", "OPUS"),
-        ("f.mp3", 44100, 1, 1.6, "MP3", "MPEG_LAYER_III")]
+GOOD = [
+    ("a16.flac", 16000, 1, 1.5, "FLAC", "PCM_16"),
+    ("sub/b16.wav", 16000, 1, 1.2, "WAV", "PCM_16"),
+    ("sub/c44 stereo.wav", 44100, 2, 1.1, "WAV", "PCM_16"),
+    ("sub/deeper/d.ogg", 22050, 1, 1.3, "OGG", "VORBIS"),
+    ("e.opus", 48000, 1, 1.4, "OGG", "OPUS"),
+    ("f.mp3", 44100, 1, 1.6, "MP3", "MPEG_LAYER_III"),
+]
 
 
 def speechlike(rate: int, seconds: float, channels: int = 1, seed: int = 0) -> np.ndarray:
@@ -52,8 +54,13 @@ def tree(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("own") / "my audio"
     for number, (relative, rate, channels, seconds, fmt, subtype) in enumerate(GOOD):
         (root / relative).parent.mkdir(parents=True, exist_ok=True)
-        sf.write(root / relative, speechlike(rate, seconds, channels, number), rate,
-                 format=fmt, subtype=subtype)
+        sf.write(
+            root / relative,
+            speechlike(rate, seconds, channels, number),
+            rate,
+            format=fmt,
+            subtype=subtype,
+        )
     (root / "broken.flac").write_bytes(np.random.default_rng(1).bytes(4000))
     (root / "sub" / "empty.wav").write_bytes(b"")
     (root / "notes.txt").write_text("not audio")
@@ -93,7 +100,10 @@ def test_folder_of_every_format(tree, tmp_path):
             assert parts["flac"] == path.read_bytes() and meta["converted"] is False
             continue
         assert meta["converted"] and meta["original"] == {
-            "format": fmt, "sample_rate": rate, "channels": channels}
+            "format": fmt,
+            "sample_rate": rate,
+            "channels": channels,
+        }
         want = expected_signal(path)
         assert got.shape == want.shape
         if rate == 16000:  # nothing to resample: every sample as the file has it
@@ -105,7 +115,8 @@ def test_folder_of_every_format(tree, tmp_path):
     assert unreadable.keys() == {str(tree / "broken.flac"), str(tree / "sub" / "empty.wav")}
     assert "empty" in unreadable[str(tree / "sub" / "empty.wav")]
     assert [p["location"] for p in problems["symlink_loop"]["items"]] == [
-        str(tree / "sub" / "deeper" / "up")]
+        str(tree / "sub" / "deeper" / "up")
+    ]
     assert problems["converted"]["count"] == 5 and "no_transcript" not in problems
     assert list(index["splits"]) == ["train"] and index["splits"]["train"]["utterances"] == 6
     assert "skipped: unreadable_audio  2" in proc.stdout
@@ -118,14 +129,21 @@ def test_a_folder_walked_in_pieces_gives_the_whole_walk(tree, monkeypatch):
     assert len(parts) == 3  # two runs of two files at the top, then the folder "sub"
     events = list(source.events())
     assert [e for part in parts for e in source.events(part)] == events
-    relative = [Path(e.path).relative_to(tree).parts for e in events
-                if isinstance(e, AudioFound)]
+    relative = [Path(e.path).relative_to(tree).parts for e in events if isinstance(e, AudioFound)]
     assert relative == sorted(relative) and len(relative) == len(GOOD) + 2
 
 
 def test_ids_are_safe_unique_and_stable():
-    names = ["a.wav", "a.flac", "a/b.wav", "a-b.wav", "A B/ç é.wav", "x" * 300 + ".wav",
-             "../up.wav", ".a.wav"]
+    names = [
+        "a.wav",
+        "a.flac",
+        "a/b.wav",
+        "a-b.wav",
+        "A B/ç é.wav",
+        "x" * 300 + ".wav",
+        "../up.wav",
+        ".a.wav",
+    ]
     ids = [hashed_id(n) for n in names]
     assert len(set(ids)) == len(ids)
     for utt_id in ids:
@@ -172,13 +190,20 @@ def test_lhotse_cuts_inside_longer_recordings(tmp_path):
     sf.write(mono, speechlike(16000, 12.0), 16000)
     sf.write(stereo, speechlike(16000, 6.0, channels=2, seed=3), 16000)
     rec_mono, rec_stereo = Recording.from_file(mono), Recording.from_file(stereo)
-    remote = Recording(id="remote", sampling_rate=16000, num_samples=16000, duration=1.0,
-                       sources=[AudioSource("url", [0], "https://example.com/a.flac")])
-    cuts = [MonoCut("first-cut", 1.0, 2.5, 0, recording=rec_mono),
-            MonoCut("cut.with/odd:id", 5.25, 3.0, 0, recording=rec_mono),
-            MonoCut("right", 2.0, 1.5, 1, recording=rec_stereo),
-            MonoCut("far", 0.0, 1.0, 0, recording=remote),
-            MonoCut("late", 11.0, 3.0, 0, recording=rec_mono)]
+    remote = Recording(
+        id="remote",
+        sampling_rate=16000,
+        num_samples=16000,
+        duration=1.0,
+        sources=[AudioSource("url", [0], "https://example.com/a.flac")],
+    )
+    cuts = [
+        MonoCut("first-cut", 1.0, 2.5, 0, recording=rec_mono),
+        MonoCut("cut.with/odd:id", 5.25, 3.0, 0, recording=rec_mono),
+        MonoCut("right", 2.0, 1.5, 1, recording=rec_stereo),
+        MonoCut("far", 0.0, 1.0, 0, recording=remote),
+        MonoCut("late", 11.0, 3.0, 0, recording=rec_mono),
+    ]
     manifest = tmp_path / "cuts.jsonl.gz"
     CutSet.from_cuts(cuts).to_file(manifest)
     out = tmp_path / "out"
@@ -190,8 +215,9 @@ def test_lhotse_cuts_inside_longer_recordings(tmp_path):
         meta = json.loads(parts["json"])
         path = cut.recording.sources[0].source
         start, length = round(cut.start * 16000), round(cut.duration * 16000)
-        want = sf.read(path, dtype="int16", always_2d=True, start=start,
-                       frames=length)[0][:, cut.channel]
+        want = sf.read(path, dtype="int16", always_2d=True, start=start, frames=length)[0][
+            :, cut.channel
+        ]
         assert np.array_equal(int16(parts["flac"]), want)
         # lhotse's own reading of the cut: the same samples.
         assert np.array_equal(int16(parts["flac"]) / 32768, cut.load_audio()[0])
@@ -210,8 +236,9 @@ def test_lhotse_cuts_inside_longer_recordings(tmp_path):
     for parts in pieces:
         meta = json.loads(parts["json"])
         offset = meta["source_offset"]
-        assert np.array_equal(int16(parts["flac"]),
-                              file_samples[offset:offset + meta["num_samples"]])
+        assert np.array_equal(
+            int16(parts["flac"]), file_samples[offset : offset + meta["num_samples"]]
+        )
     assert json.loads(pieces[0]["json"])["source_offset"] == 16000
     recordings = tmp_path / "recordings.jsonl"
     RecordingSet.from_recordings([rec_mono]).to_file(recordings)
@@ -223,18 +250,34 @@ def test_lhotse_cuts_inside_longer_recordings(tmp_path):
 def test_lhotse_absent_is_one_line_naming_the_pip_command(tmp_path):
     manifest = tmp_path / "cuts.jsonl"
     manifest.write_text("")
-    hide = ("import sys; sys.modules['lhotse'] = None; sys.argv[0] = 'make_shards'; "
-            "from w2v_stream.make_shards import main; sys.exit(main())")
-    proc = subprocess.run([sys.executable, "-c", hide, str(manifest), "--output_dir",
-                           str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True)
+    hide = (
+        "import sys; sys.modules['lhotse'] = None; sys.argv[0] = 'make_shards'; "
+        "from w2v_stream.make_shards import main; sys.exit(main())"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", hide, str(manifest), "--output_dir", str(tmp_path / "o")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "pip install lhotse==" in proc.stderr
 
 
 def test_own_audio_mixed_with_librispeech(tree, corpus, tmp_path):
     out = tmp_path / "out"
-    run_tool(TOOL, corpus / SPLIT, tree, "--output_dir", out, "--split_name", "mine",
-             "--audio_extensions", "wav", "FLAC")
+    run_tool(
+        TOOL,
+        corpus / SPLIT,
+        tree,
+        "--output_dir",
+        out,
+        "--split_name",
+        "mine",
+        "--audio_extensions",
+        "wav",
+        "FLAC",
+    )
     index = shards.read_index(out)
     assert index["splits"][SPLIT]["utterances"] == 12
     assert index["splits"]["mine"]["utterances"] == 3  # the two WAVs and the FLAC

@@ -21,22 +21,53 @@ def installed(tmp_path_factory) -> Path:
     """The wheel built from the checkout, installed (without its dependencies, which this
     environment has) into a folder of its own."""
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(out), str(REPO)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(out),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+    )
     wheel = next(out.glob("w2v_stream-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "w2v_stream/backends/ipu.py" in names and "w2v_stream/backends/ipu_config.py" in names
     target = out / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
-                    str(target), str(wheel)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "-q",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return target
 
 
 def outside(installed: Path, cmd: list, tmp_path: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(installed),
-           "PATH": os.pathsep.join([str(installed / "bin"), os.environ["PATH"]])}
-    return subprocess.run([str(c) for c in cmd], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=600)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(installed),
+        "PATH": os.pathsep.join([str(installed / "bin"), os.environ["PATH"]]),
+    }
+    return subprocess.run(
+        [str(c) for c in cmd], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -46,15 +77,38 @@ def test_each_console_script_runs_from_the_wheel(installed, script, tmp_path):
 
 
 def test_a_tiny_training_run_from_the_installed_wheel(installed, shard_dir, tmp_path):
-    where = outside(installed, [sys.executable, "-c", "import w2v_stream; print(w2v_stream.__file__)"],
-                    tmp_path)
+    where = outside(
+        installed, [sys.executable, "-c", "import w2v_stream; print(w2v_stream.__file__)"], tmp_path
+    )
     assert where.stdout.startswith(str(installed)), where.stdout
-    proc = outside(installed, [
-        installed / "bin" / "w2v-train", "--train_shards", shard_dir, "--output_dir",
-        tmp_path / "run", "--preset", "demo", "--max_train_steps", 2, "--num_warmup_steps", 0,
-        "--per_device_train_batch_size", 2, "--max_duration_in_seconds", 4,
-        "--min_duration_in_seconds", 1, "--num_workers", 0, "--no_tensorboard",
-        "--saving_steps", 2], tmp_path)
+    proc = outside(
+        installed,
+        [
+            installed / "bin" / "w2v-train",
+            "--train_shards",
+            shard_dir,
+            "--output_dir",
+            tmp_path / "run",
+            "--preset",
+            "demo",
+            "--max_train_steps",
+            2,
+            "--num_warmup_steps",
+            0,
+            "--per_device_train_batch_size",
+            2,
+            "--max_duration_in_seconds",
+            4,
+            "--min_duration_in_seconds",
+            1,
+            "--num_workers",
+            0,
+            "--no_tensorboard",
+            "--saving_steps",
+            2,
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "run" / "checkpoint-2" / "model.safetensors").exists()
     report = outside(installed, [installed / "bin" / "w2v-report", tmp_path / "run"], tmp_path)

@@ -16,8 +16,9 @@ def test_plain_lines_carry_counts_hours_and_an_eta_and_the_last_line_none():
     bar.close()
     lines = out.getvalue().splitlines()
     assert len(lines) == 3 and "\r" not in out.getvalue()
-    assert re.fullmatch(r"write: 1/4 utt, 0\.50 h audio, 0:00:\d\d elapsed, ETA 0:00:\d\d",
-                        lines[0]), lines[0]
+    assert re.fullmatch(
+        r"write: 1/4 utt, 0\.50 h audio, 0:00:\d\d elapsed, ETA 0:00:\d\d", lines[0]
+    ), lines[0]
     assert lines[1].startswith("write: 2/4 utt, 0.75 h audio")
     assert lines[2].startswith("write: 2/4 utt") and "ETA" not in lines[2]
 

@@ -17,10 +17,27 @@ from w2v_stream.model import build_model, resolve_config
 
 from conftest import REPO, read_records
 
-TINY = ["--max_train_steps", "2", "--num_warmup_steps", "0", "--gradient_accumulation_steps",
-        "1", "--per_device_train_batch_size", "2", "--max_duration_in_seconds", "4",
-        "--num_buckets", "2", "--num_workers", "0", "--no_tensorboard", "--saving_steps", "2",
-        "--logging_steps", "1"]
+TINY = [
+    "--max_train_steps",
+    "2",
+    "--num_warmup_steps",
+    "0",
+    "--gradient_accumulation_steps",
+    "1",
+    "--per_device_train_batch_size",
+    "2",
+    "--max_duration_in_seconds",
+    "4",
+    "--num_buckets",
+    "2",
+    "--num_workers",
+    "0",
+    "--no_tensorboard",
+    "--saving_steps",
+    "2",
+    "--logging_steps",
+    "1",
+]
 
 
 def speech_like(seconds: float, seed: int) -> np.ndarray:
@@ -34,9 +51,14 @@ def speech_like(seconds: float, seed: int) -> np.ndarray:
 
 def recipe(script: str, env: dict, *flags: str) -> subprocess.CompletedProcess:
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
-    proc = subprocess.run(["bash", f"recipes/{script}", *flags], cwd=REPO, text=True,
-                          capture_output=True, timeout=900,
-                          env={**os.environ, "PATH": path, "SHARD_WORKERS": "1", **env})
+    proc = subprocess.run(
+        ["bash", f"recipes/{script}", *flags],
+        cwd=REPO,
+        text=True,
+        capture_output=True,
+        timeout=900,
+        env={**os.environ, "PATH": path, "SHARD_WORKERS": "1", **env},
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -56,8 +78,11 @@ def test_continue_recipe_shards_your_audio_and_trains_from_a_saved_model(my_audi
     init = tmp_path / "released"
     build_model(resolve_config("demo", None, {})).save_pretrained(init)
     work = tmp_path / "work"
-    proc = recipe("continue.sh", {"AUDIO": str(my_audio), "EVAL_AUDIO": str(my_audio),
-                                  "INIT": str(init), "WORK": str(work)}, *TINY)
+    proc = recipe(
+        "continue.sh",
+        {"AUDIO": str(my_audio), "EVAL_AUDIO": str(my_audio), "INIT": str(init), "WORK": str(work)},
+        *TINY,
+    )
     assert (work / "model" / "checkpoint-2" / "model.safetensors").exists()
     assert (work / "model" / "report.png").stat().st_size > 10_000
     records = read_records(work / "model" / "metrics.jsonl")
@@ -72,10 +97,19 @@ def test_continue_recipe_shards_your_audio_and_trains_from_a_saved_model(my_audi
 def test_pretrain_launches_torchrun_when_nproc_is_above_one(my_audio, tmp_path):
     work = tmp_path / "work"
     flags = "--preset demo " + " ".join(TINY)
-    proc = recipe("pretrain.sh", {"RECIPE": "ddp", "TRAIN_INPUTS": str(my_audio),
-                                  "WORK": str(work), "TRAIN_FLAGS": flags, "NPROC": "2",
-                                  "MASTER_PORT": "29531", "OMP_NUM_THREADS": "1",
-                                  "BACKEND": "cpu"})
+    proc = recipe(
+        "pretrain.sh",
+        {
+            "RECIPE": "ddp",
+            "TRAIN_INPUTS": str(my_audio),
+            "WORK": str(work),
+            "TRAIN_FLAGS": flags,
+            "NPROC": "2",
+            "MASTER_PORT": "29531",
+            "OMP_NUM_THREADS": "1",
+            "BACKEND": "cpu",
+        },
+    )
     text = proc.stdout + proc.stderr
     assert "rank 0 finished at update 2" in text and "rank 1 finished at update 2" in text
     state = json.loads((work / "model" / "checkpoint-2" / "trainer_state.json").read_text())

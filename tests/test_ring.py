@@ -19,8 +19,10 @@ from w2v_stream.ring import BatchRing, check_shared_memory
 from conftest import REPO
 
 # Two buckets: the ring sizes every slot for the larger of each array.
-LAYOUTS = [{"input_values": ((4, 500), np.float32), "negatives": ((4, 2, 3), np.int32)},
-           {"input_values": ((2, 1000), np.float32), "negatives": ((2, 4, 0), np.int32)}]
+LAYOUTS = [
+    {"input_values": ((4, 500), np.float32), "negatives": ((4, 2, 3), np.int32)},
+    {"input_values": ((2, 1000), np.float32), "negatives": ((2, 4, 0), np.int32)},
+]
 
 
 def test_worker_slots_are_reused_and_waited_for():
@@ -30,8 +32,7 @@ def test_worker_slots_are_reused_and_waited_for():
     values = writer("input_values", (2, 1000), np.float32)
     values[1, 5] = 2.5
     first = writer.handed_over({"input_values": values, "bucket": 1})
-    assert (first.slot, first.shapes, first.info) == (0, {"input_values": (2, 1000)},
-                                                      {"bucket": 1})
+    assert (first.slot, first.shapes, first.info) == (0, {"input_values": (2, 1000)}, {"bucket": 1})
     writer.acquire()
     assert writer.slot == 1 and ring.busy.tolist() == [[1, 1]]
     threading.Timer(0.2, lambda: ring.take(first)).start()  # the trainer copies slot 0 out
@@ -57,8 +58,7 @@ def test_a_batch_takes_its_slot_with_its_first_array_and_a_release_frees_it():
     values[:] = 1.5
     batch = writer.handed_over({"input_values": values, "negatives": negatives})
     assert (batch.worker, batch.slot) == (1, 0) and ring.busy.tolist() == [[0, 0], [1, 0]]
-    second = writer.handed_over({"input_values": writer("input_values", (2, 1000),
-                                                        np.float32)})
+    second = writer.handed_over({"input_values": writer("input_values", (2, 1000), np.float32)})
     assert second.slot == 1 and ring.busy.tolist() == [[0, 0], [1, 1]]
     ring.release(second)  # given back without a copy
     assert ring.busy.tolist() == [[0, 0], [1, 0]]
@@ -104,9 +104,14 @@ def test_a_worker_waiting_for_a_slot_stops_when_the_trainer_is_gone(tmp_path):
     script, said = tmp_path / "orphan.py", tmp_path / "said.txt"
     script.write_text(ORPHAN)
     with open(tmp_path / "log.txt", "w") as log:  # no pipe for the orphan to hold open
-        proc = subprocess.Popen([sys.executable, str(script), str(said)], cwd=REPO,
-                                env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log,
-                                stderr=log, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(said)],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
     try:
         assert proc.wait(timeout=60) == 0, (tmp_path / "log.txt").read_text()
         deadline = time.monotonic() + 20

@@ -15,19 +15,22 @@ from w2v_stream.rundir import OutputDirBusy, lock_output_dir
 
 REPO = Path(__file__).resolve().parents[1]
 # Takes the lock, then forks a child as a "fork" DataLoader starts its workers.
-HOLD = ("import multiprocessing, sys, time\n"
-        "from w2v_stream.rundir import lock_output_dir\n"
-        "lock = lock_output_dir(sys.argv[1])\n"
-        "worker = multiprocessing.get_context('fork').Process(target=time.sleep, args=(600,))\n"
-        "worker.start()\n"
-        "print(worker.pid, flush=True)\n"
-        "time.sleep(600)\n")
+HOLD = (
+    "import multiprocessing, sys, time\n"
+    "from w2v_stream.rundir import lock_output_dir\n"
+    "lock = lock_output_dir(sys.argv[1])\n"
+    "worker = multiprocessing.get_context('fork').Process(target=time.sleep, args=(600,))\n"
+    "worker.start()\n"
+    "print(worker.pid, flush=True)\n"
+    "time.sleep(600)\n"
+)
 
 
 def test_a_second_trainer_is_refused_until_the_first_is_killed(tmp_path):
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], cwd=REPO,
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
     worker = int(holder.stdout.readline())
     try:
         with pytest.raises(OutputDirBusy) as raised:
@@ -42,8 +45,10 @@ def test_a_second_trainer_is_refused_until_the_first_is_killed(tmp_path):
         assert f" {holder.pid} " in (out / ".lock").read_text()
         os.kill(worker, 0)
         with lock_output_dir(out) as lock:
-            assert (out / ".lock").read_text().split()[:2] == [socket.gethostname(),
-                                                                str(os.getpid())]
+            assert (out / ".lock").read_text().split()[:2] == [
+                socket.gethostname(),
+                str(os.getpid()),
+            ]
             assert lock.path == out / ".lock"
     finally:
         holder.kill()

@@ -33,7 +33,7 @@ def bursts_with_pauses(seconds: float, seed: int = 0) -> tuple[np.ndarray, list[
         pieces += [burst, pause.astype(np.float32)]
         pauses.append((length + burst.size, length + burst.size + pause.size))
         length += burst.size + pause.size
-    return np.concatenate(pieces)[:int(seconds * RATE)], pauses
+    return np.concatenate(pieces)[: int(seconds * RATE)], pauses
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +49,16 @@ def recording(tmp_path_factory) -> tuple[Path, list[tuple[int, int]]]:
 def test_pieces_are_cut_in_pauses_and_lose_nothing(recording, tmp_path):
     path, pauses = recording
     out = tmp_path / "out"
-    run_tool(TOOL, path.parent, "--output_dir", out, "--max_segment_seconds", "20",
-             "--min_duration_in_seconds", "2")
+    run_tool(
+        TOOL,
+        path.parent,
+        "--output_dir",
+        out,
+        "--max_segment_seconds",
+        "20",
+        "--min_duration_in_seconds",
+        "2",
+    )
     pieces = [(json.loads(p["json"]), p["flac"]) for _, p in sorted(read_all(out).items())]
     decoded = sf.read(str(path), dtype="int16")[0]
     base = hashed_id("three minutes.flac")
@@ -95,8 +103,9 @@ def test_a_piece_too_short_is_dropped_and_counted():
     # Where the rest leaves room, cuts keep the last piece long enough rather than drop it.
     for total in (19.0, 25.0, 29.5):
         roomy = segment.cut(speechlike(RATE, total)[:, 0], rule)
-        assert not roomy.dropped and all(8 * RATE <= s.stop - s.start <= 10 * RATE
-                                         for s in roomy.kept)
+        assert not roomy.dropped and all(
+            8 * RATE <= s.stop - s.start <= 10 * RATE for s in roomy.kept
+        )
 
 
 def test_dropped_pieces_are_reported_in_hours(tmp_path):
@@ -104,8 +113,16 @@ def test_dropped_pieces_are_reported_in_hours(tmp_path):
     folder.mkdir()
     sf.write(folder / "long.wav", speechlike(RATE, 21.0), RATE)
     out = tmp_path / "out"
-    run_tool(TOOL, folder, "--output_dir", out, "--max_segment_seconds", "10",
-             "--min_duration_in_seconds", "8")
+    run_tool(
+        TOOL,
+        folder,
+        "--output_dir",
+        out,
+        "--max_segment_seconds",
+        "10",
+        "--min_duration_in_seconds",
+        "8",
+    )
     index = shards.read_index(out)
     dropped = index["problems"]["short_piece"]
     assert dropped["count"] == 1 and not dropped["kept"] and dropped["hours"] > 0
@@ -115,14 +132,27 @@ def test_dropped_pieces_are_reported_in_hours(tmp_path):
 
 def test_librispeech_long_utterance_pieces_from_folder_and_archive(corpus_copy, tmp_path):
     chapter = sorted(p for p in corpus_copy.glob("*/*") if p.is_dir())[0]
-    sf.write(chapter / f"{chapter.parent.name}-{chapter.name}-0100.wav",
-             speechlike(44100, 50.0, channels=2), 44100)
+    sf.write(
+        chapter / f"{chapter.parent.name}-{chapter.name}-0100.wav",
+        speechlike(44100, 50.0, channels=2),
+        44100,
+    )
     archive = write_openslr_archive(corpus_copy.parent, SPLIT, tmp_path / f"{SPLIT}.tar.gz")
     outs = []
     for name, source in (("folder", corpus_copy), ("archive", archive)):
         outs.append(tmp_path / name)
-        run_tool(TOOL, source, "--output_dir", outs[-1], "--max_segment_seconds", "20",
-                 "--samples_per_shard", "3", "--max_buffer_bytes", "100000")
+        run_tool(
+            TOOL,
+            source,
+            "--output_dir",
+            outs[-1],
+            "--max_segment_seconds",
+            "20",
+            "--samples_per_shard",
+            "3",
+            "--max_buffer_bytes",
+            "100000",
+        )
     from_folder, from_archive = read_all(outs[0]), read_all(outs[1])
     assert from_folder.keys() == from_archive.keys()
     for key, parts in from_folder.items():  # the same, but where each came from
@@ -131,8 +161,11 @@ def test_librispeech_long_utterance_pieces_from_folder_and_archive(corpus_copy, 
         sources = meta.pop("source", None), other.pop("source", None)
         assert meta == other
         member = f"{chapter.relative_to(corpus_copy)}/{key[:-6]}.wav"
-        assert sources == ((str(corpus_copy / member), f"{archive}:LibriSpeech/{SPLIT}/{member}")
-                           if "source_offset" in meta else (None, None))
+        assert sources == (
+            (str(corpus_copy / member), f"{archive}:LibriSpeech/{SPLIT}/{member}")
+            if "source_offset" in meta
+            else (None, None)
+        )
     metas = [json.loads(p["json"]) for p in from_folder.values()]
     pieces = [m for m in metas if "source_offset" in m]
     assert len(pieces) == 3 and sum(m["num_samples"] for m in pieces) == 50 * RATE
@@ -146,11 +179,22 @@ def test_shuffled_pieces_stay_together_in_order(recording, tmp_path):
     (folder / path.name).symlink_to(path)
     sf.write(folder / "short.wav", speechlike(RATE, 3.0), RATE)
     out = tmp_path / "out"
-    run_tool(TOOL, folder, "--output_dir", out, "--max_segment_seconds", "20",
-             "--shuffle", "--seed", "1", "--samples_per_shard", "4")
+    run_tool(
+        TOOL,
+        folder,
+        "--output_dir",
+        out,
+        "--max_segment_seconds",
+        "20",
+        "--shuffle",
+        "--seed",
+        "1",
+        "--samples_per_shard",
+        "4",
+    )
     ids = list(read_all(out))
     base = hashed_id("three minutes.flac")
     pieces = [i for i in ids if i.startswith(base)]
     assert len(pieces) > 4 and pieces == sorted(pieces)
     first = ids.index(pieces[0])
-    assert ids[first:first + len(pieces)] == pieces
+    assert ids[first : first + len(pieces)] == pieces

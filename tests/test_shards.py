@@ -13,13 +13,24 @@ from w2v_stream import shards
 
 
 def _meta(utt_id: str, n: int) -> bytes:
-    return shards.encode_metadata({"id": utt_id, "speaker_id": 1, "chapter_id": 2,
-                                   "split": "dev-clean", "text": "HI", "sample_rate": 16000,
-                                   "num_samples": n, "duration": n / 16000})
+    return shards.encode_metadata(
+        {
+            "id": utt_id,
+            "speaker_id": 1,
+            "chapter_id": 2,
+            "split": "dev-clean",
+            "text": "HI",
+            "sample_rate": 16000,
+            "num_samples": n,
+            "duration": n / 16000,
+        }
+    )
 
 
-SAMPLES = [("1-2-0000", b"x" * 1000, _meta("1-2-0000", 10), 10),
-           ("1-2-0001", b"y" * 513, _meta("1-2-0001", 20), 20)]
+SAMPLES = [
+    ("1-2-0000", b"x" * 1000, _meta("1-2-0000", 10), 10),
+    ("1-2-0001", b"y" * 513, _meta("1-2-0001", 20), 20),
+]
 
 
 @pytest.mark.parametrize("bad", ["../x", "a/b", "a.b", "", "a\0b", "-rf", "x" * 81, ".."])
@@ -47,8 +58,12 @@ def test_plain_tarfile_and_our_reader_agree(tmp_path):
     shards.write_shard(tmp_path / "s.tar", iter(SAMPLES), 16000)
     with tarfile.open(tmp_path / "s.tar") as tar:
         members = tar.getmembers()
-        assert [m.name for m in members] == ["1-2-0000.flac", "1-2-0000.json",
-                                             "1-2-0001.flac", "1-2-0001.json"]
+        assert [m.name for m in members] == [
+            "1-2-0000.flac",
+            "1-2-0000.json",
+            "1-2-0001.flac",
+            "1-2-0001.json",
+        ]
         assert all(m.mtime == 0 and m.uname == "" and m.mode == 0o644 for m in members)
     with open(tmp_path / "s.tar", "rb") as f:
         got = list(shards.iter_samples(f))
@@ -70,8 +85,9 @@ def test_reader_refuses_path_traversal_members():
         info.size = 1
         tar.addfile(info, io.BytesIO(b"x"))
     buf.seek(0)
-    with pytest.raises(shards.ShardFormatError, match=(
-            r"^s\.tar: member '\.\./\.\./etc/passwd\.flac': unsafe")):
+    with pytest.raises(
+        shards.ShardFormatError, match=(r"^s\.tar: member '\.\./\.\./etc/passwd\.flac': unsafe")
+    ):
         list(shards.iter_samples(buf, "s.tar"))
 
 
@@ -95,14 +111,17 @@ def test_index_round_trip_and_version_check(tmp_path):
         shards.read_index(tmp_path / "missing")
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"format_version": 99}, "version 99, expected 'w2v_stream.shards' version 1"),
-    ({"format": "webdataset"}, "format 'webdataset' version 1, expected"),
-    ({"sample_rate": None}, "sample_rate None"),
-    ({"shards": None}, "'shards' is missing"),
-    ({"totals": {}}, "'totals' is missing"),
-    ({"shards": [{"file": "shard-000000.tar"}]}, "shards\\[0\\]: 'num_utterances' is missing"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"format_version": 99}, "version 99, expected 'w2v_stream.shards' version 1"),
+        ({"format": "webdataset"}, "format 'webdataset' version 1, expected"),
+        ({"sample_rate": None}, "sample_rate None"),
+        ({"shards": None}, "'shards' is missing"),
+        ({"totals": {}}, "'totals' is missing"),
+        ({"shards": [{"file": "shard-000000.tar"}]}, "shards\\[0\\]: 'num_utterances' is missing"),
+    ],
+)
 def test_every_bad_index_is_refused_naming_the_file(tmp_path, change, message):
     index = {**_index(tmp_path), **change}
     path = tmp_path / shards.INDEX_NAME
@@ -116,10 +135,12 @@ def test_every_bad_index_is_refused_naming_the_file(tmp_path, change, message):
 
 
 def test_shard_entries_are_plain_file_names_with_consistent_counts(tmp_path):
-    for entry, message in [({"file": "../../etc/passwd.tar"}, "not a plain file name"),
-                           ({"file": "/abs.tar"}, "not a plain file name"),
-                           ({"num_samples": [10]}, "1 num_samples for 2 utterances"),
-                           ({"num_samples": [10, "x"]}, "other than counts")]:
+    for entry, message in [
+        ({"file": "../../etc/passwd.tar"}, "not a plain file name"),
+        ({"file": "/abs.tar"}, "not a plain file name"),
+        ({"num_samples": [10]}, "1 num_samples for 2 utterances"),
+        ({"num_samples": [10, "x"]}, "other than counts"),
+    ]:
         index = _index(tmp_path)
         index["shards"][0].update(entry)
         with pytest.raises(shards.ShardFormatError, match=message):
@@ -137,11 +158,13 @@ def test_bad_json_and_non_objects_name_the_file(tmp_path):
 def test_check_sample_reasons():
     flac, meta = SAMPLES[0][1], SAMPLES[0][2]
     assert shards.check_sample({"flac": flac, "json": meta, "txt": b"extra"}, 10) == flac
-    for parts, expected, reason in [(None, 10, "missing_sample"),
-                                    ({"flac": flac}, 10, "missing_member"),
-                                    ({"flac": flac, "json": b"{"}, 10, "bad_metadata"),
-                                    ({"flac": flac, "json": b"[]"}, 10, "index_mismatch"),
-                                    ({"flac": flac, "json": meta}, 11, "index_mismatch")]:
+    for parts, expected, reason in [
+        (None, 10, "missing_sample"),
+        ({"flac": flac}, 10, "missing_member"),
+        ({"flac": flac, "json": b"{"}, 10, "bad_metadata"),
+        ({"flac": flac, "json": b"[]"}, 10, "index_mismatch"),
+        ({"flac": flac, "json": meta}, 11, "index_mismatch"),
+    ]:
         with pytest.raises(shards.BadSample) as caught:
             shards.check_sample(parts, expected)
         assert caught.value.reason == reason
@@ -156,8 +179,9 @@ def test_the_loader_uses_the_same_sample_check():
     assert stream.check_utterance is shards.check_sample
 
 
-@pytest.mark.parametrize("name,size", [("1-2-0000.flac", 12345), ("x.json", 0),
-                                       ("a" * 80 + ".flac", 8 ** 11 - 1)])
+@pytest.mark.parametrize(
+    "name,size", [("1-2-0000.flac", 12345), ("x.json", 0), ("a" * 80 + ".flac", 8**11 - 1)]
+)
 def test_direct_header_is_what_tarfile_writes(name, size):
     info = tarfile.TarInfo(name)
     info.size, info.mode, info.mtime, info.uid, info.gid = size, 0o644, 0, 0, 0
@@ -187,7 +211,7 @@ def test_truncated_or_damaged_tar_raises_after_the_good_samples(tmp_path):
     data = (tmp_path / "s.tar").read_bytes()
     got = []
     with pytest.raises(shards.ShardFormatError, match="truncated"):
-        for key, _ in shards.iter_samples(io.BytesIO(data[:2 * 512 + 1024 + 700])):
+        for key, _ in shards.iter_samples(io.BytesIO(data[: 2 * 512 + 1024 + 700])):
             got.append(key)
     assert got == ["1-2-0000"]
     damaged = bytearray(data)
@@ -204,7 +228,7 @@ def test_short_reads_from_a_network_stream_are_not_truncation(tmp_path):
             self.data, self.pos = data, 0
 
         def read(self, n=-1):
-            chunk = self.data[self.pos:self.pos + min(n if n >= 0 else 300, 300)]
+            chunk = self.data[self.pos : self.pos + min(n if n >= 0 else 300, 300)]
             self.pos += len(chunk)
             return chunk
 

@@ -29,10 +29,13 @@ def _edit_index(folder: Path, **changes) -> Path:
     return path
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"format_version": 99}, "version 99, expected"),
-    ({"format": "something.else"}, "format 'something.else' version 1, expected"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"format_version": 99}, "version 99, expected"),
+        ({"format": "something.else"}, "format 'something.else' version 1, expected"),
+    ],
+)
 def test_loader_refuses_an_index_verify_refuses(shard_dir, tmp_path, change, message):
     from w2v_stream import convert
 
@@ -86,8 +89,10 @@ def test_failing_pipe_command_is_a_source_error_with_its_stderr(tmp_path):
     assert str(err.value).startswith(f"pipe:cat {tmp_path}/index.json: ")
     with pytest.raises(SourceError, match="cannot start 'no-such-command-here'"):
         sources.open_url("pipe:no-such-command-here x", allow_pipe=True)
-    failing = (f"pipe:{sys.executable} -c \"import sys; sys.stdout.write('x' * 100); "
-               f"sys.stderr.write('boom'); sys.exit(3)\"")
+    failing = (
+        f"pipe:{sys.executable} -c \"import sys; sys.stdout.write('x' * 100); "
+        f"sys.stderr.write('boom'); sys.exit(3)\""
+    )
     with sources.open_url(failing, allow_pipe=True) as f:
         assert f.read(10) == b"x" * 10
         with pytest.raises(SourceError, match="status 3: boom"):
@@ -95,8 +100,10 @@ def test_failing_pipe_command_is_a_source_error_with_its_stderr(tmp_path):
 
 
 def test_a_pipe_closed_early_ends_its_command(shard_dir):
-    url = f"pipe:{sys.executable} -c \"import sys, time; sys.stdout.write('x'); " \
-          f"sys.stdout.flush(); time.sleep(60)\""
+    url = (
+        f"pipe:{sys.executable} -c \"import sys, time; sys.stdout.write('x'); "
+        f'sys.stdout.flush(); time.sleep(60)"'
+    )
     with sources.open_url(url, allow_pipe=True) as f:
         assert f.read(1) == b"x"
         proc = f._proc
@@ -113,10 +120,18 @@ def test_streaming_loader_reads_pipe_shards_like_local_ones(shard_dir):
     def batches(spec, allow_pipe):
         shard_list = sources.resolve(spec, allow_pipe=allow_pipe)
         lengths = [n for shard in shard_list.lengths for n in shard]
-        plan = buckets.make_plan(lengths, "pad", 3, batch_size=2, min_samples=16_000,
-                                 max_samples=16_000 * 16)
-        config = StreamConfig(shard_list, plan, shuffle_seconds=30.0, round_items=4,
-                              passes_per_epoch=1, num_negatives=20, allow_pipe=allow_pipe)
+        plan = buckets.make_plan(
+            lengths, "pad", 3, batch_size=2, min_samples=16_000, max_samples=16_000 * 16
+        )
+        config = StreamConfig(
+            shard_list,
+            plan,
+            shuffle_seconds=30.0,
+            round_items=4,
+            passes_per_epoch=1,
+            num_negatives=20,
+            allow_pipe=allow_pipe,
+        )
         out = []
         for batch in StreamingLoader(config, num_workers=0):
             out.append(batch)
@@ -142,4 +157,4 @@ def test_missing_and_truncated_shards_are_named(shard_dir, tmp_path):
     with open(folder / "shard-000002.tar", "rb") as f, pytest.raises(
         ShardFormatError, match=r"shard-000002\.tar: truncated"
     ):
-            list(shards.iter_samples(f, str(folder / "shard-000002.tar")))
+        list(shards.iter_samples(f, str(folder / "shard-000002.tar")))

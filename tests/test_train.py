@@ -24,22 +24,47 @@ from w2v_stream.model import PretrainingObjective, build_model, resolve_config
 
 from conftest import CPU_HALF_CONV, REPO, read_records
 
-FAST = ["--preset", "demo", "--per_device_train_batch_size", "2", "--max_duration_in_seconds",
-        "4", "--min_duration_in_seconds", "1", "--num_buckets", "2", "--num_workers", "1",
-        "--learning_rate", "1e-3", "--num_warmup_steps", "2", "--no_tensorboard"]
+FAST = [
+    "--preset",
+    "demo",
+    "--per_device_train_batch_size",
+    "2",
+    "--max_duration_in_seconds",
+    "4",
+    "--min_duration_in_seconds",
+    "1",
+    "--num_buckets",
+    "2",
+    "--num_workers",
+    "1",
+    "--learning_rate",
+    "1e-3",
+    "--num_warmup_steps",
+    "2",
+    "--no_tensorboard",
+]
 
 
 def train_cmd(shards, out, *extra) -> list[str]:
-    return [sys.executable, "-m", "w2v_stream.train", "--train_shards", str(shards),
-            "--output_dir", str(out), *FAST, *map(str, extra)]
+    return [
+        sys.executable,
+        "-m",
+        "w2v_stream.train",
+        "--train_shards",
+        str(shards),
+        "--output_dir",
+        str(out),
+        *FAST,
+        *map(str, extra),
+    ]
 
 
 def run(cmd, check=True, env=None) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
-                          env=env)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return proc
 
 
@@ -50,28 +75,53 @@ def losses(out: Path) -> dict[int, float]:
 
 def test_train_eval_checkpoint_and_load_with_transformers(shard_dir, tmp_path):
     out = tmp_path / "run"
-    proc = run(train_cmd(shard_dir, out, "--max_train_steps", 6, "--logging_steps", 1,
-                         "--saving_steps", 3, "--save_total_limit", 1, "--eval_shards",
-                         shard_dir))
+    proc = run(
+        train_cmd(
+            shard_dir,
+            out,
+            "--max_train_steps",
+            6,
+            "--logging_steps",
+            1,
+            "--saving_steps",
+            3,
+            "--save_total_limit",
+            1,
+            "--eval_shards",
+            shard_dir,
+        )
+    )
     assert re.search(r"step +6 \| loss [0-9.]+ \| contrastive", proc.stdout)
     records = read_records(out / "metrics.jsonl")
     train = [r for r in records if "loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
-    for key in ("contrastive_loss", "diversity_loss", "feature_penalty", "accuracy",
-                "percent_masked", "code_perplexity",
-                "prob_perplexity", "lr", "temperature", "grad_norm", "padding_efficiency",
-                "audio_seconds_per_second"):
+    for key in (
+        "contrastive_loss",
+        "diversity_loss",
+        "feature_penalty",
+        "accuracy",
+        "percent_masked",
+        "code_perplexity",
+        "prob_perplexity",
+        "lr",
+        "temperature",
+        "grad_norm",
+        "padding_efficiency",
+        "audio_seconds_per_second",
+    ):
         assert all(np.isfinite(r[key]) for r in train), key
     assert train[0]["temperature"] == 2.0 and train[-1]["temperature"] < 2.0
     assert 30 < train[-1]["percent_masked"] < 70
     assert sorted(r["step"] for r in records if "eval_loss" in r) == [0, 3, 6]
     evals = [r for r in records if "eval_loss" in r]
-    assert all(r["eval_utterances"] == 2 * 2 * 3 and r["eval_bad_utterances"] == 0
-               for r in evals)  # every utterance of the held-out set, each eval
+    assert all(
+        r["eval_utterances"] == 2 * 2 * 3 and r["eval_bad_utterances"] == 0 for r in evals
+    )  # every utterance of the held-out set, each eval
     assert all(0 <= r["accuracy"] <= 1 and r["feature_penalty"] > 0 for r in train)
     assert all(0 <= r["eval_accuracy"] <= 1 for r in evals)
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-6"]  # rotated
     from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2ForPreTraining, Wav2Vec2Model
+
     ckpt = out / "checkpoint-6"
     assert (ckpt / "model.safetensors").exists()
     Wav2Vec2ForPreTraining.from_pretrained(ckpt)
@@ -89,8 +139,12 @@ def test_sigkill_then_resume_gives_identical_losses(shard_dir, tmp_path):
     whole = tmp_path / "whole"
     run(train_cmd(shard_dir, whole, *args))
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(shard_dir, killed, *args), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        train_cmd(shard_dir, killed, *args),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while not (killed / "checkpoint-4").exists() and time.time() < deadline:
         time.sleep(0.05)
@@ -103,16 +157,21 @@ def test_sigkill_then_resume_gives_identical_losses(shard_dir, tmp_path):
     records = read_records(killed / "metrics.jsonl")
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 9))  # each step once
     assert [r["run"]["resumed_from"] for r in records if "run" in r] == [
-        None, str(killed / "checkpoint-4")]
+        None,
+        str(killed / "checkpoint-4"),
+    ]
 
 
 @pytest.mark.slow
 def test_a_second_trainer_on_the_same_output_dir_exits_naming_the_first(shard_dir, tmp_path):
     out = tmp_path / "run"
-    first = subprocess.Popen(train_cmd(shard_dir, out, "--max_train_steps", 10_000,
-                                       "--saving_steps", 10_000),
-                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
+    first = subprocess.Popen(
+        train_cmd(shard_dir, out, "--max_train_steps", 10_000, "--saving_steps", 10_000),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 300
     while not (out / "train_config.json").exists() and time.time() < deadline:
         time.sleep(0.05)
@@ -132,16 +191,19 @@ def _with_audio_garbled(shards: Path, dest: Path) -> Path:
         with tarfile.open(path) as tar:
             for member in tar.getmembers():
                 if member.name.endswith(".flac"):  # all but the FLAC header
-                    data[member.offset_data + 100:member.offset_data + member.size] = \
-                        b"\x5a" * (member.size - 100)
+                    data[member.offset_data + 100 : member.offset_data + member.size] = b"\x5a" * (
+                        member.size - 100
+                    )
         path.write_bytes(bytes(data))
     return dest
 
 
 def test_an_eval_set_that_reads_nothing_stops_the_run_naming_the_shards(shard_dir, tmp_path):
     bad = _with_audio_garbled(shard_dir, tmp_path / "bad")
-    proc = run(train_cmd(shard_dir, tmp_path / "run", "--max_train_steps", 2, "--eval_shards",
-                         bad), check=False)
+    proc = run(
+        train_cmd(shard_dir, tmp_path / "run", "--max_train_steps", 2, "--eval_shards", bad),
+        check=False,
+    )
     assert proc.returncode == 1 and "eval read no utterance" in proc.stderr, proc.stderr
     assert str(bad / "shard-000000.tar") in proc.stderr and "Traceback" not in proc.stderr
     assert not list((tmp_path / "run").glob("checkpoint-*"))
@@ -152,24 +214,31 @@ def test_training_on_unreadable_audio_stops_before_any_update(shard_dir, tmp_pat
     proc = run(train_cmd(bad, tmp_path / "run", "--max_train_steps", 20), check=False)
     assert proc.returncode == 1 and "shard-0000" in proc.stderr, proc.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or not [
-        line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+        line
+        for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in line
+    ]
 
 
 @pytest.mark.slow
-def test_resume_latest_skips_a_damaged_checkpoint_and_a_named_one_is_an_error(shard_dir,
-                                                                           tmp_path):
+def test_resume_latest_skips_a_damaged_checkpoint_and_a_named_one_is_an_error(shard_dir, tmp_path):
     out = tmp_path / "run"
     run(train_cmd(shard_dir, out, "--max_train_steps", 4, "--saving_steps", 2))
     weights = out / "checkpoint-4" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-100:-90] = b"\xff" * 10  # bytes flipped in place, size unchanged
     weights.write_bytes(bytes(data))
-    named = run(train_cmd(shard_dir, out, "--max_train_steps", 6, "--resume_from_checkpoint",
-                          out / "checkpoint-4"), check=False)
+    named = run(
+        train_cmd(
+            shard_dir, out, "--max_train_steps", 6, "--resume_from_checkpoint", out / "checkpoint-4"
+        ),
+        check=False,
+    )
     assert named.returncode == 1 and "model.safetensors" in named.stderr, named.stderr
     assert "Traceback" not in named.stderr
-    latest = run(train_cmd(shard_dir, out, "--max_train_steps", 6, "--resume_from_checkpoint",
-                           "latest"))
+    latest = run(
+        train_cmd(shard_dir, out, "--max_train_steps", 6, "--resume_from_checkpoint", "latest")
+    )
     assert "WARNING: skipping checkpoint-4" in latest.stdout + latest.stderr
     assert f"resumed from {out / 'checkpoint-2'} at update 2" in latest.stdout
     assert (out / "checkpoint-6").is_dir()
@@ -178,12 +247,15 @@ def test_resume_latest_skips_a_damaged_checkpoint_and_a_named_one_is_an_error(sh
 def test_a_full_disk_at_a_save_names_the_file_and_leaves_no_partial_folder(shard_dir, tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(disk)],
-                      capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(disk)], capture_output=True
+    ).returncode:
         pytest.skip("cannot mount a tmpfs here")
     try:
-        proc = run(train_cmd(shard_dir, disk / "run", "--max_train_steps", 2,
-                             "--saving_steps", 2), check=False)
+        proc = run(
+            train_cmd(shard_dir, disk / "run", "--max_train_steps", 2, "--saving_steps", 2),
+            check=False,
+        )
         assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
         assert "could not write" in proc.stderr and "No space left" in proc.stderr
         assert "Traceback" not in proc.stderr and not list((disk / "run").glob("checkpoint-*"))
@@ -198,11 +270,25 @@ def test_a_signal_to_the_whole_process_group_saves_and_exits_0(shard_dir, tmp_pa
     # What `timeout`, `kill -TERM -PGID`, Slurm's scancel and Ctrl-C do: every process of the
     # group gets the signal, loader workers included.
     out = tmp_path / "run"
-    proc = subprocess.Popen(train_cmd(shard_dir, out, "--max_train_steps", 10_000,
-                                      "--logging_steps", 1, "--saving_steps", 10_000,
-                                      "--num_workers", 2),
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        train_cmd(
+            shard_dir,
+            out,
+            "--max_train_steps",
+            10_000,
+            "--logging_steps",
+            1,
+            "--saving_steps",
+            10_000,
+            "--num_workers",
+            2,
+        ),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     while not (out / "metrics.jsonl").exists() and time.time() < deadline:
         time.sleep(0.05)
@@ -244,11 +330,36 @@ def test_two_ranks_take_the_same_steps_and_end_identical(shard_dir, tmp_path):
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
     logs = tmp_path / "logs"  # one stdout file per rank: printed together, lines interleave
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", port, "--log_dir", logs,
-           "--redirects", "1", "-m", "w2v_stream.train", "--train_shards", str(shard_dir),
-           "--output_dir", str(out), *FAST, "--max_train_steps", 4, "--logging_steps", 1,
-           "--saving_steps", 4, "--gradient_accumulation_steps", 2]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        port,
+        "--log_dir",
+        logs,
+        "--redirects",
+        "1",
+        "-m",
+        "w2v_stream.train",
+        "--train_shards",
+        str(shard_dir),
+        "--output_dir",
+        str(out),
+        *FAST,
+        "--max_train_steps",
+        4,
+        "--logging_steps",
+        1,
+        "--saving_steps",
+        4,
+        "--gradient_accumulation_steps",
+        2,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run([str(c) for c in cmd], env=env)
     text = "".join(p.read_text() for p in logs.rglob("stdout.log"))
@@ -267,15 +378,44 @@ def test_accelerate_launch_runs_the_same_data_parallel_job(shard_dir, tmp_path):
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1", "--main_process_port",
-           port, "-m", "w2v_stream.train", "--train_shards", str(shard_dir), "--output_dir",
-           str(out), *FAST, "--max_train_steps", 3, "--logging_steps", 1, "--saving_steps", 3]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        port,
+        "-m",
+        "w2v_stream.train",
+        "--train_shards",
+        str(shard_dir),
+        "--output_dir",
+        str(out),
+        *FAST,
+        "--max_train_steps",
+        3,
+        "--logging_steps",
+        1,
+        "--saving_steps",
+        3,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     text = run([str(c) for c in cmd], env=env).stdout
-    finals = re.findall(r"rank (\d) finished at update (\d+), weights checksum ([-+.\deE]+?)"
-                        r"(?=rank|\s|$)", text)
+    finals = re.findall(
+        r"rank (\d) finished at update (\d+), weights checksum ([-+.\deE]+?)"
+        r"(?=rank|\s|$)",
+        text,
+    )
     assert sorted(r for r, _, _ in finals) == ["0", "1"], text[-2000:]
     assert {u for _, u, _ in finals} == {"3"} and len({c for _, _, c in finals}) == 1
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
@@ -291,25 +431,53 @@ def _batch(config, rows, samples, seed):
     mask = compute_mask(segments, frames, 0.65, 10, 2, rs)
     negatives = sample_negatives(mask, segments, config.num_negatives, rs)
     attention = torch.ones(rows, samples, dtype=torch.bool)
-    attention[-1, samples // 2:] = False
-    return {"input_values": torch.randn(rows, samples) * attention,
-            "attention_mask": attention, "mask_time_indices": torch.from_numpy(mask),
-            "sampled_negative_indices": torch.from_numpy(negatives).long()}
+    attention[-1, samples // 2 :] = False
+    return {
+        "input_values": torch.randn(rows, samples) * attention,
+        "attention_mask": attention,
+        "mask_time_indices": torch.from_numpy(mask),
+        "sampled_negative_indices": torch.from_numpy(negatives).long(),
+    }
 
 
 def test_bad_flags_fail_before_any_work(shard_dir, tmp_path):
-    bad = run(train_cmd(shard_dir, tmp_path / "o", "--max_train_steps", 2,
-                        "--min_duration_in_seconds", 30), check=False)
+    bad = run(
+        train_cmd(
+            shard_dir, tmp_path / "o", "--max_train_steps", 2, "--min_duration_in_seconds", 30
+        ),
+        check=False,
+    )
     assert bad.returncode == 2 and "--min_duration_in_seconds <" in bad.stderr
     assert not (tmp_path / "o").exists()
-    both = run([sys.executable, "-m", "w2v_stream.train", "--train_shards", str(shard_dir),
-                "--output_dir", str(tmp_path / "o"), "--max_train_steps", "1"], check=False)
+    both = run(
+        [
+            sys.executable,
+            "-m",
+            "w2v_stream.train",
+            "--train_shards",
+            str(shard_dir),
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--max_train_steps",
+            "1",
+        ],
+        check=False,
+    )
     assert both.returncode == 2 and "--preset" in both.stderr
 
 
 def test_batches_the_machine_cannot_hold_exit_2_before_training(shard_dir, tmp_path):
-    proc = run(train_cmd(shard_dir, tmp_path / "o", "--max_train_steps", 2,
-                         "--per_device_train_batch_size", 200_000), check=False)
+    proc = run(
+        train_cmd(
+            shard_dir,
+            tmp_path / "o",
+            "--max_train_steps",
+            2,
+            "--per_device_train_batch_size",
+            200_000,
+        ),
+        check=False,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "GiB of /dev/shm" in proc.stderr and "lower --per_device_train_batch_size" in proc.stderr
     assert "Traceback" not in proc.stderr and not list((tmp_path / "o").glob("checkpoint-*"))
@@ -320,29 +488,58 @@ def test_a_preset_sets_the_training_values_it_implies_and_flags_override_them():
 
     argv = ["--train_shards", "s", "--output_dir", "o", "--max_train_steps", "3"]
     large = parse_args(argv + ["--preset", "large"])
-    assert (large.feature_grad_mult, large.feature_penalty_weight,
-            large.min_gumbel_temperature) == (1.0, 0.0, 0.1)
+    assert (
+        large.feature_grad_mult,
+        large.feature_penalty_weight,
+        large.min_gumbel_temperature,
+    ) == (1.0, 0.0, 0.1)
     base = parse_args(argv + ["--preset", "base", "--feature_penalty_weight", "0"])
-    assert (base.feature_grad_mult, base.feature_penalty_weight,
-            base.min_gumbel_temperature) == (0.1, 0.0, 0.5)
+    assert (base.feature_grad_mult, base.feature_penalty_weight, base.min_gumbel_temperature) == (
+        0.1,
+        0.0,
+        0.5,
+    )
     config = resolve_config("large", None, {})
     assert config.layerdrop == config.hidden_dropout == config.attention_dropout == 0.0
     assert config.feat_proj_dropout == config.feat_quantizer_dropout == 0.0
 
 
-@pytest.mark.parametrize("flag,value", [
-    ("--learning_rate", "inf"), ("--weight_decay", "nan"), ("--max_grad_norm", "nan"),
-    ("--adam_epsilon", "0"), ("--max_bad_fraction", "-1"), ("--shuffle_seconds", "-5"),
-    ("--num_negatives", "0"), ("--eval_steps", "0"), ("--feature_grad_mult", "nan"),
-    ("--max_duration_in_seconds", "inf"), ("--mask_time_length", "0"),
-    ("--save_total_limit", "-1"), ("--max_train_steps", "0"), ("--mask_time_prob", "1"),
-    ("--adam_beta2", "1"), ("--seed", "-1"), ("--gumbel_temperature_decay", "0"),
-    ("--num_workers", "2.5")])
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--learning_rate", "inf"),
+        ("--weight_decay", "nan"),
+        ("--max_grad_norm", "nan"),
+        ("--adam_epsilon", "0"),
+        ("--max_bad_fraction", "-1"),
+        ("--shuffle_seconds", "-5"),
+        ("--num_negatives", "0"),
+        ("--eval_steps", "0"),
+        ("--feature_grad_mult", "nan"),
+        ("--max_duration_in_seconds", "inf"),
+        ("--mask_time_length", "0"),
+        ("--save_total_limit", "-1"),
+        ("--max_train_steps", "0"),
+        ("--mask_time_prob", "1"),
+        ("--adam_beta2", "1"),
+        ("--seed", "-1"),
+        ("--gumbel_temperature_decay", "0"),
+        ("--num_workers", "2.5"),
+    ],
+)
 def test_each_bad_value_exits_2_with_a_one_line_reason(flag, value, capsys):
     from w2v_stream.train import parse_args
 
-    argv = ["--train_shards", "s", "--output_dir", "o", "--preset", "demo",
-            "--max_train_steps", "3"]
+    argv = [
+        "--train_shards",
+        "s",
+        "--output_dir",
+        "o",
+        "--preset",
+        "demo",
+        "--max_train_steps",
+        "3",
+    ]
     with pytest.raises(SystemExit) as exit_:
         parse_args(argv + [flag, value])
     last = capsys.readouterr().err.strip().splitlines()[-1]
@@ -353,8 +550,10 @@ def test_ipu_backend_without_poptorch_says_how_to_get_it(shard_dir, tmp_path):
     pytest.importorskip("transformers")
     if __import__("importlib").util.find_spec("poptorch"):
         pytest.skip("poptorch is installed here")
-    proc = run(train_cmd(shard_dir, tmp_path / "o", "--max_train_steps", 2, "--backend", "ipu"),
-               check=False)
+    proc = run(
+        train_cmd(shard_dir, tmp_path / "o", "--max_train_steps", 2, "--backend", "ipu"),
+        check=False,
+    )
     assert proc.returncode == 1 and "Poplar SDK" in proc.stderr
 
 
@@ -363,21 +562,53 @@ def test_ipu_host_batches_are_whole_updates_of_one_shape_in_runs(shard_dir, tmp_
     # call of replicas x accumulation micro-batches of one bucket, and shapes come in runs.
     from w2v_stream.train import make_stream_config, parse_args
 
-    args = parse_args(["--train_shards", str(shard_dir), "--output_dir", str(tmp_path),
-                       "--preset", "demo", "--max_train_steps", "1", "--backend", "ipu",
-                       "--ipu_replicas", "2", "--gradient_accumulation_steps", "3",
-                       "--per_device_train_batch_size", "2", "--max_duration_in_seconds", "4",
-                       "--min_duration_in_seconds", "1", "--num_buckets", "2"])
+    args = parse_args(
+        [
+            "--train_shards",
+            str(shard_dir),
+            "--output_dir",
+            str(tmp_path),
+            "--preset",
+            "demo",
+            "--max_train_steps",
+            "1",
+            "--backend",
+            "ipu",
+            "--ipu_replicas",
+            "2",
+            "--gradient_accumulation_steps",
+            "3",
+            "--per_device_train_batch_size",
+            "2",
+            "--max_duration_in_seconds",
+            "4",
+            "--min_duration_in_seconds",
+            "1",
+            "--num_buckets",
+            "2",
+        ]
+    )
     config = resolve_config("demo", None, {})
     micro = make_stream_config(args.train_shards, args, config, 0, 1).plan
-    host = make_stream_config(args.train_shards, args, config, 0, 1, split=6,
-                              bucket_runs=True)
+    host = make_stream_config(args.train_shards, args, config, 0, 1, split=6, bucket_runs=True)
     assert host.plan.lengths == micro.lengths
     assert host.plan.batch_sizes == tuple(6 * b for b in micro.batch_sizes)
     assert host.bucket_runs and host.round_items >= 4 * max(host.plan.batch_sizes)
     with pytest.raises(SystemExit):
-        parse_args(["--train_shards", str(shard_dir), "--output_dir", str(tmp_path),
-                    "--preset", "demo", "--max_train_steps", "1", "--ipu_replicas", "2"])
+        parse_args(
+            [
+                "--train_shards",
+                str(shard_dir),
+                "--output_dir",
+                str(tmp_path),
+                "--preset",
+                "demo",
+                "--max_train_steps",
+                "1",
+                "--ipu_replicas",
+                "2",
+            ]
+        )
 
 
 def test_ipu_micro_batches_get_negatives_into_their_own_frames():
@@ -437,13 +668,17 @@ def test_ipu_host_call_split_like_poptorch_gives_each_update_its_loss():
     with torch.no_grad():
         for u, batch in enumerate(updates):
             whole = objective(**batch, temperature=torch.tensor(temperatures[u]))
-            micro = [[x[r:r + 2] for x in inputs] for r in (4 * u, 4 * u + 2)]
-            assert all(torch.equal(m[4], torch.full((2,), temperatures[u])) and
-                       torch.equal(m[5], torch.full((2,), normalisers[u])) for m in micro)
+            micro = [[x[r : r + 2] for x in inputs] for r in (4 * u, 4 * u + 2)]
+            assert all(
+                torch.equal(m[4], torch.full((2,), temperatures[u]))
+                and torch.equal(m[5], torch.full((2,), normalisers[u]))
+                for m in micro
+            )
             parts = [dict(zip(("trained",) + STEP_OUTPUTS, step(*m))) for m in micro]
             assert all(torch.allclose(p["trained"], p["loss"] / normalisers[u]) for p in parts)
-            assert torch.allclose(sum(p["contrastive_loss"] for p in parts),
-                                  whole["contrastive_loss"], rtol=1e-4)
+            assert torch.allclose(
+                sum(p["contrastive_loss"] for p in parts), whole["contrastive_loss"], rtol=1e-4
+            )
             assert sum(float(p["num_frames"]) for p in parts) == float(whole["num_frames"])
     with pytest.raises(ValueError, match="one shape"):
         host_batch([updates[0], _batch(config, 4, 16_000, seed=3)], 2, [1.0, 1.0], [1.0, 1.0])
@@ -454,20 +689,42 @@ def test_ipu_host_call_split_like_poptorch_gives_each_update_its_loss():
 @pytest.mark.slow
 @CPU_HALF_CONV
 def test_ipu_loop_on_simulated_poptorch_runs_device_iterations_and_resumes_exactly(
-        shard_dir, tmp_path):
+    shard_dir, tmp_path
+):
     # tests/sim_poptorch runs a trainingModel on the CPU the way poptorch documents it, so
     # the trainer's IPU loop runs here: calls of 3 updates where the next 3 batches share a
     # shape and no log or checkpoint falls inside, of 1 otherwise; one executable per (call
     # size, shape), one attached at a time; logs and checkpoints on their steps; and a resume
     # from a checkpoint gives the same losses.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(REPO / "tests" / "sim_poptorch"), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(REPO / "tests" / "sim_poptorch"), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
 
     def ipu_run(out, *extra):
         log = out.parent / f"{out.name}.calls"
-        run(train_cmd(shard_dir, out, "--max_train_steps", 12, "--backend", "ipu",
-                      "--ipu_replicas", 2, "--ipu_device_iterations", 3, "--logging_steps", 4,
-                      "--saving_steps", 6, *extra), env={**env, "SIM_POPTORCH_LOG": str(log)})
+        run(
+            train_cmd(
+                shard_dir,
+                out,
+                "--max_train_steps",
+                12,
+                "--backend",
+                "ipu",
+                "--ipu_replicas",
+                2,
+                "--ipu_device_iterations",
+                3,
+                "--logging_steps",
+                4,
+                "--saving_steps",
+                6,
+                *extra,
+            ),
+            env={**env, "SIM_POPTORCH_LOG": str(log)},
+        )
         return read_records(log)
 
     calls = ipu_run(tmp_path / "whole")
@@ -480,10 +737,13 @@ def test_ipu_loop_on_simulated_poptorch_runs_device_iterations_and_resumes_exact
     assert sorted(whole) == [4, 8, 12] and all(np.isfinite(v) for v in whole.values())
     assert (tmp_path / "whole" / "checkpoint-6").is_dir()
 
-    resumed = ipu_run(tmp_path / "resumed", "--resume_from_checkpoint",
-                      tmp_path / "whole" / "checkpoint-6")
+    resumed = ipu_run(
+        tmp_path / "resumed", "--resume_from_checkpoint", tmp_path / "whole" / "checkpoint-6"
+    )
     assert sum(c["iterations"] for c in resumed) == 6
     assert losses(tmp_path / "resumed") == {8: whole[8], 12: whole[12]}
-    bad = run(train_cmd(shard_dir, tmp_path / "o", "--max_train_steps", 1,
-                        "--ipu_device_iterations", 2), check=False)
+    bad = run(
+        train_cmd(shard_dir, tmp_path / "o", "--max_train_steps", 1, "--ipu_device_iterations", 2),
+        check=False,
+    )
     assert bad.returncode == 2 and "--ipu_device_iterations is for --backend ipu" in bad.stderr

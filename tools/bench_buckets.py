@@ -35,7 +35,7 @@ def no_filler(plan: buckets.ShapePlan, lengths: np.ndarray) -> float:
 
 
 def streams_efficiency(plan: buckets.ShapePlan, lengths: np.ndarray, streams: int) -> float:
-    shard_lengths = [lengths[i:i + 100].tolist() for i in range(0, len(lengths), 100)]
+    shard_lengths = [lengths[i : i + 100].tolist() for i in range(0, len(lengths), 100)]
     passes = -(-16 * streams // len(shard_lengths))  # the loader's default (StreamConfig)
     ep = epochs.plan_epoch(shard_lengths, plan, streams, 0, 0, 600 * RATE, passes=passes)
     real = padded = 0
@@ -60,45 +60,70 @@ def main() -> None:
     raw = np.array([int(line.split()[-1]) for line in lines if line.strip()])
     lengths = np.minimum(raw[raw >= LO], HI)
     rng = np.random.default_rng(args.seed)
-    print(f"{len(raw)} utterances, {len(raw) - len(lengths)} under 2 s dropped, "
-          f"{(raw > HI).sum()} over 20 s cropped to 20 s")
+    print(
+        f"{len(raw)} utterances, {len(raw) - len(lengths)} under 2 s dropped, "
+        f"{(raw > HI).sum()} over 20 s cropped to 20 s"
+    )
     print("| strategy | shapes | efficiency, no filler | with filler | 8 streams |")
     print("|---|---|---|---|---|")
     n_batches = math.ceil(len(lengths) / ROWS)
     fixed = lengths.sum() / (n_batches * ROWS * HI)
-    print(f"| one fixed 20 s shape (optimum-graphcore) | 1 | "
-          f"{lengths.sum() / (len(lengths) * HI):.3f} | {fixed:.3f} | |")
+    print(
+        f"| one fixed 20 s shape (optimum-graphcore) | 1 | "
+        f"{lengths.sum() / (len(lengths) * HI):.3f} | {fixed:.3f} | |"
+    )
     order = rng.permutation(lengths)
-    longest = sum(order[i:i + ROWS].max() * len(order[i:i + ROWS])
-                  for i in range(0, len(order), ROWS))
-    distinct = len({int(order[i:i + ROWS].max()) for i in range(0, len(order), ROWS)})
-    print(f"| random batches of {ROWS} padded to the longest (HF script) | {distinct} | "
-          f"{lengths.sum() / longest:.3f} | {lengths.sum() / longest:.3f} | |")
+    longest = sum(
+        order[i : i + ROWS].max() * len(order[i : i + ROWS]) for i in range(0, len(order), ROWS)
+    )
+    distinct = len({int(order[i : i + ROWS].max()) for i in range(0, len(order), ROWS)})
+    print(
+        f"| random batches of {ROWS} padded to the longest (HF script) | {distinct} | "
+        f"{lengths.sum() / longest:.3f} | {lengths.sum() / longest:.3f} | |"
+    )
     for k in (8,):
         edges = np.quantile(lengths, np.arange(1, k + 1) / k)
         tops = np.ceil(edges / 320).astype(int) * 320
         tops[-1] = HI
-        plan = buckets.ShapePlan("pad", tuple(int(t) for t in tops),
-                                 tuple(buckets.frames_for_samples(int(t)) for t in tops),
-                                 tuple(max(1, ROWS * HI // int(t)) for t in tops), LO, HI)
+        plan = buckets.ShapePlan(
+            "pad",
+            tuple(int(t) for t in tops),
+            tuple(buckets.frames_for_samples(int(t)) for t in tops),
+            tuple(max(1, ROWS * HI // int(t)) for t in tops),
+            LO,
+            HI,
+        )
         stats = buckets.padded_efficiency(plan, lengths)
-        print(f"| equal-count quantile buckets, pad | {k} | {no_filler(plan, lengths):.3f} | "
-              f"{stats['efficiency']:.3f} | {streams_efficiency(plan, lengths, 8):.3f} |")
+        print(
+            f"| equal-count quantile buckets, pad | {k} | {no_filler(plan, lengths):.3f} | "
+            f"{stats['efficiency']:.3f} | {streams_efficiency(plan, lengths, 8):.3f} |"
+        )
     for policy, k in [("pad", 4), ("pad", 8), ("pad", 16), ("crop", 8), ("pack", 1)]:
-        plan = buckets.plan_for_shards([lengths], RATE, buckets.DEFAULT_CONV_KERNEL,
-                                       buckets.DEFAULT_CONV_STRIDE, policy=policy,
-                                       num_buckets=k, batch_size=ROWS, min_seconds=LO / RATE,
-                                       max_seconds=HI / RATE)
+        plan = buckets.plan_for_shards(
+            [lengths],
+            RATE,
+            buckets.DEFAULT_CONV_KERNEL,
+            buckets.DEFAULT_CONV_STRIDE,
+            policy=policy,
+            num_buckets=k,
+            batch_size=ROWS,
+            min_seconds=LO / RATE,
+            max_seconds=HI / RATE,
+        )
         # pack's utterances start at multiples of the total stride; "align 1" shows what
         # those gaps cost.
-        variants = [("", plan)] + ([(", align 1", dataclasses.replace(plan, align=1))]
-                                   if policy == "pack" else [])
+        variants = [("", plan)] + (
+            [(", align 1", dataclasses.replace(plan, align=1))] if policy == "pack" else []
+        )
         for label, variant in variants:
             stats = buckets.padded_efficiency(variant, lengths)
             kept = f" (audio kept {stats['audio_kept']:.3f})" if policy == "crop" else ""
-            print(f"| w2v_stream `{policy}`{label}{kept} | {variant.num_buckets} | "
-                  f"{no_filler(variant, lengths):.4f} | {stats['efficiency']:.4f} | "
-                  f"{streams_efficiency(variant, lengths, 8):.4f} |")
+            print(
+                f"| w2v_stream `{policy}`{label}{kept} | {variant.num_buckets} | "
+                f"{no_filler(variant, lengths):.4f} | {stats['efficiency']:.4f} | "
+                f"{streams_efficiency(variant, lengths, 8):.4f} |"
+            )
+
 
 if __name__ == "__main__":
     main()

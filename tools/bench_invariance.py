@@ -45,19 +45,29 @@ def make_batch(config, rows: int, samples: int, layout: str, seed: int) -> dict:
         for n in range(1, pieces + 1):
             room = samples - offset
             length = int(room * rs.uniform(0.5, 1.0)) if n == pieces else room // (pieces - n + 1)
-            values[row, offset:offset + length] = torch.from_numpy(
-                rs.standard_normal(length).astype(np.float32))
-            ids[row, offset:offset + length] = n
+            values[row, offset : offset + length] = torch.from_numpy(
+                rs.standard_normal(length).astype(np.float32)
+            )
+            ids[row, offset : offset + length] = n
             row_segments.append((offset // STRIDE, offset // STRIDE + frames_of(length)))
             offset += -(-length // STRIDE) * STRIDE
         segments.append(row_segments)
     frames = frames_of(samples)
-    mask = compute_mask(segments, frames, config.mask_time_prob, config.mask_time_length,
-                        config.mask_time_min_masks, rs)
+    mask = compute_mask(
+        segments,
+        frames,
+        config.mask_time_prob,
+        config.mask_time_length,
+        config.mask_time_min_masks,
+        rs,
+    )
     negatives = sample_negatives(mask, segments, config.num_negatives, rs)
-    batch = {"input_values": values, "attention_mask": ids > 0,
-             "mask_time_indices": torch.from_numpy(mask),
-             "sampled_negative_indices": torch.from_numpy(negatives).long()}
+    batch = {
+        "input_values": values,
+        "attention_mask": ids > 0,
+        "mask_time_indices": torch.from_numpy(mask),
+        "sampled_negative_indices": torch.from_numpy(negatives).long(),
+    }
     return {**batch, "segment_ids": ids} if layout == "packed" else batch
 
 
@@ -84,9 +94,11 @@ def main() -> None:
         objective.zero_grad(set_to_none=True)
         if step:
             times.append(time.perf_counter() - start)
-    print(f"{args.preset} {args.rows} x {args.seconds:g} s {args.layout}: forward + backward "
-          f"{statistics.median(times):.3f} s (median of {args.repeats}, "
-          f"{torch.get_num_threads()} threads)")
+    print(
+        f"{args.preset} {args.rows} x {args.seconds:g} s {args.layout}: forward + backward "
+        f"{statistics.median(times):.3f} s (median of {args.repeats}, "
+        f"{torch.get_num_threads()} threads)"
+    )
 
 
 if __name__ == "__main__":

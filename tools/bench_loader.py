@@ -42,18 +42,28 @@ def ensure_shards(work: Path, hours: float) -> Path:
         root = work / "LibriSpeech"
         per_chapter = max(1, round(hours * 3600 / 13.0 / 16))
         make_demo_corpus(root, "train-clean-100", 8, 2, per_chapter, seed=0)
-        convert.convert(open_sources([str(root / "train-clean-100")]), out,
-                        convert.ShardOptions(max_shard_bytes=10_000_000, shuffle=True), 2,
-                        overwrite=True)
+        convert.convert(
+            open_sources([str(root / "train-clean-100")]),
+            out,
+            convert.ShardOptions(max_shard_bytes=10_000_000, shuffle=True),
+            2,
+            overwrite=True,
+        )
         done.touch()
     return out
 
 
 def config_for(out: Path) -> StreamConfig:
     shard_list = sources.resolve(str(out))
-    plan = buckets.plan_for_shards(shard_list.lengths, shard_list.sample_rate,
-                                   buckets.DEFAULT_CONV_KERNEL, buckets.DEFAULT_CONV_STRIDE,
-                                   policy="pad", num_buckets=8, batch_size=8)
+    plan = buckets.plan_for_shards(
+        shard_list.lengths,
+        shard_list.sample_rate,
+        buckets.DEFAULT_CONV_KERNEL,
+        buckets.DEFAULT_CONV_STRIDE,
+        policy="pad",
+        num_buckets=8,
+        batch_size=8,
+    )
     return StreamConfig(shard_list, plan)
 
 
@@ -62,8 +72,10 @@ def flac_blobs(out: Path) -> list[tuple[bytes, int]]:
     blobs = []
     for tar in sorted(out.glob("shard-*.tar")):
         with open(tar, "rb") as f:
-            blobs += [(parts["flac"], json.loads(parts["json"])["num_samples"])
-                      for _, parts in shards.iter_samples(f)]
+            blobs += [
+                (parts["flac"], json.loads(parts["json"])["num_samples"])
+                for _, parts in shards.iter_samples(f)
+            ]
     return blobs
 
 
@@ -132,23 +144,38 @@ def main() -> None:
         print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
         return
     index = shards.read_index(out)
-    print(f"corpus: {index['totals']['utterances']} utterances, {index['totals']['hours']:.2f} h"
-          f" in {len(index['shards'])} shards; plan {config.plan.shapes()}")
+    print(
+        f"corpus: {index['totals']['utterances']} utterances, {index['totals']['hours']:.2f} h"
+        f" in {len(index['shards'])} shards; plan {config.plan.shapes()}"
+    )
     blobs = flac_blobs(out)
     bare = dataclasses.replace(config, num_negatives=0)  # taken apart: without negatives
     contenders = [
         ("raw decode limit (soundfile, 1 process)", 1, lambda: (raw_limit(blobs), None)),
-        ("raw decode, the loader's call alone (dr_flac, 1 process)", 1,
-         lambda: (raw_drflac(blobs), None)),
-        (f"StreamingLoader, {args.epochs} epochs after the first batch", 1,
-         lambda: steady_rate(config, 1, args.epochs)),
-        (f"StreamingLoader, {args.epochs} epochs after the first batch", 2,
-         lambda: steady_rate(config, 2, args.epochs)),
+        (
+            "raw decode, the loader's call alone (dr_flac, 1 process)",
+            1,
+            lambda: (raw_drflac(blobs), None),
+        ),
+        (
+            f"StreamingLoader, {args.epochs} epochs after the first batch",
+            1,
+            lambda: steady_rate(config, 1, args.epochs),
+        ),
+        (
+            f"StreamingLoader, {args.epochs} epochs after the first batch",
+            2,
+            lambda: steady_rate(config, 2, args.epochs),
+        ),
         ("StreamingLoader, no negatives", 1, lambda: steady_rate(bare, 1, args.epochs)),
         # ... and without the hand-over to the trainer process
-        ("the same stream in one process (no hand-over)", 1,
-         lambda: (in_one_process(config), None)),
-        ("the same, no negatives", 1, lambda: (in_one_process(bare), None))]
+        (
+            "the same stream in one process (no hand-over)",
+            1,
+            lambda: (in_one_process(config), None),
+        ),
+        ("the same, no negatives", 1, lambda: (in_one_process(bare), None)),
+    ]
     best: list[tuple[float, float | None]] = [(0.0, None)] * len(contenders)
     for _ in range(args.repeats):  # round robin: a slow spell of the machine hits every row
         for i, (_, _, run) in enumerate(contenders):
@@ -156,23 +183,45 @@ def main() -> None:
             best[i] = max(best[i], (rate, eff), key=lambda r: r[0])
     raw, raw_dr = best[0][0], best[1][0]
     print(f"best of {args.repeats}")
-    print("| run | workers | audio s/s | audio s/s per worker | % of raw limit (soundfile) "
-          "| % of dr_flac's | padding eff. |")
+    print(
+        "| run | workers | audio s/s | audio s/s per worker | % of raw limit (soundfile) "
+        "| % of dr_flac's | padding eff. |"
+    )
     print("|---|---|---|---|---|---|---|")
     for (label, workers, _), (rate, eff) in zip(contenders, best):
         per = rate / workers
-        print(f"| {label} | {workers} | {rate:.0f} | {per:.0f} | {100 * per / raw:.0f} % | "
-              f"{100 * per / raw_dr:.0f} % | {'' if eff is None else f'{eff:.3f}'} |")
+        print(
+            f"| {label} | {workers} | {rate:.0f} | {per:.0f} | {100 * per / raw:.0f} % | "
+            f"{100 * per / raw_dr:.0f} % | {'' if eff is None else f'{eff:.3f}'} |"
+        )
     epoch_batches = config.epoch_plan(0, 1).batches_per_stream
     # A fresh loader's own state, moved to near the end of the first epoch.
     late = {**StreamingLoader(config, num_workers=1).state_dict(), "position": epoch_batches - 2}
     fresh = first_batch_seconds(config, None)
     resumed = first_batch_seconds(config, late)
-    print(f"first batch: fresh {fresh:.2f} s, resumed at batch {epoch_batches - 2} of "
-          f"{epoch_batches} {resumed:.2f} s")
-    rss = subprocess.run([sys.executable, __file__, "--hours", str(args.hours), "--work_dir",
-                          str(args.work_dir), "--child", "memory"], capture_output=True,
-                         text=True, check=True).stdout.strip().splitlines()[-1]
+    print(
+        f"first batch: fresh {fresh:.2f} s, resumed at batch {epoch_batches - 2} of "
+        f"{epoch_batches} {resumed:.2f} s"
+    )
+    rss = (
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--hours",
+                str(args.hours),
+                "--work_dir",
+                str(args.work_dir),
+                "--child",
+                "memory",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     print(f"peak RSS of one loader worker: {float(rss):.0f} MiB")
 
 

@@ -47,8 +47,15 @@ def ensure_corpus(work: Path, hours: float) -> Path:
     if not done.exists():
         shutil.rmtree(root, ignore_errors=True)
         per_chapter = math.ceil(hours * 3600 / 13.0 / 16)  # 8 speakers x 2 chapters
-        make_demo_corpus(root, SPLIT, num_speakers=8, chapters_per_speaker=2,
-                         utterances_per_chapter=per_chapter, seed=0, num_workers=2)
+        make_demo_corpus(
+            root,
+            SPLIT,
+            num_speakers=8,
+            chapters_per_speaker=2,
+            utterances_per_chapter=per_chapter,
+            seed=0,
+            num_workers=2,
+        )
         write_openslr_archive(root, SPLIT, work / f"{SPLIT}.tar.gz")
         done.touch()
     return root / SPLIT
@@ -75,8 +82,13 @@ def ensure_plain_folders(work: Path, split_dir: Path) -> tuple[Path, Path]:
 
 def cpu_seconds() -> float:
     """User + system CPU of this process and of its children that have ended."""
-    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
-                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
+    return sum(
+        r.ru_utime + r.ru_stime
+        for r in (
+            resource.getrusage(resource.RUSAGE_SELF),
+            resource.getrusage(resource.RUSAGE_CHILDREN),
+        )
+    )
 
 
 def raw_copy(files: list[Path], out: Path) -> tuple[float, float]:
@@ -159,12 +171,14 @@ def main() -> None:
     for path in wav_dir.rglob("*.wav"):
         path.read_bytes()
     out = args.work_dir / "out"
-    contenders = [("make_shards, folder", [str(split_dir)], 1),
-                  ("make_shards, folder", [str(split_dir)], 2),
-                  ("make_shards, .tar.gz", [str(args.work_dir / f"{SPLIT}.tar.gz")], 1),
-                  ("make_shards, plain FLAC folder", [str(flac_dir)], 1),
-                  ("make_shards, WAV folder → FLAC", [str(wav_dir)], 1),
-                  ("make_shards, WAV folder → FLAC", [str(wav_dir)], 2)]
+    contenders = [
+        ("make_shards, folder", [str(split_dir)], 1),
+        ("make_shards, folder", [str(split_dir)], 2),
+        ("make_shards, .tar.gz", [str(args.work_dir / f"{SPLIT}.tar.gz")], 1),
+        ("make_shards, plain FLAC folder", [str(flac_dir)], 1),
+        ("make_shards, WAV folder → FLAC", [str(wav_dir)], 1),
+        ("make_shards, WAV folder → FLAC", [str(wav_dir)], 2),
+    ]
     # (wall, cpu) of each repeat; a row shows its best wall time and the least CPU time.
     runs: dict[int, list[tuple[float, float]]] = {i: [] for i in range(len(contenders))}
     raws, raws_sharded, raws_split = [], [], []
@@ -185,26 +199,37 @@ def main() -> None:
     rows = [(label, workers, *best(runs[i])) for i, (label, _, workers) in enumerate(contenders)]
     shutil.rmtree(out, ignore_errors=True)
     size = sum(f.stat().st_size for f in files) / 1e6
-    print(f"corpus: {len(files)} utterances, {audio_hours:.2f} h, {size:.0f} MB FLAC; "
-          f"{os.cpu_count()} cores; best of {args.repeats}")
-    print("| run | workers | wall s | audio h/min | h/min per worker | audio s/s per worker | "
-          "% of raw-copy limit (one tar) | % of raw copy into 10 MB tars | CPU s per audio h |")
+    print(
+        f"corpus: {len(files)} utterances, {audio_hours:.2f} h, {size:.0f} MB FLAC; "
+        f"{os.cpu_count()} cores; best of {args.repeats}"
+    )
+    print(
+        "| run | workers | wall s | audio h/min | h/min per worker | audio s/s per worker | "
+        "% of raw-copy limit (one tar) | % of raw copy into 10 MB tars | CPU s per audio h |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     raw_rate = audio_hours / (best_raw / 60)
     sharded, sharded_cpu = best(raws_sharded)
     sharded_rate = audio_hours / (sharded / 60)
     split, split_cpu = best(raws_split)
-    table = [("raw copy (read FLAC, tarfile, one tar)", 1, best_raw, raw_cpu),
-             ("raw copy into 10 MB tars", 1, sharded, sharded_cpu),
-             ("raw copy split over 2 processes", 2, split, split_cpu), *rows]
+    table = [
+        ("raw copy (read FLAC, tarfile, one tar)", 1, best_raw, raw_cpu),
+        ("raw copy into 10 MB tars", 1, sharded, sharded_cpu),
+        ("raw copy split over 2 processes", 2, split, split_cpu),
+        *rows,
+    ]
     for label, workers, wall, cpu in table:
         rate = audio_hours / (wall / 60)
-        print(f"| {label} | {workers} | {wall:.2f} | {rate:.0f} | {rate / workers:.0f} | "
-              f"{rate / workers * 60:.0f} | {100 * rate / workers / raw_rate:.0f} % | "
-              f"{100 * rate / workers / sharded_rate:.0f} % | {cpu / audio_hours:.3f} |")
-    print(f"2-way scaling: raw copy {best_raw / split:.2f}x, make_shards "
-          f"{rows[0][2] / rows[1][2]:.2f}x, WAV → FLAC {rows[4][2] / rows[5][2]:.2f}x; CPU of "
-          f"2 workers / 1 worker: {rows[1][3] / rows[0][3]:.2f}")
+        print(
+            f"| {label} | {workers} | {wall:.2f} | {rate:.0f} | {rate / workers:.0f} | "
+            f"{rate / workers * 60:.0f} | {100 * rate / workers / raw_rate:.0f} % | "
+            f"{100 * rate / workers / sharded_rate:.0f} % | {cpu / audio_hours:.3f} |"
+        )
+    print(
+        f"2-way scaling: raw copy {best_raw / split:.2f}x, make_shards "
+        f"{rows[0][2] / rows[1][2]:.2f}x, WAV → FLAC {rows[4][2] / rows[5][2]:.2f}x; CPU of "
+        f"2 workers / 1 worker: {rows[1][3] / rows[0][3]:.2f}"
+    )
 
 
 if __name__ == "__main__":

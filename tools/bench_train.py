@@ -58,25 +58,30 @@ def hf_batches(shard_list, rows: int, max_samples: int, config, seed: int):
     while True:
         order = rng.permutation(len(audio))
         for start in range(0, len(order) - rows + 1, rows):
-            chosen = [audio[i] for i in order[start:start + rows]]
+            chosen = [audio[i] for i in order[start : start + rows]]
             longest = max(a.shape[0] for a in chosen)
             values = np.zeros((rows, longest), np.float32)
             attention = np.zeros((rows, longest), np.int64)
             for r, a in enumerate(chosen):
-                values[r, :a.shape[0]] = normalise(a)
-                attention[r, :a.shape[0]] = 1
+                values[r, : a.shape[0]] = normalise(a)
+                attention[r, : a.shape[0]] = 1
             frames = int(model._get_feat_extract_output_lengths(longest))
             sub = torch.zeros(rows, frames, dtype=torch.long)
             for r, a in enumerate(chosen):
-                sub[r, :int(model._get_feat_extract_output_lengths(a.shape[0]))] = 1
-            mask = _compute_mask_indices((rows, frames), config.mask_time_prob,
-                                         config.mask_time_length, sub, 2)
+                sub[r, : int(model._get_feat_extract_output_lengths(a.shape[0]))] = 1
+            mask = _compute_mask_indices(
+                (rows, frames), config.mask_time_prob, config.mask_time_length, sub, 2
+            )
             neg = _sample_negative_indices((rows, frames), config.num_negatives, mask)
-            yield ({"input_values": torch.from_numpy(values),
+            yield (
+                {
+                    "input_values": torch.from_numpy(values),
                     "attention_mask": torch.from_numpy(attention),
                     "mask_time_indices": torch.from_numpy(mask),
-                    "sampled_negative_indices": torch.from_numpy(neg).long()},
-                   sum(a.shape[0] for a in chosen))
+                    "sampled_negative_indices": torch.from_numpy(neg).long(),
+                },
+                sum(a.shape[0] for a in chosen),
+            )
 
 
 @dataclass
@@ -115,15 +120,28 @@ def timed_step(contender: Contender, sync) -> None:
 
 def ours(policy: str, config, shard_list, args) -> Contender:
     """The trainer's own update (forward, backward, clip, step) on ``policy`` batches."""
-    plan = buckets.plan_for_shards(shard_list.lengths, shard_list.sample_rate,
-                                   config.conv_kernel, config.conv_stride, policy=policy,
-                                   num_buckets=8, batch_size=args.rows, min_seconds=2.0,
-                                   max_seconds=args.max_seconds)
+    plan = buckets.plan_for_shards(
+        shard_list.lengths,
+        shard_list.sample_rate,
+        config.conv_kernel,
+        config.conv_stride,
+        policy=policy,
+        num_buckets=8,
+        batch_size=args.rows,
+        min_seconds=2.0,
+        max_seconds=args.max_seconds,
+    )
     torch.manual_seed(0)
     backend = TorchBackend(args.device, args.precision, args.compile)
     model = build_model(config).train().to(backend.device)
-    backend.prepare(PretrainingObjective(model).train(),
-                    [{"params": list(model.parameters())}], 1e-4, (0.9, 0.98), 1e-6, None)
+    backend.prepare(
+        PretrainingObjective(model).train(),
+        [{"params": list(model.parameters())}],
+        1e-4,
+        (0.9, 0.98),
+        1e-6,
+        None,
+    )
     loader = StreamingLoader(StreamConfig(shard_list, plan), num_workers=0)
 
     def step(batch):
@@ -148,9 +166,11 @@ def hf_way(config, shard_list, args, autocast) -> Contender:
         optimizer.step()
         optimizer.zero_grad()
 
-    return Contender("HF script: random batches padded to the longest, eager HF forward",
-                     hf_batches(shard_list, args.rows, int(args.max_seconds * 16_000), config,
-                                0), step)
+    return Contender(
+        "HF script: random batches padded to the longest, eager HF forward",
+        hf_batches(shard_list, args.rows, int(args.max_seconds * 16_000), config, 0),
+        step,
+    )
 
 
 def main() -> None:
@@ -158,14 +178,22 @@ def main() -> None:
     p.add_argument("--shards", required=True)
     p.add_argument("--steps", type=int, default=30, help="timed steps per contender")
     p.add_argument("--preset", default="demo")
-    p.add_argument("--policies", nargs="+", choices=buckets.POLICIES, default=["pad"],
-                   help="length policies to run as contenders, beside the HF way")
+    p.add_argument(
+        "--policies",
+        nargs="+",
+        choices=buckets.POLICIES,
+        default=["pad"],
+        help="length policies to run as contenders, beside the HF way",
+    )
     p.add_argument("--rows", type=int, default=4, help="rows of the longest bucket / HF batch")
     p.add_argument("--max_seconds", type=float, default=16.0)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--compile", default=None,
-                   help="torch.compile backend for ours (default: none on cpu, inductor on cuda)")
+    p.add_argument(
+        "--compile",
+        default=None,
+        help="torch.compile backend for ours (default: none on cpu, inductor on cuda)",
+    )
     args = p.parse_args()
 
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
@@ -179,19 +207,22 @@ def main() -> None:
             if contender.timed < args.steps:
                 timed_step(contender, sync)
     compiled_with = backend.compile_backend or "nothing: eager"
-    print(f"model {args.preset} on {args.device} ({args.precision}, ours compiled with "
-          f"{compiled_with}), {args.steps} timed steps each after {WARMUP} warm-up, round "
-          f"robin, {torch.get_num_threads()} threads; graphs compiled: "
-          + ", ".join(f"{name} {c.graphs}" for name, c in contenders.items()))
-    print("| way | audio s trained | compute s | compute s per audio s | audio s per s |"
-          " vs HF |")
+    print(
+        f"model {args.preset} on {args.device} ({args.precision}, ours compiled with "
+        f"{compiled_with}), {args.steps} timed steps each after {WARMUP} warm-up, round "
+        f"robin, {torch.get_num_threads()} threads; graphs compiled: "
+        + ", ".join(f"{name} {c.graphs}" for name, c in contenders.items())
+    )
+    print("| way | audio s trained | compute s | compute s per audio s | audio s per s | vs HF |")
     print("|---|---|---|---|---|---|")
     hf = contenders["hf"].compute / contenders["hf"].audio
     for contender in contenders.values():
         per_audio = contender.compute / contender.audio
-        print(f"| {contender.label} | {contender.audio:.0f} | {contender.compute:.1f} | "
-              f"{per_audio:.4f} | {contender.audio / contender.compute:.0f} | "
-              f"{hf / per_audio:.2f}x |")
+        print(
+            f"| {contender.label} | {contender.audio:.0f} | {contender.compute:.1f} | "
+            f"{per_audio:.4f} | {contender.audio / contender.compute:.0f} | "
+            f"{hf / per_audio:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

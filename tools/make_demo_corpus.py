@@ -23,36 +23,52 @@ MEAN_UTTERANCE_SECONDS = 13.0  # of the duration mix in demo_corpus.sample_durat
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--output_dir", type=Path, required=True, help="the LibriSpeech root")
     p.add_argument("--split", default="dev-clean")
     p.add_argument("--num_speakers", type=int, default=4)
     p.add_argument("--chapters_per_speaker", type=int, default=2)
     p.add_argument("--utterances_per_chapter", type=int, default=5)
-    p.add_argument("--hours", type=float, default=None,
-                   help="about this much audio: sets --utterances_per_chapter")
+    p.add_argument(
+        "--hours",
+        type=float,
+        default=None,
+        help="about this much audio: sets --utterances_per_chapter",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num_workers", type=int, default=2,
-                   help="processes speaking; the corpus does not depend on it")
+    p.add_argument(
+        "--num_workers",
+        type=int,
+        default=2,
+        help="processes speaking; the corpus does not depend on it",
+    )
     p.add_argument("--archive", type=Path, default=None, help="also write this .tar.gz")
     p.add_argument("--parquet_dir", type=Path, default=None, help="also write HF parquet here")
     args = p.parse_args(argv)
-    for name in ("num_speakers", "chapters_per_speaker", "utterances_per_chapter",
-                 "num_workers"):
+    for name in ("num_speakers", "chapters_per_speaker", "utterances_per_chapter", "num_workers"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
     if args.hours is not None:
         if args.hours <= 0:
             p.error("--hours must be > 0")
         chapters = args.num_speakers * args.chapters_per_speaker
-        args.utterances_per_chapter = math.ceil(args.hours * 3600 / MEAN_UTTERANCE_SECONDS
-                                                / chapters)
+        args.utterances_per_chapter = math.ceil(
+            args.hours * 3600 / MEAN_UTTERANCE_SECONDS / chapters
+        )
     total = args.num_speakers * args.chapters_per_speaker * args.utterances_per_chapter
     bar = Progress(f"speaking {args.split}", total)
-    paths = make_demo_corpus(args.output_dir, args.split, args.num_speakers,
-                             args.chapters_per_speaker, args.utterances_per_chapter, args.seed,
-                             args.num_workers, progress=bar.update)
+    paths = make_demo_corpus(
+        args.output_dir,
+        args.split,
+        args.num_speakers,
+        args.chapters_per_speaker,
+        args.utterances_per_chapter,
+        args.seed,
+        args.num_workers,
+        progress=bar.update,
+    )
     bar.close()
     print(f"wrote {len(paths)} utterances under {args.output_dir / args.split}")
     if args.archive:

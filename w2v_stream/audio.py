@@ -45,8 +45,12 @@ class AudioInfo:
     def is_target(self) -> bool:
         """True when the bytes can be stored as they are: 16 kHz mono FLAC whose header says
         its length (the loader checks every utterance's header against the index)."""
-        return (self.format == "FLAC" and self.sample_rate == SAMPLE_RATE
-                and self.channels == 1 and self.length_in_header)
+        return (
+            self.format == "FLAC"
+            and self.sample_rate == SAMPLE_RATE
+            and self.channels == 1
+            and self.length_in_header
+        )
 
 
 # libsndfile reports SF_COUNT_MAX frames for a FLAC whose STREAMINFO gives no length.
@@ -88,8 +92,13 @@ def probe(data: bytes | str | Path, full_decode: bool = False) -> AudioInfo:
             if info.num_samples >= _UNKNOWN_LENGTH:  # a streaming encoder's FLAC
                 raw = Path(data).read_bytes() if is_path else data
                 whole = probe(_with_length(raw), full_decode=True)
-                return AudioInfo(info.format, info.sample_rate, info.channels,
-                                 whole.num_samples, length_in_header=False)
+                return AudioInfo(
+                    info.format,
+                    info.sample_rate,
+                    info.channels,
+                    whole.num_samples,
+                    length_in_header=False,
+                )
             if full_decode or info.num_samples <= 0:
                 decoded = f.read(dtype="int16", always_2d=True).shape[0]
                 if info.num_samples > 0 and decoded != info.num_samples:
@@ -101,7 +110,8 @@ def probe(data: bytes | str | Path, full_decode: bool = False) -> AudioInfo:
                 tail = f.read(dtype="int16", always_2d=True).shape[0]
                 if tail != info.num_samples - start:
                     raise AudioError(
-                        f"decoded {start + tail} of {info.num_samples} samples: truncated")
+                        f"decoded {start + tail} of {info.num_samples} samples: truncated"
+                    )
     except AudioError:
         raise
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
@@ -181,18 +191,21 @@ def _read_excerpt(f: sf.SoundFile, excerpt: Excerpt | None) -> np.ndarray:
     rate = f.samplerate
     start = round(excerpt.start * rate)
     if not 0 <= start < f.frames:
-        raise AudioError(f"the excerpt starts at {excerpt.start:.3f} s, outside the recording "
-                         f"(0 to {f.frames / rate:.3f} s)")
+        raise AudioError(
+            f"the excerpt starts at {excerpt.start:.3f} s, outside the recording "
+            f"(0 to {f.frames / rate:.3f} s)"
+        )
     channels = list(excerpt.channels) if excerpt.channels is not None else None
     if channels is not None and not all(0 <= c < f.channels for c in channels):
-        raise AudioError(f"the excerpt takes channels {channels}; the recording has "
-                         f"{f.channels}")
+        raise AudioError(f"the excerpt takes channels {channels}; the recording has {f.channels}")
     frames = -1 if excerpt.duration is None else round(excerpt.duration * rate)
     f.seek(start)
     samples = f.read(frames, dtype="float32", always_2d=True)
     if frames > samples.shape[0] + EXCERPT_TOLERANCE_SECONDS * rate:
-        raise AudioError(f"the excerpt ends at {excerpt.start + excerpt.duration:.3f} s, past "
-                         f"the end of the recording ({f.frames / rate:.3f} s)")
+        raise AudioError(
+            f"the excerpt ends at {excerpt.start + excerpt.duration:.3f} s, past "
+            f"the end of the recording ({f.frames / rate:.3f} s)"
+        )
     return samples if channels is None else samples[:, channels]
 
 
@@ -201,13 +214,14 @@ def _with_length(data: bytes) -> bytes:
     cannot read such a stream to its end (its seek to the end fails)."""
     patched = flac.with_length(data)
     if patched is None:
-        raise AudioError("FLAC without a length in its header whose last frame cannot be "
-                         "read: truncated or corrupt")
+        raise AudioError(
+            "FLAC without a length in its header whose last frame cannot be "
+            "read: truncated or corrupt"
+        )
     return patched
 
 
-def read_into(data: bytes, out: np.ndarray, start: int, sample_rate: int,
-              num_samples: int) -> None:
+def read_into(data: bytes, out: np.ndarray, start: int, sample_rate: int, num_samples: int) -> None:
     """Decode samples ``start .. start + len(out)`` of 16-bit mono FLAC bytes into ``out``.
 
     ``out`` is a contiguous float32 slice (a row of a batch): no buffer of its own, no copy.
@@ -222,20 +236,28 @@ def read_into(data: bytes, out: np.ndarray, start: int, sample_rate: int,
     handle = _drflac.ma_dr_flac_open_memory(data, len(data), _ffi.NULL)
     if handle != _ffi.NULL:
         try:
-            _check_header(handle.sampleRate, handle.channels, handle.totalPCMFrameCount,
-                          sample_rate, num_samples)
+            _check_header(
+                handle.sampleRate,
+                handle.channels,
+                handle.totalPCMFrameCount,
+                sample_rate,
+                num_samples,
+            )
             if not start or _drflac.ma_dr_flac_seek_to_pcm_frame(handle, start):
                 target = _ffi.from_buffer("float[]", out, require_writable=True)
-                if _drflac.ma_dr_flac_read_pcm_frames_f32(handle, out.shape[0],
-                                                          target) == out.shape[0]:
+                if (
+                    _drflac.ma_dr_flac_read_pcm_frames_f32(handle, out.shape[0], target)
+                    == out.shape[0]
+                ):
                     return
         finally:
             _drflac.ma_dr_flac_close(handle)
     _read_into_libsndfile(data, out, start, sample_rate, num_samples)
 
 
-def _read_into_libsndfile(data: bytes, out: np.ndarray, start: int, sample_rate: int,
-                          num_samples: int) -> None:
+def _read_into_libsndfile(
+    data: bytes, out: np.ndarray, start: int, sample_rate: int, num_samples: int
+) -> None:
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
             _check_header(f.samplerate, f.channels, f.frames, sample_rate, num_samples)
@@ -250,8 +272,9 @@ def _read_into_libsndfile(data: bytes, out: np.ndarray, start: int, sample_rate:
         raise AudioError(f"decoded {start + got} of {num_samples} samples: truncated")
 
 
-def _check_header(rate: int, channels: int, frames: int, sample_rate: int,
-                  num_samples: int) -> None:
+def _check_header(
+    rate: int, channels: int, frames: int, sample_rate: int, num_samples: int
+) -> None:
     """What a shard's FLAC header must say: the expected rate, mono, the index's length."""
     if rate != sample_rate or channels != 1:
         raise AudioFormatError(f"{rate} Hz, {channels} channels; expected {sample_rate} Hz mono")

@@ -29,8 +29,11 @@ DEFAULT_CONV_KERNEL = (10, 3, 3, 3, 3, 2, 2)
 DEFAULT_CONV_STRIDE = (5, 2, 2, 2, 2, 2, 2)
 
 
-def frames_for_samples(num_samples: int, conv_kernel: Sequence[int] = DEFAULT_CONV_KERNEL,
-                       conv_stride: Sequence[int] = DEFAULT_CONV_STRIDE) -> int:
+def frames_for_samples(
+    num_samples: int,
+    conv_kernel: Sequence[int] = DEFAULT_CONV_KERNEL,
+    conv_stride: Sequence[int] = DEFAULT_CONV_STRIDE,
+) -> int:
     """Frames the conv feature encoder makes from ``num_samples`` (transformers' formula)."""
     length = num_samples
     for kernel, stride in zip(conv_kernel, conv_stride):
@@ -76,16 +79,18 @@ class ShapePlan:
     def to_json(self) -> dict:
         """Plain values; ``align`` only where it is not 1, so a loader state saved without it
         (pad, crop) still matches its plan on resume."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()
-                if k != "align" or v != 1}
+        return {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in asdict(self).items()
+            if k != "align" or v != 1
+        }
 
     @classmethod
     def from_json(cls, data: dict) -> ShapePlan:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
-def _optimal_tops(hist: np.ndarray, num_buckets: int, cost_top: bool,
-                  rows_for=None) -> list[int]:
+def _optimal_tops(hist: np.ndarray, num_buckets: int, cost_top: bool, rows_for=None) -> list[int]:
     """Bin indices of bucket edges minimising padding (``cost_top``) or cropping.
 
     ``hist[j]`` counts utterances in grid bin j (length in (j-1, j] quanta). For pad, a bucket
@@ -126,12 +131,20 @@ def _optimal_tops(hist: np.ndarray, num_buckets: int, cost_top: bool,
     return sorted(edges)
 
 
-def make_plan(lengths: Sequence[int], policy: str = "pad", num_buckets: int = 8,
-              max_tokens: int | None = None, batch_size: int = 8,
-              min_samples: int = 0, max_samples: int | None = None, quantum: int = 320,
-              batch_multiple: int = 1, sample_rate: int = 16_000,
-              conv_kernel: Sequence[int] = DEFAULT_CONV_KERNEL,
-              conv_stride: Sequence[int] = DEFAULT_CONV_STRIDE) -> ShapePlan:
+def make_plan(
+    lengths: Sequence[int],
+    policy: str = "pad",
+    num_buckets: int = 8,
+    max_tokens: int | None = None,
+    batch_size: int = 8,
+    min_samples: int = 0,
+    max_samples: int | None = None,
+    quantum: int = 320,
+    batch_multiple: int = 1,
+    sample_rate: int = 16_000,
+    conv_kernel: Sequence[int] = DEFAULT_CONV_KERNEL,
+    conv_stride: Sequence[int] = DEFAULT_CONV_STRIDE,
+) -> ShapePlan:
     """The shape plan for utterances of ``lengths`` samples.
 
     ``max_tokens`` is the budget of padded samples per batch; by default ``batch_size`` rows of
@@ -149,8 +162,10 @@ def make_plan(lengths: Sequence[int], policy: str = "pad", num_buckets: int = 8,
     if kept.size == 0:
         raise ValueError("no utterance is within the duration limits: nothing to plan")
     if max_samples < quantum or frames_for_samples(max_samples, conv_kernel, conv_stride) < 2:
-        raise ValueError(f"max length {max_samples} samples is shorter than the feature "
-                         f"encoder's receptive field")
+        raise ValueError(
+            f"max length {max_samples} samples is shorter than the feature "
+            f"encoder's receptive field"
+        )
     top = -(-max_samples // quantum)  # grid bins: length in quanta, rounded up
     tokens = max_tokens or batch_size * top * quantum
 
@@ -163,24 +178,39 @@ def make_plan(lengths: Sequence[int], policy: str = "pad", num_buckets: int = 8,
     else:
         grid = -(-kept // quantum) if policy == "pad" else kept // quantum
         hist = np.bincount(grid, minlength=top + 1)
-        edges_q = _optimal_tops(hist, num_buckets, policy == "pad",
-                                lambda q: rows_for(q * quantum))
+        edges_q = _optimal_tops(hist, num_buckets, policy == "pad", lambda q: rows_for(q * quantum))
         edges = [max(e * quantum, 1) for e in edges_q]
         if policy == "crop":
             edges = [max(e, frames_to_min_samples(2, conv_kernel, conv_stride)) for e in edges]
         edges = sorted(set(min(e, max_samples) if policy == "crop" else e for e in edges))
     sizes = [rows_for(length) for length in edges]
     frames = [frames_for_samples(e, conv_kernel, conv_stride) for e in edges]
-    return ShapePlan(policy, tuple(edges), tuple(frames), tuple(sizes), int(min_samples),
-                     max_samples, sample_rate,
-                     math.prod(conv_stride) if policy == "pack" else 1)
+    return ShapePlan(
+        policy,
+        tuple(edges),
+        tuple(frames),
+        tuple(sizes),
+        int(min_samples),
+        max_samples,
+        sample_rate,
+        math.prod(conv_stride) if policy == "pack" else 1,
+    )
 
 
-def plan_for_shards(shard_lengths: Sequence[Sequence[int]], sample_rate: int,
-                    conv_kernel: Sequence[int], conv_stride: Sequence[int], *,
-                    policy: str = "pad", num_buckets: int = 8, batch_size: int = 8,
-                    max_tokens: int | None = None, min_seconds: float = 2.0,
-                    max_seconds: float = 20.0, split: int = 1) -> ShapePlan:
+def plan_for_shards(
+    shard_lengths: Sequence[Sequence[int]],
+    sample_rate: int,
+    conv_kernel: Sequence[int],
+    conv_stride: Sequence[int],
+    *,
+    policy: str = "pad",
+    num_buckets: int = 8,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+    min_seconds: float = 2.0,
+    max_seconds: float = 20.0,
+    split: int = 1,
+) -> ShapePlan:
     """The shape plan the trainer uses for shards of ``shard_lengths`` (``index.json``'s
     per-shard utterance lengths) and a model with this conv stack.
 
@@ -190,16 +220,26 @@ def plan_for_shards(shard_lengths: Sequence[Sequence[int]], sample_rate: int,
     multiple of ``split``.
     """
     lengths = [n for shard in shard_lengths for n in shard]
-    return make_plan(lengths, policy, num_buckets,
-                     max_tokens=max_tokens * split if max_tokens else None,
-                     batch_size=batch_size * split, batch_multiple=split,
-                     min_samples=int(min_seconds * sample_rate),
-                     max_samples=int(max_seconds * sample_rate), sample_rate=sample_rate,
-                     conv_kernel=conv_kernel, conv_stride=conv_stride)
+    return make_plan(
+        lengths,
+        policy,
+        num_buckets,
+        max_tokens=max_tokens * split if max_tokens else None,
+        batch_size=batch_size * split,
+        batch_multiple=split,
+        min_samples=int(min_seconds * sample_rate),
+        max_samples=int(max_seconds * sample_rate),
+        sample_rate=sample_rate,
+        conv_kernel=conv_kernel,
+        conv_stride=conv_stride,
+    )
 
 
-def frames_to_min_samples(frames: int, conv_kernel: Sequence[int] = DEFAULT_CONV_KERNEL,
-                          conv_stride: Sequence[int] = DEFAULT_CONV_STRIDE) -> int:
+def frames_to_min_samples(
+    frames: int,
+    conv_kernel: Sequence[int] = DEFAULT_CONV_KERNEL,
+    conv_stride: Sequence[int] = DEFAULT_CONV_STRIDE,
+) -> int:
     """Fewest samples that give ``frames`` encoder frames."""
     length = frames
     for kernel, stride in reversed(list(zip(conv_kernel, conv_stride))):
@@ -234,11 +274,14 @@ def padded_efficiency(plan: ShapePlan, lengths: Sequence[int]) -> dict:
     batches = [math.ceil(c / b) for c, b in zip(counts, plan.batch_sizes)]
     padded = [n * b * length for n, b, length in zip(batches, plan.batch_sizes, plan.lengths)]
     utterances = max(int(valid.sum()), 1)
-    return {"efficiency": sum(audio) / sum(padded) if sum(padded) else 0.0,
-            "audio_kept": sum(audio) / max(int(capped.sum()), 1),
-            "dropped": int(arr.size - valid.sum()), "batches": batches,
-            "bucket_efficiency": [a / p if p else 0.0 for a, p in zip(audio, padded)],
-            "share": ([1.0] if plan.policy == "pack" else [c / utterances for c in counts])}
+    return {
+        "efficiency": sum(audio) / sum(padded) if sum(padded) else 0.0,
+        "audio_kept": sum(audio) / max(int(capped.sum()), 1),
+        "dropped": int(arr.size - valid.sum()),
+        "batches": batches,
+        "bucket_efficiency": [a / p if p else 0.0 for a, p in zip(audio, padded)],
+        "share": ([1.0] if plan.policy == "pack" else [c / utterances for c in counts]),
+    }
 
 
 def pack_rows(lengths: Sequence[int], row_length: int, align: int = 1) -> list[list[int]]:

@@ -71,13 +71,23 @@ class VerifiedCheckpoint:
 
 def feature_extractor_for(config) -> Wav2Vec2FeatureExtractor:
     """The extractor matching our loader: 16 kHz, zero-mean unit-variance, zero padding."""
-    return Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16_000, padding_value=0.0,
-                                    do_normalize=True,
-                                    return_attention_mask=config.feat_extract_norm == "layer")
+    return Wav2Vec2FeatureExtractor(
+        feature_size=1,
+        sampling_rate=16_000,
+        padding_value=0.0,
+        do_normalize=True,
+        return_attention_mask=config.feat_extract_norm == "layer",
+    )
 
 
-def save(output_dir: Path, update: int, model, optimizer, trainer_state: dict,
-         total_limit: int | None = None) -> Path:
+def save(
+    output_dir: Path,
+    update: int,
+    model,
+    optimizer,
+    trainer_state: dict,
+    total_limit: int | None = None,
+) -> Path:
     """Write ``checkpoint-<update>`` and keep the newest ``total_limit`` checkpoints (None: all);
     the partial folders of killed saves go. Only the holder of the output folder's lock saves.
 
@@ -85,13 +95,15 @@ def save(output_dir: Path, update: int, model, optimizer, trainer_state: dict,
     ``CheckpointSaveError`` when the disk refuses a write.
     """
     if total_limit is not None and total_limit < 1:
-        raise ValueError(f"save_total_limit {total_limit}: keep at least 1 checkpoint "
-                         f"(or give none to keep all)")
+        raise ValueError(
+            f"save_total_limit {total_limit}: keep at least 1 checkpoint (or give none to keep all)"
+        )
     weights = model.state_dict()
     bad = _first_non_finite(weights)
     if bad is not None:
-        raise NonFiniteWeights(f"checkpoint-{update} not saved: weight {bad} is not finite "
-                               f"(NaN or infinite)")
+        raise NonFiniteWeights(
+            f"checkpoint-{update} not saved: weight {bad} is not finite (NaN or infinite)"
+        )
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{update}"
     tmp = output_dir / f"checkpoint-{update}.tmp"
@@ -110,9 +122,14 @@ def save(output_dir: Path, update: int, model, optimizer, trainer_state: dict,
         _torch_save({"torch": torch.get_rng_state()}, tmp / RNG_FILE)
         writing = STATE_FILE
         files = {p.name: _describe(p) for p in sorted(tmp.iterdir())}
-        (tmp / STATE_FILE).write_text(json.dumps(
-            {"update": update, **trainer_state, "files": files}, indent=1, sort_keys=True,
-            default=str))
+        (tmp / STATE_FILE).write_text(
+            json.dumps(
+                {"update": update, **trainer_state, "files": files},
+                indent=1,
+                sort_keys=True,
+                default=str,
+            )
+        )
         writing = f"folder {final.name}"
         for path in tmp.iterdir():
             _fsync(path)
@@ -122,9 +139,13 @@ def save(output_dir: Path, update: int, model, optimizer, trainer_state: dict,
         _fsync(output_dir)
     except (OSError, RuntimeError, SafetensorError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise _save_error(err, writing, update, output_dir,
-                          _tensor_bytes(weights) + _tensor_bytes(optimizer.state_dict())
-                          ) from err
+        raise _save_error(
+            err,
+            writing,
+            update,
+            output_dir,
+            _tensor_bytes(weights) + _tensor_bytes(optimizer.state_dict()),
+        ) from err
     _rotate(output_dir, final, total_limit)
     return final
 
@@ -134,8 +155,7 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return [p for p in _numbered(output_dir) if (p / STATE_FILE).exists()]
 
 
-def find(output_dir: Path, which: str,
-         warn: Callable[[str], None] | None = None) -> Path:
+def find(output_dir: Path, which: str, warn: Callable[[str], None] | None = None) -> Path:
     """``latest`` (the newest checkpoint in ``output_dir`` that passes ``verify``; each newer one
     that fails is passed to ``warn``, by default printed on stderr) or a checkpoint folder's
     path, which must pass ``verify``."""
@@ -148,8 +168,7 @@ def find(output_dir: Path, which: str,
         return path
     found = _numbered(output_dir)
     if not found:
-        raise FileNotFoundError(f"--resume_from_checkpoint latest: no checkpoint in "
-                                f"{output_dir}")
+        raise FileNotFoundError(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}")
     for path in reversed(found):
         try:
             verify(path)
@@ -157,9 +176,11 @@ def find(output_dir: Path, which: str,
             warn(f"skipping {path.name}: {err}")
             continue
         return path
-    raise CheckpointError(f"--resume_from_checkpoint latest: none of the {len(found)} "
-                          f"checkpoints in {output_dir} is usable (the warnings say what is wrong "
-                          f"with each); start again without --resume_from_checkpoint")
+    raise CheckpointError(
+        f"--resume_from_checkpoint latest: none of the {len(found)} "
+        f"checkpoints in {output_dir} is usable (the warnings say what is wrong "
+        f"with each); start again without --resume_from_checkpoint"
+    )
 
 
 def verify(path: Path) -> None:
@@ -210,18 +231,24 @@ def _read_state(path: Path) -> dict:
 
 
 def _check_file(file: Path, expected) -> None:
-    if not (isinstance(expected, dict) and isinstance(expected.get("bytes"), int)
-            and isinstance(expected.get("sha256"), str)):
-        raise CheckpointError(f"{file.parent / STATE_FILE}: entry for {file.name} has no "
-                              f"'bytes' and 'sha256'")
+    if not (
+        isinstance(expected, dict)
+        and isinstance(expected.get("bytes"), int)
+        and isinstance(expected.get("sha256"), str)
+    ):
+        raise CheckpointError(
+            f"{file.parent / STATE_FILE}: entry for {file.name} has no 'bytes' and 'sha256'"
+        )
     if not file.is_file():
         raise CheckpointError(f"{file}: missing")
     size = file.stat().st_size
     if size != expected["bytes"]:
         raise CheckpointError(f"{file}: {size} bytes, {expected['bytes']} expected")
     if _sha256(file) != expected["sha256"]:
-        raise CheckpointError(f"{file}: sha256 differs from the one in {STATE_FILE} "
-                              f"(the file changed after it was saved)")
+        raise CheckpointError(
+            f"{file}: sha256 differs from the one in {STATE_FILE} "
+            f"(the file changed after it was saved)"
+        )
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -273,16 +300,18 @@ def _tensor_bytes(obj) -> int:
     return 0
 
 
-def _save_error(err: BaseException, writing: str, update: int, output_dir: Path,
-                needed: int) -> CheckpointSaveError:
+def _save_error(
+    err: BaseException, writing: str, update: int, output_dir: Path, needed: int
+) -> CheckpointSaveError:
     code = _errno(err)
     reason = os.strerror(code) if code is not None else str(err).splitlines()[0]
-    free = shutil.disk_usage(next(p for p in (output_dir, *output_dir.parents)
-                                  if p.exists())).free
+    free = shutil.disk_usage(next(p for p in (output_dir, *output_dir.parents) if p.exists())).free
     return CheckpointSaveError(
-        code, f"could not write {writing} of checkpoint-{update} in {output_dir}: {reason}; the "
-              f"checkpoint needs about {_human(needed)}, {_human(free)} free there; free space "
-              f"or fix the folder's permissions, then resume from the last checkpoint")
+        code,
+        f"could not write {writing} of checkpoint-{update} in {output_dir}: {reason}; the "
+        f"checkpoint needs about {_human(needed)}, {_human(free)} free there; free space "
+        f"or fix the folder's permissions, then resume from the last checkpoint",
+    )
 
 
 def _errno(err: BaseException) -> int | None:
@@ -303,7 +332,7 @@ def _human(n: float) -> str:
         return f"{n} bytes"
     units = ("kB", "MB", "GB", "TB")
     power = min(int(math.log10(n) // 3), len(units))
-    return f"{n / 1000 ** power:.1f} {units[power - 1]}"
+    return f"{n / 1000**power:.1f} {units[power - 1]}"
 
 
 def _rotate(output_dir: Path, keep: Path, total_limit: int | None) -> None:
@@ -311,7 +340,7 @@ def _rotate(output_dir: Path, keep: Path, total_limit: int | None) -> None:
     if total_limit is None:
         return
     others = [p for p in list_checkpoints(output_dir) if p != keep]
-    for old in others[:max(0, len(others) - (total_limit - 1))]:
+    for old in others[: max(0, len(others) - (total_limit - 1))]:
         shutil.rmtree(old)
 
 

@@ -84,20 +84,26 @@ class ShardOptions:
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         if lo is not None and hi is not None and lo >= hi:
-            raise ValueError(f"min_duration_in_seconds {lo} >= max_duration_in_seconds {hi}: "
-                             f"nothing could be kept")
+            raise ValueError(
+                f"min_duration_in_seconds {lo} >= max_duration_in_seconds {hi}: "
+                f"nothing could be kept"
+            )
         if cut is not None and not (math.isfinite(cut) and cut * audio.SAMPLE_RATE >= 1):
             raise ValueError(f"max_segment_seconds must be a finite number > 0, got {cut}")
         if cut is not None and lo is not None and lo >= cut:
-            raise ValueError(f"min_duration_in_seconds {lo} >= max_segment_seconds {cut}: "
-                             f"every piece would be dropped")
+            raise ValueError(
+                f"min_duration_in_seconds {lo} >= max_segment_seconds {cut}: "
+                f"every piece would be dropped"
+            )
 
     def segment_rule(self) -> segment.Rule | None:
         """How long recordings are cut (None: kept whole)."""
         if self.max_segment_seconds is None:
             return None
-        return segment.Rule(round(self.max_segment_seconds * audio.SAMPLE_RATE),
-                            round((self.min_duration_in_seconds or 0) * audio.SAMPLE_RATE))
+        return segment.Rule(
+            round(self.max_segment_seconds * audio.SAMPLE_RATE),
+            round((self.min_duration_in_seconds or 0) * audio.SAMPLE_RATE),
+        )
 
     def for_index(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "max_buffer_bytes"}
@@ -140,6 +146,7 @@ class CheckJob(NamedTuple):
 
 # ---------------------------------------------------------------- worker functions (picklable)
 
+
 def read_file(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
@@ -167,7 +174,7 @@ def _flac_of(item: Planned, data: bytes | None, decoded: dict) -> bytes:
     if decoded.get("key") != key:
         decoded.clear()  # one recording in memory at a time
         decoded.update(key=key, samples=audio.decode_target(source, item.excerpt))
-    return audio.encode_flac(decoded["samples"][item.span.start:item.span.stop])
+    return audio.encode_flac(decoded["samples"][item.span.start : item.span.stop])
 
 
 def _check_job(job: CheckJob) -> ShardRecord | None:
@@ -180,8 +187,10 @@ def _check_job(job: CheckJob) -> ShardRecord | None:
         return None
     try:
         with open(job.path, "rb") as f:
-            got = [(key, len(parts.get(AUDIO_EXT, b"")), parts.get(META_EXT))
-                   for key, parts in iter_samples(f, job.path.name)]
+            got = [
+                (key, len(parts.get(AUDIO_EXT, b"")), parts.get(META_EXT))
+                for key, parts in iter_samples(f, job.path.name)
+            ]
     except Exception:  # any damage (bad tar, bad name, I/O) means: write it again
         return None
     if got != [(p.utt_id, p.flac_size, p.meta) for p in job.items]:
@@ -190,6 +199,7 @@ def _check_job(job: CheckJob) -> ShardRecord | None:
 
 
 # ---------------------------------------------------------------- plan and write
+
 
 def plan_shards(planned: list[Planned], options: ShardOptions) -> list[list[Planned]]:
     """Order by id (or a seeded shuffle of that order) and cut into shards by the limits.
@@ -208,8 +218,8 @@ def plan_shards(planned: list[Planned], options: ShardOptions) -> list[list[Plan
         size = member_bytes(item.flac_size) + member_bytes(len(item.meta))
         full = shards and (
             (options.samples_per_shard and len(shards[-1]) >= options.samples_per_shard)
-            or (options.max_shard_bytes
-                and archive_bytes(used + size) > options.max_shard_bytes))
+            or (options.max_shard_bytes and archive_bytes(used + size) > options.max_shard_bytes)
+        )
         if not shards or full:
             shards.append([])
             used = 0
@@ -225,8 +235,9 @@ def _recording_of(item: Planned) -> tuple:
     return item.source, item.location, item.excerpt
 
 
-def _windows(todo: list[int], shards: list[list[Planned]], sources: Sequence[Source],
-             budget: int) -> Iterator[list[int]]:
+def _windows(
+    todo: list[int], shards: list[list[Planned]], sources: Sequence[Source], budget: int
+) -> Iterator[list[int]]:
     """Consecutive shards whose streamed audio fits ``budget`` bytes (at least one shard)."""
     window: list[int] = []
     used = 0
@@ -259,8 +270,10 @@ def _fetch(items: Iterable[Planned], sources: Sequence[Source]) -> dict[str, byt
                 if not left:
                     break
         if left:
-            raise RuntimeError(f"{sources[index].location} changed while converting: "
-                               f"{len(left)} utterances seen in the scan are gone")
+            raise RuntimeError(
+                f"{sources[index].location} changed while converting: "
+                f"{len(left)} utterances seen in the scan are gone"
+            )
     return got
 
 
@@ -279,7 +292,8 @@ def _prepare_output(output_dir: Path, names: set[str], overwrite: bool) -> None:
         raise FileExistsError(
             f"{output_dir} holds {len(foreign)} shard(s) this run would not write "
             f"(first: {foreign[0]}), left by a run with other inputs or options; use an empty "
-            f"folder or pass --overwrite to delete them")
+            f"folder or pass --overwrite to delete them"
+        )
     for name in foreign:
         (output_dir / name).unlink()
 
@@ -311,14 +325,20 @@ def _split_totals(shards: list[list[Planned]]) -> dict[str, SplitTotal]:
     for items in shards:
         for item in items:
             utterances, seconds = totals.get(item.split, SplitTotal(0, 0.0))
-            totals[item.split] = SplitTotal(utterances + 1,
-                                            seconds + item.num_samples / audio.SAMPLE_RATE)
+            totals[item.split] = SplitTotal(
+                utterances + 1, seconds + item.num_samples / audio.SAMPLE_RATE
+            )
     return totals
 
 
-def convert(sources: Sequence[Source], output_dir: Path, options: ShardOptions,
-            num_workers: int = 1, overwrite: bool = False,
-            progress: Callable | None = None) -> ConversionSummary:
+def convert(
+    sources: Sequence[Source],
+    output_dir: Path,
+    options: ShardOptions,
+    num_workers: int = 1,
+    overwrite: bool = False,
+    progress: Callable | None = None,
+) -> ConversionSummary:
     """Scan ``sources``, write the planned shards into ``output_dir`` and its index.json.
 
     ``progress(stage, utterances, seconds, total=None)`` is called as work is done (once with
@@ -330,18 +350,27 @@ def convert(sources: Sequence[Source], output_dir: Path, options: ShardOptions,
     report = progress or (lambda stage, n, seconds, total=None: None)
     mapper = Mapper(num_workers)
     try:
-        scanned = scan(sources, options.full_decode, mapper,
-                       lambda n, samples: report("scan", n, samples / audio.SAMPLE_RATE),
-                       options.segment_rule())
-        planned = select(scanned, options.min_duration_in_seconds,
-                         options.max_duration_in_seconds)
+        scanned = scan(
+            sources,
+            options.full_decode,
+            mapper,
+            lambda n, samples: report("scan", n, samples / audio.SAMPLE_RATE),
+            options.segment_rule(),
+        )
+        planned = select(scanned, options.min_duration_in_seconds, options.max_duration_in_seconds)
         problems = scanned.problems
         del scanned
         if not planned:
             raise NothingUsable("no usable utterance was found in the inputs")
-        long = [] if options.max_segment_seconds is not None else [
-            p.num_samples for p in planned
-            if p.num_samples > LONG_RECORDING_SECONDS * audio.SAMPLE_RATE]
+        long = (
+            []
+            if options.max_segment_seconds is not None
+            else [
+                p.num_samples
+                for p in planned
+                if p.num_samples > LONG_RECORDING_SECONDS * audio.SAMPLE_RATE
+            ]
+        )
         shards = plan_shards(planned, options)
         paths = [output_dir / shard_name(i) for i in range(len(shards))]
         _prepare_output(output_dir, {p.name for p in paths}, overwrite)
@@ -354,26 +383,47 @@ def convert(sources: Sequence[Source], output_dir: Path, options: ShardOptions,
     for problem in problems:
         by_reason.setdefault(problem.reason, []).append(problem)
     records = done.records
-    write_index(output_dir, build_index(records, _split_totals(shards), by_reason,
-                                        options.for_index(), KEPT_REASONS, audio.SAMPLE_RATE))
+    write_index(
+        output_dir,
+        build_index(
+            records,
+            _split_totals(shards),
+            by_reason,
+            options.for_index(),
+            KEPT_REASONS,
+            audio.SAMPLE_RATE,
+        ),
+    )
     (output_dir / JOURNAL_NAME).unlink()
     return ConversionSummary(
-        output_dir, shards_written=done.written, shards_kept=len(shards) - done.written,
+        output_dir,
+        shards_written=done.written,
+        shards_kept=len(shards) - done.written,
         utterances=sum(r.num_utterances for r in records),
-        seconds=sum(r.seconds for r in records), bytes=sum(r.bytes for r in records),
-        problems=by_reason, long_recordings=len(long),
-        long_seconds=sum(long) / audio.SAMPLE_RATE)
+        seconds=sum(r.seconds for r in records),
+        bytes=sum(r.bytes for r in records),
+        problems=by_reason,
+        long_recordings=len(long),
+        long_seconds=sum(long) / audio.SAMPLE_RATE,
+    )
 
 
-def _write_shards(sources: Sequence[Source], shards: list[list[Planned]], paths: list[Path],
-                  budget: int, mapper: Mapper, report: Callable) -> Written:
+def _write_shards(
+    sources: Sequence[Source],
+    shards: list[list[Planned]],
+    paths: list[Path],
+    budget: int,
+    mapper: Mapper,
+    report: Callable,
+) -> Written:
     """Write each planned shard that is not already complete and intact, journalling each."""
     output_dir = paths[0].parent
     records: list[ShardRecord | None] = [None] * len(shards)
     hashes = _written_hashes(output_dir)
     existing = [i for i, p in enumerate(paths) if p.exists()]
-    checks = mapper.map(_check_job, [CheckJob(paths[i], shards[i], hashes.get(paths[i].name))
-                                     for i in existing])
+    checks = mapper.map(
+        _check_job, [CheckJob(paths[i], shards[i], hashes.get(paths[i].name)) for i in existing]
+    )
     for i, record in zip(existing, checks):
         records[i] = record
         if record:
@@ -387,8 +437,10 @@ def _write_shards(sources: Sequence[Source], shards: list[list[Planned]], paths:
             (output_dir / INDEX_NAME).unlink(missing_ok=True)  # never beside new shards
         for window in _windows(todo, shards, sources, budget):
             fetched = _fetch((p for i in window for p in shards[i]), sources)
-            jobs = [WriteJob(paths[i], shards[i], [fetched.pop(p.utt_id, None) for p in shards[i]])
-                    for i in window]
+            jobs = [
+                WriteJob(paths[i], shards[i], [fetched.pop(p.utt_id, None) for p in shards[i]])
+                for i in window
+            ]
             for i, record in zip(window, mapper.map(_write_job, jobs, chunksize=1)):
                 records[i] = record
                 _journal(journal, record)
@@ -397,6 +449,7 @@ def _write_shards(sources: Sequence[Source], shards: list[list[Planned]], paths:
 
 
 # ---------------------------------------------------------------- verification
+
 
 @dataclass
 class VerifyReport:
@@ -445,15 +498,17 @@ def _verify_shard(job: VerifyJob) -> ShardVerified:
 def _verify_sample(name: str, key: str, parts: dict[str, bytes], expected: int) -> list[str]:
     """The loader's check (``shards.check_sample``), then a full decode of the FLAC."""
     extra = sorted(set(parts) - {AUDIO_EXT, META_EXT})
-    errors = [f"{name}: sample {key} has members {sorted(parts)}, expected flac and json"
-              ] if extra else []
+    errors = (
+        [f"{name}: sample {key} has members {sorted(parts)}, expected flac and json"]
+        if extra
+        else []
+    )
     try:
         info = audio.probe(check_sample(parts, expected), full_decode=True)
     except (BadSample, audio.AudioError) as exc:
         return errors + [f"{name}: sample {key}: {exc}"]
     if not info.is_target or info.num_samples != expected:
-        errors.append(f"{name}: sample {key}: {info} disagrees with the index's {expected} "
-                      f"samples")
+        errors.append(f"{name}: sample {key}: {info} disagrees with the index's {expected} samples")
     return errors
 
 
@@ -471,19 +526,26 @@ def verify(output_dir: Path, num_workers: int = 1) -> VerifyReport:
     finally:
         mapper.close()
     if report.utterances != index["totals"]["utterances"]:
-        report.errors.append(f"index totals say {index['totals']['utterances']} utterances, "
-                             f"shards hold {report.utterances}")
+        report.errors.append(
+            f"index totals say {index['totals']['utterances']} utterances, "
+            f"shards hold {report.utterances}"
+        )
     return report
 
 
 def format_summary(summary: ConversionSummary) -> str:
     """The table printed at the end of a conversion."""
-    rows = [("output", str(summary.output_dir)),
-            ("shards", f"{summary.shards_written + summary.shards_kept} "
-                       f"({summary.shards_written} written, {summary.shards_kept} kept)"),
-            ("utterances", f"{summary.utterances}"),
-            ("audio", f"{summary.seconds / 3600:.3f} h"),
-            ("bytes", f"{summary.bytes / 1e6:.1f} MB")]
+    rows = [
+        ("output", str(summary.output_dir)),
+        (
+            "shards",
+            f"{summary.shards_written + summary.shards_kept} "
+            f"({summary.shards_written} written, {summary.shards_kept} kept)",
+        ),
+        ("utterances", f"{summary.utterances}"),
+        ("audio", f"{summary.seconds / 3600:.3f} h"),
+        ("bytes", f"{summary.bytes / 1e6:.1f} MB"),
+    ]
     for reason, items in sorted(summary.problems.items()):
         kind = "kept" if reason in KEPT_REASONS else "skipped"
         example = next((p.utt_id or p.location for p in items), "")

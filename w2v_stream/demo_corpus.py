@@ -58,8 +58,9 @@ class SpeechSynthesizer:
         if self.rate <= 0:
             raise RuntimeError("eSpeak NG failed to initialise from the espeakng-loader wheel")
         self._chunks: list[np.ndarray] = []
-        callback_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short),
-                                         ctypes.c_int, ctypes.c_void_p)
+        callback_type = ctypes.CFUNCTYPE(
+            ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
+        )
 
         def collect(wav, count, _events):
             if count > 0:
@@ -76,8 +77,9 @@ class SpeechSynthesizer:
             cls._instance = SpeechSynthesizer()
         return cls._instance
 
-    def speak(self, text: str, voice: str, words_per_minute: int, pitch: int,
-              seed: int = 0) -> np.ndarray:
+    def speak(
+        self, text: str, voice: str, words_per_minute: int, pitch: int, seed: int = 0
+    ) -> np.ndarray:
         """Synthesize ``text``; returns int16 samples at ``self.rate`` Hz, a function of
         the arguments (``seed`` drives the engine's noise)."""
         if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
@@ -110,8 +112,7 @@ def sample_duration(rng: np.random.Generator) -> float:
     return float(rng.uniform(17.0, 30.0))
 
 
-def synthesize_utterance(speaker: Speaker, seconds: float,
-                         seed: int) -> tuple[np.ndarray, str]:
+def synthesize_utterance(speaker: Speaker, seconds: float, seed: int) -> tuple[np.ndarray, str]:
     """Speech close to ``seconds`` long (never longer), 16 kHz float32, and its transcript.
 
     Words are drawn until the speech fills the target; the rest is quiet room noise split
@@ -124,15 +125,16 @@ def synthesize_utterance(speaker: Speaker, seconds: float,
     for _ in range(6):
         text = " ".join(rng.choice(_WORDS, size=words))
         raw = engine.speak(text, speaker.voice, speaker.words_per_minute, speaker.pitch, seed)
-        speech = soxr.resample(raw.astype(np.float32) / 32768.0, engine.rate, SAMPLE_RATE,
-                               quality="HQ")
+        speech = soxr.resample(
+            raw.astype(np.float32) / 32768.0, engine.rate, SAMPLE_RATE, quality="HQ"
+        )
         if speech.shape[0] <= target or words == 1:
             break
         words = max(1, int(words * target / speech.shape[0]))
     speech = speech[:target]
     lead = int(rng.integers(0, target - speech.shape[0] + 1))
     noise = rng.normal(0.0, 0.002, size=target).astype(np.float32)
-    noise[lead:lead + speech.shape[0]] += speech
+    noise[lead : lead + speech.shape[0]] += speech
     return noise, text.upper()
 
 
@@ -143,10 +145,16 @@ def _speak_job(job: tuple[Speaker, float, int, Path]) -> str:
     return text
 
 
-def make_demo_corpus(root: Path, split: str = "dev-clean", num_speakers: int = 4,
-                     chapters_per_speaker: int = 2, utterances_per_chapter: int = 5,
-                     seed: int = 0, num_workers: int = 2,
-                     progress: Callable[[int], None] | None = None) -> list[Path]:
+def make_demo_corpus(
+    root: Path,
+    split: str = "dev-clean",
+    num_speakers: int = 4,
+    chapters_per_speaker: int = 2,
+    utterances_per_chapter: int = 5,
+    seed: int = 0,
+    num_workers: int = 2,
+    progress: Callable[[int], None] | None = None,
+) -> list[Path]:
     """Write a LibriSpeech-layout split under ``root/split``; returns the FLAC paths.
     ``progress(n)`` is called as utterances are spoken."""
     rng = np.random.default_rng(seed)
@@ -155,16 +163,19 @@ def make_demo_corpus(root: Path, split: str = "dev-clean", num_speakers: int = 4
     jobs: list[tuple[Speaker, float, int, Path]] = []
     chapters: list[tuple[Path, list[str]]] = []
     for s in range(num_speakers):
-        speaker = Speaker(speaker_id=100 + 37 * s + int(rng.integers(0, 30)),
-                          voice=f"{_VOICES[s % len(_VOICES)]}+{_VARIANTS[s % len(_VARIANTS)]}",
-                          words_per_minute=int(rng.integers(140, 190)),
-                          pitch=int(rng.integers(30, 70)))
+        speaker = Speaker(
+            speaker_id=100 + 37 * s + int(rng.integers(0, 30)),
+            voice=f"{_VOICES[s % len(_VOICES)]}+{_VARIANTS[s % len(_VARIANTS)]}",
+            words_per_minute=int(rng.integers(140, 190)),
+            pitch=int(rng.integers(30, 70)),
+        )
         for c in range(chapters_per_speaker):
             chapter_id = 1000 + 113 * c + int(rng.integers(0, 100))
             chapter_dir = split_dir / str(speaker.speaker_id) / str(chapter_id)
             chapter_dir.mkdir(parents=True, exist_ok=True)
-            ids = [f"{speaker.speaker_id}-{chapter_id}-{u:04d}"
-                   for u in range(utterances_per_chapter)]
+            ids = [
+                f"{speaker.speaker_id}-{chapter_id}-{u:04d}" for u in range(utterances_per_chapter)
+            ]
             chapters.append((chapter_dir / f"{speaker.speaker_id}-{chapter_id}.trans.txt", ids))
             for utt_id in ids:
                 paths.append(chapter_dir / f"{utt_id}.flac")
@@ -177,8 +188,9 @@ def make_demo_corpus(root: Path, split: str = "dev-clean", num_speakers: int = 4
             if progress:
                 progress(1)
     for trans, ids in chapters:
-        trans.write_text("".join(f"{i} {texts[trans.parent / f'{i}.flac']}\n" for i in ids),
-                         encoding="utf-8")
+        trans.write_text(
+            "".join(f"{i} {texts[trans.parent / f'{i}.flac']}\n" for i in ids), encoding="utf-8"
+        )
     return paths
 
 
@@ -192,10 +204,15 @@ def write_openslr_archive(root: Path, split: str, archive: Path) -> Path:
     return archive
 
 
-_HF_NAMES = {"dev-clean": "validation.clean", "dev-other": "validation.other",
-             "test-clean": "test.clean", "test-other": "test.other",
-             "train-clean-100": "train.clean.100", "train-clean-360": "train.clean.360",
-             "train-other-500": "train.other.500"}
+_HF_NAMES = {
+    "dev-clean": "validation.clean",
+    "dev-other": "validation.other",
+    "test-clean": "test.clean",
+    "test-other": "test.other",
+    "train-clean-100": "train.clean.100",
+    "train-clean-360": "train.clean.360",
+    "train-other-500": "train.other.500",
+}
 
 
 def write_hf_parquet(root: Path, split: str, out_dir: Path, rows_per_file: int = 0) -> list[Path]:
@@ -210,16 +227,22 @@ def write_hf_parquet(root: Path, split: str, out_dir: Path, rows_per_file: int =
             utt_id, _, text = line.partition(" ")
             flac = trans.parent / f"{utt_id}.flac"
             speaker, chapter, _ = utt_id.split("-")
-            rows.append({"file": str(flac), "audio": {"bytes": flac.read_bytes(),
-                                                      "path": flac.name},
-                         "text": text, "speaker_id": int(speaker), "chapter_id": int(chapter),
-                         "id": utt_id})
+            rows.append(
+                {
+                    "file": str(flac),
+                    "audio": {"bytes": flac.read_bytes(), "path": flac.name},
+                    "text": text,
+                    "speaker_id": int(speaker),
+                    "chapter_id": int(chapter),
+                    "id": utt_id,
+                }
+            )
     per_file = rows_per_file or len(rows)
     count = -(-len(rows) // per_file)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(count):
         path = out_dir / f"{_HF_NAMES.get(split, split)}-{i:05d}-of-{count:05d}.parquet"
-        pq.write_table(pa.Table.from_pylist(rows[i * per_file:(i + 1) * per_file]), path)
+        pq.write_table(pa.Table.from_pylist(rows[i * per_file : (i + 1) * per_file]), path)
         paths.append(path)
     return paths

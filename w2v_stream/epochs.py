@@ -91,15 +91,19 @@ def _rng(seed: int, epoch: int, purpose: int, stream: int = 0) -> np.random.Gene
     return np.random.default_rng([seed, epoch, purpose, stream])
 
 
-def assign_shards(num_shards: int, num_streams: int, epoch: int, seed: int,
-                  passes: int = 1) -> list[list[tuple[int, int, int]]]:
+def assign_shards(
+    num_shards: int, num_streams: int, epoch: int, seed: int, passes: int = 1
+) -> list[list[tuple[int, int, int]]]:
     """Per stream, the (shard, j, m) virtual shards it reads this epoch, in order."""
     if num_shards < 1:
         raise ValueError("no shards to read")
     m = math.ceil(num_streams / num_shards)
-    virtual = [(int(s), j, m) for p in range(passes)
-               for s in _rng(seed, epoch * passes + p, 0).permutation(num_shards)
-               for j in range(m)]
+    virtual = [
+        (int(s), j, m)
+        for p in range(passes)
+        for s in _rng(seed, epoch * passes + p, 0).permutation(num_shards)
+        for j in range(m)
+    ]
     streams: list[list[tuple[int, int, int]]] = [[] for _ in range(num_streams)]
     for v, entry in enumerate(virtual):
         streams[v % num_streams].append(entry)
@@ -126,9 +130,17 @@ def _shuffled(items: list[Item], capacity: int, rng: np.random.Generator) -> lis
     return out
 
 
-def plan_epoch(shard_lengths: Sequence[Sequence[int]], plan: ShapePlan, num_streams: int,
-               epoch: int, seed: int, shuffle_samples: int, round_items: int = 256,
-               passes: int = 1, bucket_runs: bool = False) -> EpochPlan:
+def plan_epoch(
+    shard_lengths: Sequence[Sequence[int]],
+    plan: ShapePlan,
+    num_streams: int,
+    epoch: int,
+    seed: int,
+    shuffle_samples: int,
+    round_items: int = 256,
+    passes: int = 1,
+    bucket_runs: bool = False,
+) -> EpochPlan:
     """The batches of every stream for ``epoch`` (see the module docstring).
 
     ``bucket_runs`` keeps each round's batches of one bucket together (the order of the
@@ -157,7 +169,7 @@ def plan_epoch(shard_lengths: Sequence[Sequence[int]], plan: ShapePlan, num_stre
     order_rng = _rng(seed, epoch, 2)
     while True:
         for s in range(num_streams):
-            taken = queues[s][cursor[s]:cursor[s] + round_items]
+            taken = queues[s][cursor[s] : cursor[s] + round_items]
             cursor[s] += len(taken)
             last = cursor[s] >= len(queues[s])
             if plan.policy == "pack":
@@ -183,8 +195,9 @@ def plan_epoch(shard_lengths: Sequence[Sequence[int]], plan: ShapePlan, num_stre
             donors = [j for j in kinds if (j < k if plan.policy != "crop" else j > k)]
             for s in range(num_streams):
                 for _ in range(n):
-                    made[s].append(Batch(k, tuple(_take(pending[s], k, donors)
-                                                  for _ in range(size))))
+                    made[s].append(
+                        Batch(k, tuple(_take(pending[s], k, donors) for _ in range(size)))
+                    )
         order = _round_order(made[0], bucket_runs, order_rng)
         for s in range(num_streams):
             out[s] += [made[s][i] for i in order]
@@ -193,8 +206,7 @@ def plan_epoch(shard_lengths: Sequence[Sequence[int]], plan: ShapePlan, num_stre
     return EpochPlan(tuple(tuple(b) for b in out), tuple(tuple(r) for r in reads), dropped)
 
 
-def _round_order(batches: list[Batch], bucket_runs: bool,
-                 rng: np.random.Generator) -> list[int]:
+def _round_order(batches: list[Batch], bucket_runs: bool, rng: np.random.Generator) -> list[int]:
     """The order of a round's batches (the same for every stream: they hold the same shapes).
     ``batches`` come grouped by bucket; runs keep the groups whole and shuffle their order."""
     if not batches:
@@ -219,8 +231,9 @@ def _take(pending: list[deque], k: int, donors: Sequence[int]) -> Row:
     return ()
 
 
-def _pack(items: list[Item], row_length: int, align: int, last: bool,
-          carry: list[list[Item]], stream: int) -> list[Row]:
+def _pack(
+    items: list[Item], row_length: int, align: int, last: bool, carry: list[list[Item]], stream: int
+) -> list[Row]:
     """Pack ``items`` into rows, each utterance starting at a multiple of ``align`` samples;
     rows with less than PACK_MIN_FILL of audio wait for the next round, unless it is the
     stream's ``last``."""

@@ -51,7 +51,7 @@ def quick_check_bytes(data: bytes) -> StreamInfo | None:
     info = _with_length(data[:42])
     if info is None:
         return None
-    return _vouched(info, data[max(len(data) - _tail_bytes(info), 42):])
+    return _vouched(info, data[max(len(data) - _tail_bytes(info), 42) :])
 
 
 def _with_length(head: bytes) -> StreamInfo | None:
@@ -116,7 +116,7 @@ def with_length(data: bytes) -> bytes | None:
     info = parse_streaminfo(data[:42])
     if info is None or info.num_samples:
         return None
-    end = last_frame_end(data[max(len(data) - TAIL_BYTES, 42):], info)
+    end = last_frame_end(data[max(len(data) - TAIL_BYTES, 42) :], info)
     if end is None:
         return None
     # The 36-bit length sits in the low 4 bits of byte 21 and bytes 22..25.
@@ -126,7 +126,7 @@ def with_length(data: bytes) -> bytes | None:
 
 def _frame_header(tail: bytes, pos: int, info: StreamInfo) -> tuple[int, int] | None:
     """(first sample, block size) of a frame header at ``pos`` with a good CRC-8, else None."""
-    head = tail[pos:pos + 16]
+    head = tail[pos : pos + 16]
     if len(head) < 6:
         return None
     variable = head[1] & 0x01
@@ -144,7 +144,7 @@ def _frame_header(tail: bytes, pos: int, info: StreamInfo) -> tuple[int, int] | 
     elif block_code == 6:
         block, i = head[i] + 1, i + 1
     elif block_code == 7:
-        block, i = int.from_bytes(head[i:i + 2], "big") + 1, i + 2
+        block, i = int.from_bytes(head[i : i + 2], "big") + 1, i + 2
     else:
         block = 256 << (block_code - 8)
     i += {12: 1, 13: 2, 14: 2}.get(rate_code, 0)
@@ -166,7 +166,7 @@ def _utf8_number(head: bytes, i: int) -> tuple[int | None, int]:
     if extra is None or first & 0x40 == 0 or i + 1 + extra > len(head):
         return None, i
     value = first & (0x3F >> extra)
-    for byte in head[i + 1:i + 1 + extra]:
+    for byte in head[i + 1 : i + 1 + extra]:
         if byte & 0xC0 != 0x80:
             return None, i
         value = (value << 6) | (byte & 0x3F)
@@ -244,9 +244,9 @@ def crc16(data: np.ndarray | bytes) -> int:
         return 0
     blocks = -(-data.size // _BLOCK)
     padded = np.zeros(blocks * _BLOCK, np.uint8)  # leading zeros leave a zero-init CRC alone
-    padded[-data.size:] = data
+    padded[-data.size :] = data
     rows = padded.reshape(blocks, _BLOCK)
     per_block = np.bitwise_xor.reduce(_BYTE_AT_REVERSED[_COLUMNS, rows], axis=1)
-    images = _CARRY[blocks - 1::-1]  # (blocks, 16): how each block's CRC is carried
+    images = _CARRY[blocks - 1 :: -1]  # (blocks, 16): how each block's CRC is carried
     bits = (per_block[:, None] >> _BITS) & 1
     return int(np.bitwise_xor.reduce((images * bits).ravel()))

@@ -105,14 +105,16 @@ class AudioFolderSource:
         is in, to catch a link back to one of them)."""
         path = os.path.join(self.root, entry.relative)
         if not entry.is_folder:
-            yield AudioFound(hashed_id(entry.relative), None, None, self.split, path,
-                             path=path, source=path)
+            yield AudioFound(
+                hashed_id(entry.relative), None, None, self.split, path, path=path, source=path
+            )
             return
         try:
             identity = _identity(path)
             if identity in ancestors:
-                yield Problem("symlink_loop", None, path,
-                              "a link back to a folder it is in; not followed")
+                yield Problem(
+                    "symlink_loop", None, path, "a link back to a folder it is in; not followed"
+                )
                 return
             entries = self._entries(path, entry.relative + "/")
         except OSError as exc:
@@ -125,9 +127,12 @@ class AudioFolderSource:
         """The folders and audio files in ``folder``, sorted by name, hidden ones left out;
         ``prefix`` is ``folder``'s path relative to the root."""
         with os.scandir(folder) as found:
-            entries = [Entry(prefix + e.name, e.is_dir()) for e in found
-                       if not e.name.startswith(".")
-                       and (e.is_dir() or e.name.lower().endswith(self.suffixes))]
+            entries = [
+                Entry(prefix + e.name, e.is_dir())
+                for e in found
+                if not e.name.startswith(".")
+                and (e.is_dir() or e.name.lower().endswith(self.suffixes))
+            ]
         return sorted(entries)
 
 
@@ -169,20 +174,29 @@ class ManifestSource:
             return
         root = lines[0].strip() if lines else ""
         if not root:
-            yield Problem("bad_manifest", None, self.location,
-                          "the first line must be the root folder of the files listed")
+            yield Problem(
+                "bad_manifest",
+                None,
+                self.location,
+                "the first line must be the root folder of the files listed",
+            )
             return
         for number, line in enumerate(lines[1:], 2):
             relative, tab, count = line.partition("\t")
             if not line.strip():
                 continue
             if not tab or not relative or not count.strip().isdigit():
-                yield Problem("bad_manifest_line", None, f"{self.location}:{number}",
-                              f"expected relative/path<TAB>num_samples: {line[:60]!r}")
+                yield Problem(
+                    "bad_manifest_line",
+                    None,
+                    f"{self.location}:{number}",
+                    f"expected relative/path<TAB>num_samples: {line[:60]!r}",
+                )
                 continue
             path = os.path.join(root, relative)
-            yield AudioFound(hashed_id(relative), None, None, self.split, path, path=path,
-                             source=path)
+            yield AudioFound(
+                hashed_id(relative), None, None, self.split, path, path=path, source=path
+            )
 
 
 def require_lhotse(where: str) -> None:
@@ -190,8 +204,7 @@ def require_lhotse(where: str) -> None:
     try:
         import lhotse  # noqa: F401  (only lhotse manifests need it)
     except ImportError:
-        raise ValueError(f"{where}: reading a lhotse manifest needs lhotse: "
-                         f"{LHOTSE_PIP}") from None
+        raise ValueError(f"{where}: reading a lhotse manifest needs lhotse: {LHOTSE_PIP}") from None
 
 
 def _lhotse_events(manifest: str, split: str) -> Iterator[Event]:
@@ -203,38 +216,67 @@ def _lhotse_events(manifest: str, split: str) -> Iterator[Event]:
         if items is None:
             raise ValueError("not a lhotse .jsonl or .jsonl.gz manifest")
         for item in items:
-            yield _lhotse_event(item, isinstance(item, Recording), f"{manifest}#{item.id}",
-                                split)
+            yield _lhotse_event(item, isinstance(item, Recording), f"{manifest}#{item.id}", split)
     except Exception as exc:  # lhotse's parsers raise many kinds; what came before stays
-        yield Problem("bad_manifest", None, manifest,
-                      f"unreadable past this point ({type(exc).__name__}: {exc})")
+        yield Problem(
+            "bad_manifest",
+            None,
+            manifest,
+            f"unreadable past this point ({type(exc).__name__}: {exc})",
+        )
 
 
 def _lhotse_event(item, is_recording: bool, location: str, split: str) -> Event:
     """One recording or cut: an utterance, or the problem that keeps it out."""
     recording = item if is_recording else getattr(item, "recording", None)
     if recording is None:
-        return Problem("unsupported_cut", None, location,
-                       f"a {type(item).__name__} has no single recording; mixed and "
-                       f"padding cuts are not read")
+        return Problem(
+            "unsupported_cut",
+            None,
+            location,
+            f"a {type(item).__name__} has no single recording; mixed and padding cuts are not read",
+        )
     sources = recording.sources
     if len(sources) != 1 or sources[0].type != "file":
         kinds = ", ".join(s.type for s in sources)
-        return Problem("unsupported_source", None, location,
-                       f"audio from {len(sources)} source(s) ({kinds}); only a recording "
-                       f"in one file is read")
+        return Problem(
+            "unsupported_source",
+            None,
+            location,
+            f"audio from {len(sources)} source(s) ({kinds}); only a recording in one file is read",
+        )
     if getattr(recording, "transforms", None):
-        return Problem("unsupported_source", None, location,
-                       "the recording has transforms (speed, volume, ...); not applied")
+        return Problem(
+            "unsupported_source",
+            None,
+            location,
+            "the recording has transforms (speed, volume, ...); not applied",
+        )
     path = str(sources[0].source)
     excerpt = None
     if not is_recording:
         wanted = item.channel if isinstance(item.channel, list) else [item.channel]
         if not set(wanted) <= set(sources[0].channels):
-            return Problem("bad_manifest", None, location,
-                           f"channels {wanted} are not in the file's {sources[0].channels}")
-        excerpt = Excerpt(float(item.start), float(item.duration),
-                          tuple(sources[0].channels.index(c) for c in wanted))
+            return Problem(
+                "bad_manifest",
+                None,
+                location,
+                f"channels {wanted} are not in the file's {sources[0].channels}",
+            )
+        excerpt = Excerpt(
+            float(item.start),
+            float(item.duration),
+            tuple(sources[0].channels.index(c) for c in wanted),
+        )
     texts = [] if is_recording else [s.text for s in item.supervisions if s.text]
-    return AudioFound(utterance_id(item.id), None, None, split, location, path=path,
-                      text=" ".join(texts) or None, source=path, excerpt=excerpt)
+    return AudioFound(
+        utterance_id(item.id),
+        None,
+        None,
+        split,
+        location,
+        path=path,
+        text=" ".join(texts) or None,
+        source=path,
+        excerpt=excerpt,
+    )

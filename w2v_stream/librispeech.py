@@ -35,12 +35,20 @@ _NUMBER = re.compile(r"[0-9]+")  # a speaker or chapter folder
 # Hugging Face split names (file names like "train.clean.100-00000-of-00014.parquet", or
 # folders "clean/train.100/") to the OpenSLR ones used in ids and metadata.
 _HF_SPLITS = {
-    "train.clean.100": "train-clean-100", "train.clean.360": "train-clean-360",
-    "train.other.500": "train-other-500", "validation.clean": "dev-clean",
-    "validation.other": "dev-other", "test.clean": "test-clean", "test.other": "test-other",
-    "clean/train.100": "train-clean-100", "clean/train.360": "train-clean-360",
-    "other/train.500": "train-other-500", "clean/validation": "dev-clean",
-    "other/validation": "dev-other", "clean/test": "test-clean", "other/test": "test-other",
+    "train.clean.100": "train-clean-100",
+    "train.clean.360": "train-clean-360",
+    "train.other.500": "train-other-500",
+    "validation.clean": "dev-clean",
+    "validation.other": "dev-other",
+    "test.clean": "test-clean",
+    "test.other": "test-other",
+    "clean/train.100": "train-clean-100",
+    "clean/train.360": "train-clean-360",
+    "other/train.500": "train-other-500",
+    "clean/validation": "dev-clean",
+    "other/validation": "dev-other",
+    "clean/test": "test-clean",
+    "other/test": "test-other",
 }
 
 
@@ -48,8 +56,9 @@ def parse_utterance_name(stem: str, location: str) -> tuple[str, int, int] | Pro
     """``"103-1240-0000"`` → (id, speaker, chapter), or a Problem for anything else."""
     match = _LIBRISPEECH_ID.fullmatch(stem)
     if not match:
-        return Problem("unrecognised_name", None, location,
-                       f"{stem!r} is not <speaker>-<chapter>-<utterance>")
+        return Problem(
+            "unrecognised_name", None, location, f"{stem!r} is not <speaker>-<chapter>-<utterance>"
+        )
     return stem, int(match.group(1)), int(match.group(2))
 
 
@@ -59,8 +68,12 @@ def parse_transcript(text: str, location: str) -> Iterator[TranscriptFound | Pro
             continue
         utt_id, _, words = line.strip().partition(" ")
         if not _LIBRISPEECH_ID.fullmatch(utt_id):
-            yield Problem("bad_transcript_line", None, f"{location}:{number}",
-                          f"line does not start with an utterance id: {line[:60]!r}")
+            yield Problem(
+                "bad_transcript_line",
+                None,
+                f"{location}:{number}",
+                f"line does not start with an utterance id: {line[:60]!r}",
+            )
             continue
         yield TranscriptFound(utt_id, words.strip(), f"{location}:{number}")
 
@@ -141,12 +154,16 @@ class ArchiveSource:
                     if is_audio:
                         yield _audio_from_name(name, split, location, data=data)
                     else:
-                        yield from parse_transcript(data.decode("utf-8", errors="replace"),
-                                                    location)
+                        yield from parse_transcript(
+                            data.decode("utf-8", errors="replace"), location
+                        )
         except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
-            yield Problem("broken_archive", None, self.location,
-                          f"archive unreadable past this point ({exc}); what came before "
-                          f"it was kept")
+            yield Problem(
+                "broken_archive",
+                None,
+                self.location,
+                f"archive unreadable past this point ({exc}); what came before it was kept",
+            )
 
 
 class _Misplaced(NamedTuple):
@@ -163,11 +180,16 @@ def member_split(name: str) -> str | _Misplaced:
         return _Misplaced("unsafe_member", "absolute path or '..' in an archive member name")
     parts = [p for p in parts if p not in ("", ".")]
     # "LibriSpeech" is the corpus root that holds the split folders, never a split.
-    if (len(parts) < 4 or not _SPLIT_NAME.fullmatch(parts[-4])
-            or parts[-4].lower() == "librispeech"
-            or not _NUMBER.fullmatch(parts[-3]) or not _NUMBER.fullmatch(parts[-2])):
-        return _Misplaced("misplaced_member", "not under <split>/<speaker>/<chapter>/ "
-                                              "(the OpenSLR layout)")
+    if (
+        len(parts) < 4
+        or not _SPLIT_NAME.fullmatch(parts[-4])
+        or parts[-4].lower() == "librispeech"
+        or not _NUMBER.fullmatch(parts[-3])
+        or not _NUMBER.fullmatch(parts[-2])
+    ):
+        return _Misplaced(
+            "misplaced_member", "not under <split>/<speaker>/<chapter>/ (the OpenSLR layout)"
+        )
     return parts[-4]
 
 
@@ -190,12 +212,17 @@ class ParquetSource:
             reader = pq.ParquetFile(self.path)
             missing = [c for c in self.COLUMNS if c not in reader.schema_arrow.names]
             if missing:
-                yield Problem("bad_parquet", None, self.location,
-                              f"missing columns {missing}; expected the librispeech_asr layout")
+                yield Problem(
+                    "bad_parquet",
+                    None,
+                    self.location,
+                    f"missing columns {missing}; expected the librispeech_asr layout",
+                )
                 return
             row = 0
-            for batch in reader.iter_batches(batch_size=self.BATCH_ROWS,
-                                             columns=list(self.COLUMNS)):
+            for batch in reader.iter_batches(
+                batch_size=self.BATCH_ROWS, columns=list(self.COLUMNS)
+            ):
                 for record in batch.to_pylist():
                     yield self._event(record, f"{self.location}#{row}")
                     row += 1
@@ -217,8 +244,15 @@ class ParquetSource:
         except (TypeError, ValueError, KeyError):
             return Problem("bad_metadata", utt_id, location, "speaker_id/chapter_id not integers")
         text = record.get("text")
-        return AudioFound(utt_id, speaker, chapter, self.split, location, data=bytes(data),
-                          text=None if text is None else str(text))
+        return AudioFound(
+            utt_id,
+            speaker,
+            chapter,
+            self.split,
+            location,
+            data=bytes(data),
+            text=None if text is None else str(text),
+        )
 
 
 def split_from_parquet_path(path: Path) -> str:
@@ -245,9 +279,12 @@ def is_split_folder(path: Path) -> bool:
     return False
 
 
-def open_sources(inputs: list[str], splits: tuple[str, ...] = (),
-                 split_name: str | None = None,
-                 audio_extensions: Sequence[str] = AUDIO_EXTENSIONS) -> list[Source]:
+def open_sources(
+    inputs: list[str],
+    splits: tuple[str, ...] = (),
+    split_name: str | None = None,
+    audio_extensions: Sequence[str] = AUDIO_EXTENSIONS,
+) -> list[Source]:
     """Turn command-line inputs into sources; raise ValueError for an input we can't use.
 
     LibriSpeech layouts are read here; a folder that is none of them, a fairseq ``.tsv`` and a
@@ -273,19 +310,26 @@ def open_sources(inputs: list[str], splits: tuple[str, ...] = (),
         elif path.is_dir() and is_split_folder(path):
             sources.append(FolderSource(path))
         elif path.is_dir():
-            sources.extend(_sources_in_folder(path, splits, split_name, own_split,
-                                              audio_extensions))
+            sources.extend(
+                _sources_in_folder(path, splits, split_name, own_split, audio_extensions)
+            )
         else:
-            raise ValueError(f"{raw}: not a folder, .tar.gz/.tgz/.tar archive, .parquet, "
-                             f"fairseq .tsv or lhotse .jsonl/.jsonl.gz manifest")
+            raise ValueError(
+                f"{raw}: not a folder, .tar.gz/.tgz/.tar archive, .parquet, "
+                f"fairseq .tsv or lhotse .jsonl/.jsonl.gz manifest"
+            )
     if splits:  # parquet files name their split; keep the asked-for ones
-        sources = [s for s in sources
-                   if not isinstance(s, ParquetSource) or s.split in splits]
+        sources = [s for s in sources if not isinstance(s, ParquetSource) or s.split in splits]
     return sources
 
 
-def _sources_in_folder(path: Path, splits: tuple[str, ...], split_name: str | None,
-                       own_split: str, audio_extensions: Sequence[str]) -> list[Source]:
+def _sources_in_folder(
+    path: Path,
+    splits: tuple[str, ...],
+    split_name: str | None,
+    own_split: str,
+    audio_extensions: Sequence[str],
+) -> list[Source]:
     """A LibriSpeech root (split folders one level down), a folder of parquet files, or else
     a folder of your own audio."""
     # Split folders are looked for one level down before any search for parquet, which

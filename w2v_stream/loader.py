@@ -46,8 +46,15 @@ def _ignore_trainer_signals(worker_id: int) -> None:
 class ShardStream(IterableDataset):
     """One rank's batches; each DataLoader worker runs one stream of the plan."""
 
-    def __init__(self, config: StreamConfig, num_workers: int, epoch: int, position: int,
-                 end_epoch: int | None, ring: BatchRing | None = None):
+    def __init__(
+        self,
+        config: StreamConfig,
+        num_workers: int,
+        epoch: int,
+        position: int,
+        end_epoch: int | None,
+        ring: BatchRing | None = None,
+    ):
         self.config = config
         self.num_workers = num_workers
         self.epoch = epoch
@@ -58,13 +65,26 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator:
         info = get_worker_info()
         if info is None:  # in the trainer's own process: nothing to hand over
-            yield from stream_batches(self.config, self.num_workers, 0, self.epoch,
-                                      self.position, end_epoch=self.end_epoch)
+            yield from stream_batches(
+                self.config,
+                self.num_workers,
+                0,
+                self.epoch,
+                self.position,
+                end_epoch=self.end_epoch,
+            )
             return
         torch.set_num_threads(1)  # a worker's own torch work stays on one thread
         writer = self.ring.writer(info.id)  # each batch is built in a slot of the ring
-        for batch in stream_batches(self.config, self.num_workers, info.id, self.epoch,
-                                    self.position, writer, self.end_epoch):
+        for batch in stream_batches(
+            self.config,
+            self.num_workers,
+            info.id,
+            self.epoch,
+            self.position,
+            writer,
+            self.end_epoch,
+        ):
             yield writer.handed_over(batch)
 
 
@@ -89,18 +109,28 @@ class Counters:
                 self.bad_examples.append(f"{record.shard}: {record.key}: {record.problem}")
 
     def to_json(self) -> dict:
-        return {"batches": self.batches, "empty_batches": self.empty_batches,
-                "utterances": self.utterances, "audio_samples": self.audio_samples,
-                "padded_samples": self.padded_samples, "skipped": dict(self.skipped),
-                "bad_by_shard": dict(self.bad_by_shard),
-                "bad_examples": list(self.bad_examples)}
+        return {
+            "batches": self.batches,
+            "empty_batches": self.empty_batches,
+            "utterances": self.utterances,
+            "audio_samples": self.audio_samples,
+            "padded_samples": self.padded_samples,
+            "skipped": dict(self.skipped),
+            "bad_by_shard": dict(self.bad_by_shard),
+            "bad_examples": list(self.bad_examples),
+        }
 
     @classmethod
     def from_json(cls, data: dict) -> Counters:
         """Counters from ``to_json``; a field the state lacks starts from zero."""
-        return cls(**{**data, "skipped": Counter(data.get("skipped", {})),
-                      "bad_by_shard": Counter(data.get("bad_by_shard", {})),
-                      "bad_examples": list(data.get("bad_examples", []))})
+        return cls(
+            **{
+                **data,
+                "skipped": Counter(data.get("skipped", {})),
+                "bad_by_shard": Counter(data.get("bad_by_shard", {})),
+                "bad_examples": list(data.get("bad_examples", [])),
+            }
+        )
 
 
 class StreamingLoader:
@@ -108,10 +138,18 @@ class StreamingLoader:
     or, with ``max_epochs``, until this rank's plan for epochs ``0 .. max_epochs - 1`` is
     through (an eval over a whole held-out set)."""
 
-    def __init__(self, config: StreamConfig, num_workers: int = 2, prefetch_factor: int = 2,
-                 max_bad_fraction: float = 0.01, min_for_budget: int = 200,
-                 state: dict | None = None, multiprocessing_context: str = "fork",
-                 pin_memory: bool = False, max_epochs: int | None = None):
+    def __init__(
+        self,
+        config: StreamConfig,
+        num_workers: int = 2,
+        prefetch_factor: int = 2,
+        max_bad_fraction: float = 0.01,
+        min_for_budget: int = 200,
+        state: dict | None = None,
+        multiprocessing_context: str = "fork",
+        pin_memory: bool = False,
+        max_epochs: int | None = None,
+    ):
         self.config = config
         # CUDA: batches land in page-locked memory (copied there out of the workers' ring),
         # so the trainer's non_blocking copies to the GPU overlap its compute.
@@ -136,9 +174,10 @@ class StreamingLoader:
         (the epoch's plan itself is not kept: for a large corpus it is big)."""
         if epoch not in self._buckets:  # the current epoch and the next, at most
             plan = self.config.epoch_plan(epoch, self.num_workers)
-            sources = [batch_source(self.config.rank, self.num_workers, position)
-                       for position in range(plan.batches_per_stream
-                                             * max(self.num_workers, 1))]
+            sources = [
+                batch_source(self.config.rank, self.num_workers, position)
+                for position in range(plan.batches_per_stream * max(self.num_workers, 1))
+            ]
             order = [plan.streams[s.stream][s.index].bucket for s in sources]
             self._buckets = {e: b for e, b in self._buckets.items() if e >= epoch - 1}
             self._buckets[epoch] = np.asarray(order, dtype=np.int32)
@@ -157,7 +196,7 @@ class StreamingLoader:
             buckets = self._epoch_buckets(epoch)
             if not len(buckets):
                 raise ValueError("the plan has no batch for this epoch: no usable utterance")
-            out += buckets[position:position + n - len(out)].tolist()
+            out += buckets[position : position + n - len(out)].tolist()
             epoch, position = epoch + 1, 0
         return out
 
@@ -172,16 +211,24 @@ class StreamingLoader:
         if self.num_workers:
             layouts = [batch_arrays(self.config, k) for k in range(self.config.plan.num_buckets)]
             ring = BatchRing(layouts, self.num_workers, self.prefetch_factor + RING_SLOTS_EXTRA)
-            extra = {"prefetch_factor": self.prefetch_factor,
-                     "multiprocessing_context": self.multiprocessing_context,
-                     "worker_init_fn": _ignore_trainer_signals}
-        dataset = ShardStream(self.config, self.num_workers, self.epoch, self.position,
-                              self.max_epochs, ring)
+            extra = {
+                "prefetch_factor": self.prefetch_factor,
+                "multiprocessing_context": self.multiprocessing_context,
+                "worker_init_fn": _ignore_trainer_signals,
+            }
+        dataset = ShardStream(
+            self.config, self.num_workers, self.epoch, self.position, self.max_epochs, ring
+        )
         # Its own generator: a DataLoader otherwise draws its workers' base seed from the
         # global torch RNG, and a resumed run would then see different dropout and gumbel noise.
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                            generator=torch.Generator().manual_seed(self.config.seed),
-                            pin_memory=self.pin_memory and not self.num_workers, **extra)
+        loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.config.seed),
+            pin_memory=self.pin_memory and not self.num_workers,
+            **extra,
+        )
         batches = iter(loader)
         stop = functools.partial(_stop_workers, batches)
         # Workers ignore SIGTERM, the DataLoader's last word at exit: an iteration left open
@@ -249,27 +296,43 @@ class StreamingLoader:
             f"{bad} of {seen} utterances were bad ({reasons}), over the budget of "
             f"{self.max_bad_fraction:.1%} of at least {self.min_for_budget}; from {shards}; "
             f"for example {examples}. Check the shards with tools/make_shards.py --verify "
-            f"or raise --max_bad_fraction")
+            f"or raise --max_bad_fraction"
+        )
 
     def state_dict(self) -> dict:
-        return {"version": STATE_VERSION, "epoch": self.epoch, "position": self.position,
-                "seed": self.config.seed, "world_size": self.config.world_size,
-                "num_workers": self.num_workers, "plan": self.config.plan.to_json(),
-                "num_shards": len(self.config.shards.urls),
-                "round_items": self.config.round_items, "bucket_runs": self.config.bucket_runs,
-                "counters": self.counters.to_json()}
+        return {
+            "version": STATE_VERSION,
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.config.seed,
+            "world_size": self.config.world_size,
+            "num_workers": self.num_workers,
+            "plan": self.config.plan.to_json(),
+            "num_shards": len(self.config.shards.urls),
+            "round_items": self.config.round_items,
+            "bucket_runs": self.config.bucket_runs,
+            "counters": self.counters.to_json(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        expect = {"version": STATE_VERSION, "seed": self.config.seed,
-                  "world_size": self.config.world_size, "num_workers": self.num_workers,
-                  "plan": self.config.plan.to_json(), "num_shards": len(self.config.shards.urls),
-                  "round_items": self.config.round_items, "bucket_runs": self.config.bucket_runs}
+        expect = {
+            "version": STATE_VERSION,
+            "seed": self.config.seed,
+            "world_size": self.config.world_size,
+            "num_workers": self.num_workers,
+            "plan": self.config.plan.to_json(),
+            "num_shards": len(self.config.shards.urls),
+            "round_items": self.config.round_items,
+            "bucket_runs": self.config.bucket_runs,
+        }
         for key, value in expect.items():
             if state.get(key) != value:
-                raise ValueError(f"loader state has {key}={state.get(key)!r} but this run has "
-                                 f"{value!r}: an exact resume needs the same seed, world size, "
-                                 f"worker count, shape plan, round and bucket-run settings, "
-                                 f"shards and loader-state version")
+                raise ValueError(
+                    f"loader state has {key}={state.get(key)!r} but this run has "
+                    f"{value!r}: an exact resume needs the same seed, world size, "
+                    f"worker count, shape plan, round and bucket-run settings, "
+                    f"shards and loader-state version"
+                )
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self.counters = Counters.from_json(state["counters"])
 

@@ -24,9 +24,15 @@ import numpy as np
 Segment = Tuple[int, int]  # [start, end) frames of one utterance within a row
 
 
-def compute_mask(segments: Sequence[Sequence[Segment]], num_frames: int, mask_prob: float,
-                 mask_length: int, min_masks: int, rng: np.random.Generator,
-                 out: np.ndarray | None = None) -> np.ndarray:
+def compute_mask(
+    segments: Sequence[Sequence[Segment]],
+    num_frames: int,
+    mask_prob: float,
+    mask_length: int,
+    min_masks: int,
+    rng: np.random.Generator,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """(B, T) bool: spans of ``mask_length`` covering about ``mask_prob`` of each segment.
 
     Written into ``out`` when given (any contents: it is cleared first)."""
@@ -60,9 +66,13 @@ def compute_mask(segments: Sequence[Sequence[Segment]], num_frames: int, mask_pr
     return mask
 
 
-def sample_negatives(mask: np.ndarray, segments: Sequence[Sequence[Segment]],
-                     num_negatives: int, rng: np.random.Generator,
-                     out: np.ndarray | None = None) -> np.ndarray:
+def sample_negatives(
+    mask: np.ndarray,
+    segments: Sequence[Sequence[Segment]],
+    num_negatives: int,
+    rng: np.random.Generator,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """(B, T, K) int32 indices into the flattened (B*T) features, batch offset included.
 
     int32 halves what crosses from loader workers; widen to int64 on the device for indexing.

@@ -22,14 +22,14 @@ def clock(seconds: float) -> str:
 def format_line(record: dict) -> str:
     """One fixed-format line per log step: the record's numbers, then the time (elapsed in
     this process, and the ETA at its pace) and the audio seen since the run began."""
-    return ("step {step:>7d} | loss {loss:.4f} | contrastive {contrastive_loss:.4f} | "
-            "diversity {diversity_loss:.4f} | acc {accuracy:.3f} | masked {percent_masked:5.1f}% | "
-            "ppl code {code_perplexity:7.1f} prob {prob_perplexity:7.1f} | lr {lr:.3e} | "
-            "temp {temperature:.4f} | grad {grad_norm:.3f} | pad eff {padding_efficiency:.3f}"
-            " | {audio_seconds_per_second:7.1f} audio s/s | {audio_hours:.2f} h audio"
-            " | {elapsed} elapsed, ETA {eta}").format(
-                **record, elapsed=clock(record["elapsed_seconds"]),
-                eta=clock(record["eta_seconds"]))
+    return (
+        "step {step:>7d} | loss {loss:.4f} | contrastive {contrastive_loss:.4f} | "
+        "diversity {diversity_loss:.4f} | acc {accuracy:.3f} | masked {percent_masked:5.1f}% | "
+        "ppl code {code_perplexity:7.1f} prob {prob_perplexity:7.1f} | lr {lr:.3e} | "
+        "temp {temperature:.4f} | grad {grad_norm:.3f} | pad eff {padding_efficiency:.3f}"
+        " | {audio_seconds_per_second:7.1f} audio s/s | {audio_hours:.2f} h audio"
+        " | {elapsed} elapsed, ETA {eta}"
+    ).format(**record, elapsed=clock(record["elapsed_seconds"]), eta=clock(record["eta_seconds"]))
 
 
 def collapse_warning(record: dict, num_groups: int) -> str | None:
@@ -37,24 +37,32 @@ def collapse_warning(record: dict, num_groups: int) -> str | None:
     near 0, or a vanishing gradient norm."""
     signs = []
     if record["prob_perplexity"] < 1.5 * num_groups:
-        signs.append(f"codevector perplexity {record['prob_perplexity']:.2f} near the "
-                     f"{num_groups} groups")
+        signs.append(
+            f"codevector perplexity {record['prob_perplexity']:.2f} near the {num_groups} groups"
+        )
     if record["contrastive_loss"] < 0.01:
         signs.append(f"contrastive loss {record['contrastive_loss']:.4f} near 0")
     if math.isfinite(record["grad_norm"]) and record["grad_norm"] < 1e-4:
         signs.append(f"gradient norm {record['grad_norm']:.2e} vanishing")
     if not signs:
         return None
-    return ("possible collapse at step {}: {}; try a lower learning rate, longer warmup or a "
-            "higher min gumbel temperature".format(record["step"], "; ".join(signs)))
+    return (
+        "possible collapse at step {}: {}; try a lower learning rate, longer warmup or a "
+        "higher min gumbel temperature".format(record["step"], "; ".join(signs))
+    )
 
 
 class MetricsLogger:
     """Writes records on the main rank only. ``resume_step``: the step of the checkpoint a run
     resumes from; records after it, logged before a kill, are dropped."""
 
-    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool = True,
-                 resume_step: int | None = None):
+    def __init__(
+        self,
+        output_dir: Path,
+        enabled: bool,
+        tensorboard: bool = True,
+        resume_step: int | None = None,
+    ):
         self.enabled = enabled
         self.writer = None
         if enabled:
@@ -69,14 +77,17 @@ class MetricsLogger:
                 # purge_step: TensorBoard hides events at and after it from earlier sessions.
                 self.writer = SummaryWriter(
                     str(Path(output_dir) / "tensorboard"),
-                    purge_step=None if resume_step is None else resume_step + 1)
+                    purge_step=None if resume_step is None else resume_step + 1,
+                )
 
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
         # Strict JSON: a non-finite value (a skipped update's loss, the IPU's grad norm) is null.
-        plain = {k: None if isinstance(v, float) and not math.isfinite(v) else v
-                 for k, v in record.items()}
+        plain = {
+            k: None if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in record.items()
+        }
         _write_all(self.fd, (json.dumps(plain, sort_keys=True, allow_nan=False) + "\n").encode())
         if self.writer:
             for key, value in record.items():
@@ -119,4 +130,4 @@ def _write_all(fd: int, data: bytes) -> None:
     """One write call of the whole line (a regular file takes it whole; the loop covers the
     partial write the system call allows)."""
     while data:
-        data = data[os.write(fd, data):]
+        data = data[os.write(fd, data) :]

@@ -45,11 +45,22 @@ from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining
 # Pre-training values from fairseq's wav2vec2_base_librispeech recipe. transformers' defaults
 # differ (mask_time_prob 0.05 is a fine-tuning value, layerdrop 0.1, no gradient multiplier).
 _PRETRAINING = dict(
-    mask_time_prob=0.65, mask_time_length=10, mask_time_min_masks=2, num_negatives=100,
-    num_codevector_groups=2, num_codevectors_per_group=320, diversity_loss_weight=0.1,
-    contrastive_logits_temperature=0.1, layerdrop=0.05, feat_proj_dropout=0.1,
-    feat_quantizer_dropout=0.1, hidden_dropout=0.1, attention_dropout=0.1,
-    activation_dropout=0.0, apply_spec_augment=True, mask_feature_prob=0.0,
+    mask_time_prob=0.65,
+    mask_time_length=10,
+    mask_time_min_masks=2,
+    num_negatives=100,
+    num_codevector_groups=2,
+    num_codevectors_per_group=320,
+    diversity_loss_weight=0.1,
+    contrastive_logits_temperature=0.1,
+    layerdrop=0.05,
+    feat_proj_dropout=0.1,
+    feat_quantizer_dropout=0.1,
+    hidden_dropout=0.1,
+    attention_dropout=0.1,
+    activation_dropout=0.0,
+    apply_spec_augment=True,
+    mask_feature_prob=0.0,
 )
 # Ours, not Wav2Vec2Config's: the fairseq feature-encoder gradient multiplier.
 DEFAULT_FEATURE_GRAD_MULT = 0.1
@@ -71,8 +82,7 @@ def _use_sdpa(config: Wav2Vec2Config) -> None:
         config._attn_implementation = "sdpa"
 
 
-def _encoder_layer(layer: nn.Module, hidden: torch.Tensor, key_mask: torch.Tensor
-                   ) -> torch.Tensor:
+def _encoder_layer(layer: nn.Module, hidden: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
     """One transformer layer over (B, T, H) with an additive (B, 1, T, T) key mask: the hidden
     states, which transformers 4.x returns as the first item of a tuple."""
     out = layer(hidden, attention_mask=key_mask)
@@ -106,19 +116,39 @@ def _prepared(model: Wav2Vec2ForPreTraining) -> Wav2Vec2ForPreTraining:
 
 def preset_demo() -> dict:
     """Tiny: trains on 2 CPU cores in minutes; for the demo recipe and the tests."""
-    return {**_PRETRAINING, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-            "intermediate_size": 128, "conv_dim": (32,) * 7, "num_conv_pos_embeddings": 32,
-            "num_conv_pos_embedding_groups": 4, "num_codevectors_per_group": 32,
-            "codevector_dim": 64, "proj_codevector_dim": 64, "layerdrop": 0.0,
-            "feat_extract_norm": "group", "do_stable_layer_norm": False}
+    return {
+        **_PRETRAINING,
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 128,
+        "conv_dim": (32,) * 7,
+        "num_conv_pos_embeddings": 32,
+        "num_conv_pos_embedding_groups": 4,
+        "num_codevectors_per_group": 32,
+        "codevector_dim": 64,
+        "proj_codevector_dim": 64,
+        "layerdrop": 0.0,
+        "feat_extract_norm": "group",
+        "do_stable_layer_norm": False,
+    }
 
 
 def preset_base() -> dict:
     """BASE (95 M parameters): 12 layers of 768, group-norm feature encoder."""
-    return {**_PRETRAINING, "hidden_size": 768, "num_hidden_layers": 12,
-            "num_attention_heads": 12, "intermediate_size": 3072, "conv_dim": (512,) * 7,
-            "codevector_dim": 256, "proj_codevector_dim": 256, "feat_extract_norm": "group",
-            "do_stable_layer_norm": False, "conv_bias": False}
+    return {
+        **_PRETRAINING,
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "intermediate_size": 3072,
+        "conv_dim": (512,) * 7,
+        "codevector_dim": 256,
+        "proj_codevector_dim": 256,
+        "feat_extract_norm": "group",
+        "do_stable_layer_norm": False,
+        "conv_bias": False,
+    }
 
 
 def preset_large() -> dict:
@@ -126,12 +156,25 @@ def preset_large() -> dict:
     with fairseq's wav2vec2_large_librivox.yaml model values: every dropout and layerdrop 0
     (dropout, attention_dropout, dropout_input, dropout_features, encoder_layerdrop: 0.0),
     final_dim 768, conv_bias true."""
-    return {**_PRETRAINING, "hidden_size": 1024, "num_hidden_layers": 24,
-            "num_attention_heads": 16, "intermediate_size": 4096, "conv_dim": (512,) * 7,
-            "codevector_dim": 768, "proj_codevector_dim": 768, "feat_extract_norm": "layer",
-            "do_stable_layer_norm": True, "conv_bias": True, "layerdrop": 0.0,
-            "feat_proj_dropout": 0.0, "feat_quantizer_dropout": 0.0, "hidden_dropout": 0.0,
-            "attention_dropout": 0.0, "activation_dropout": 0.0}
+    return {
+        **_PRETRAINING,
+        "hidden_size": 1024,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "intermediate_size": 4096,
+        "conv_dim": (512,) * 7,
+        "codevector_dim": 768,
+        "proj_codevector_dim": 768,
+        "feat_extract_norm": "layer",
+        "do_stable_layer_norm": True,
+        "conv_bias": True,
+        "layerdrop": 0.0,
+        "feat_proj_dropout": 0.0,
+        "feat_quantizer_dropout": 0.0,
+        "hidden_dropout": 0.0,
+        "attention_dropout": 0.0,
+        "activation_dropout": 0.0,
+    }
 
 
 PRESETS = {"demo": preset_demo, "base": preset_base, "large": preset_large}
@@ -141,23 +184,40 @@ PRESETS = {"demo": preset_demo, "base": preset_base, "large": preset_large}
 # [2, 0.5, 0.999995]) and wav2vec2_large_librivox.yaml (feature_grad_mult 1.0, loss_weights
 # [0.1, 0], latent_temp [2.0, 0.1, 0.999995]). The demo model follows BASE.
 PRESET_TRAINING = {
-    "demo": {"feature_grad_mult": 0.1, "feature_penalty_weight": 10.0,
-             "min_gumbel_temperature": 0.5},
-    "base": {"feature_grad_mult": 0.1, "feature_penalty_weight": 10.0,
-             "min_gumbel_temperature": 0.5},
-    "large": {"feature_grad_mult": 1.0, "feature_penalty_weight": 0.0,
-              "min_gumbel_temperature": 0.1},
+    "demo": {
+        "feature_grad_mult": 0.1,
+        "feature_penalty_weight": 10.0,
+        "min_gumbel_temperature": 0.5,
+    },
+    "base": {
+        "feature_grad_mult": 0.1,
+        "feature_penalty_weight": 10.0,
+        "min_gumbel_temperature": 0.5,
+    },
+    "large": {
+        "feature_grad_mult": 1.0,
+        "feature_penalty_weight": 0.0,
+        "min_gumbel_temperature": 0.1,
+    },
 }
 
 
 # What a released model's config.json says for masking and negatives is usually a fine-tuning
 # value (mask_time_prob 0.05); continued pre-training takes these, unless flags say otherwise.
-_PRETRAINING_MASKING = ("mask_time_prob", "mask_time_length", "mask_time_min_masks",
-                        "num_negatives")
+_PRETRAINING_MASKING = (
+    "mask_time_prob",
+    "mask_time_length",
+    "mask_time_min_masks",
+    "num_negatives",
+)
 
 
-def resolve_config(preset: str | None, model_name_or_path: str | None, overrides: dict,
-                   init_from: str | None = None) -> Wav2Vec2Config:
+def resolve_config(
+    preset: str | None,
+    model_name_or_path: str | None,
+    overrides: dict,
+    init_from: str | None = None,
+) -> Wav2Vec2Config:
     """defaults < preset (or a local config.json folder, or the config of the model at
     ``init_from`` with pre-training masking) < overrides from flags."""
     values: dict = {}
@@ -170,8 +230,10 @@ def resolve_config(preset: str | None, model_name_or_path: str | None, overrides
         path = Path(model_name_or_path)
         config_file = path / "config.json" if path.is_dir() else path
         if not config_file.is_file():
-            raise ValueError(f"--model_name_or_path {model_name_or_path}: no config.json there "
-                             f"(nothing is downloaded; give a local folder)")
+            raise ValueError(
+                f"--model_name_or_path {model_name_or_path}: no config.json there "
+                f"(nothing is downloaded; give a local folder)"
+            )
         values = json.loads(config_file.read_text())
         for key in ("architectures", "transformers_version", "model_type"):
             values.pop(key, None)
@@ -190,18 +252,22 @@ def build_model(config: Wav2Vec2Config) -> Wav2Vec2ForPreTraining:
     return _prepared(Wav2Vec2ForPreTraining(config))
 
 
-def load_pretrained(init_from: str, config: Wav2Vec2Config
-                    ) -> tuple[Wav2Vec2ForPreTraining, list[str]]:
+def load_pretrained(
+    init_from: str, config: Wav2Vec2Config
+) -> tuple[Wav2Vec2ForPreTraining, list[str]]:
     """Released weights for continued pre-training: a folder saved by ``save_pretrained`` (a
     ``Wav2Vec2ForPreTraining``, ``Wav2Vec2ForCTC`` or ``Wav2Vec2Model``; this project's
     checkpoints too) or a hub id that transformers resolves through its own cache. Returns the
     model, in float32, and the names of the weights that start fresh (the pre-training heads a
     fine-tuned model does not have)."""
     model, info = Wav2Vec2ForPreTraining.from_pretrained(
-        init_from, config=config, output_loading_info=True, **{_DTYPE_ARGUMENT: torch.float32})
+        init_from, config=config, output_loading_info=True, **{_DTYPE_ARGUMENT: torch.float32}
+    )
     if info.get("mismatched_keys"):
-        raise ValueError(f"--init_from {init_from}: weights of another shape than its config "
-                         f"says: {sorted(map(str, info['mismatched_keys']))[:5]}")
+        raise ValueError(
+            f"--init_from {init_from}: weights of another shape than its config "
+            f"says: {sorted(map(str, info['mismatched_keys']))[:5]}"
+        )
     return _prepared(model), sorted(info.get("missing_keys", []))
 
 
@@ -218,8 +284,7 @@ def _gumbel_softmax_hard(logits: torch.Tensor, tau: torch.Tensor) -> torch.Tenso
     """torch's ``gumbel_softmax(hard=True)`` (same draws, same result) except that an
     exponential draw of exactly 0, which makes torch's noise infinite and the step NaN, is
     clamped to the smallest positive float."""
-    noise = -torch.empty_like(logits).exponential_().clamp_min(
-        torch.finfo(logits.dtype).tiny).log()
+    noise = -torch.empty_like(logits).exponential_().clamp_min(torch.finfo(logits.dtype).tiny).log()
     soft = ((logits + noise) / tau).softmax(-1)
     hard = torch.zeros_like(logits).scatter_(-1, soft.argmax(-1, keepdim=True), 1.0)
     return hard - soft.detach() + soft
@@ -243,8 +308,9 @@ def _conv_segment_ids(ids: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
     return torch.where(low == high, high, 0)
 
 
-def _segment_group_norm(norm: nn.GroupNorm, hidden: torch.Tensor, ids: torch.Tensor,
-                        block: int) -> torch.Tensor:
+def _segment_group_norm(
+    norm: nn.GroupNorm, hidden: torch.Tensor, ids: torch.Tensor, block: int
+) -> torch.Tensor:
     """``norm`` (one group per channel) with mean and variance per row, channel and segment
     over the segment's own positions: (B, C, T) conv output, (B, T) segment ids → (B, C, T),
     zero at gap positions. Segments start at multiples of ``block`` positions, so a block of
@@ -257,8 +323,9 @@ def _segment_group_norm(norm: nn.GroupNorm, hidden: torch.Tensor, ids: torch.Ten
     ids = nn.functional.pad(ids, (0, pad)).view(batch, blocks, block)
     inside = (ids > 0)[:, None].to(values.dtype)  # (B, 1, blocks, block)
     block_ids = ids.amax(-1)  # (B, blocks): the segment of each block's inside positions
-    same = ((block_ids[:, :, None] == block_ids[:, None, :])
-            & (block_ids[:, None, :] > 0)).to(values.dtype)  # (B, blocks, blocks), symmetric
+    same = ((block_ids[:, :, None] == block_ids[:, None, :]) & (block_ids[:, None, :] > 0)).to(
+        values.dtype
+    )  # (B, blocks, blocks), symmetric
 
     def segment_sum(x: torch.Tensor) -> torch.Tensor:  # (B, c, blocks, block) → (B, c, blocks, 1)
         return torch.matmul(x.sum(-1), same).unsqueeze(-1)
@@ -267,18 +334,21 @@ def _segment_group_norm(norm: nn.GroupNorm, hidden: torch.Tensor, ids: torch.Ten
     mean = segment_sum(values * inside) / count
     centred = (values - mean) * inside
     scale = torch.rsqrt(segment_sum(centred.square()) / count + norm.eps)
-    out = (centred * (scale * norm.weight[:, None, None])
-           + norm.bias[:, None, None] * inside)
+    out = centred * (scale * norm.weight[:, None, None]) + norm.bias[:, None, None] * inside
     return out.reshape(batch, channels, blocks * block)[..., :length].to(norm.weight.dtype)
 
 
 class PretrainingObjective(nn.Module):
     """The contrastive + diversity loss of one micro-batch, static in shape (see above)."""
 
-    def __init__(self, model: Wav2Vec2ForPreTraining,
-                 feature_grad_mult: float = DEFAULT_FEATURE_GRAD_MULT,
-                 gradient_checkpointing: bool = False, feature_penalty_weight: float = 0.0,
-                 packed: bool = False):
+    def __init__(
+        self,
+        model: Wav2Vec2ForPreTraining,
+        feature_grad_mult: float = DEFAULT_FEATURE_GRAD_MULT,
+        gradient_checkpointing: bool = False,
+        feature_penalty_weight: float = 0.0,
+        packed: bool = False,
+    ):
         super().__init__()
         self.model = model
         self.feature_grad_mult = feature_grad_mult
@@ -288,10 +358,15 @@ class PretrainingObjective(nn.Module):
         # runs once per parity of utterance. With one utterance per row, once is exact.
         self.packed = packed
 
-    def forward(self, input_values: torch.Tensor, attention_mask: torch.Tensor,
-                mask_time_indices: torch.Tensor, sampled_negative_indices: torch.Tensor,
-                temperature: torch.Tensor,
-                segment_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        input_values: torch.Tensor,
+        attention_mask: torch.Tensor,
+        mask_time_indices: torch.Tensor,
+        sampled_negative_indices: torch.Tensor,
+        temperature: torch.Tensor,
+        segment_ids: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         """The loss of a batch: (B, L) audio, (B, L) attention mask, (B, T) mask indices,
         (B, T, K) negative indices into the batch's B*T frames, the gumbel temperature, and
         optionally (B, L) segment ids (see ``encode``)."""
@@ -302,14 +377,18 @@ class PretrainingObjective(nn.Module):
         valid = features.segments > 0  # (B, T) bool; rows without audio: all False
         # 2. Replace masked frames by the learned mask embedding.
         mask = mask_time_indices.bool() & valid
-        hidden = torch.where(mask[..., None], w2v.masked_spec_embed.to(features.hidden.dtype),
-                             features.hidden)
+        hidden = torch.where(
+            mask[..., None], w2v.masked_spec_embed.to(features.hidden.dtype), features.hidden
+        )
         # 3. Context network.
-        hidden = self._context(hidden, features.segments, one_per_row=segment_ids is None or not self.packed)
+        hidden = self._context(
+            hidden, features.segments, one_per_row=segment_ids is None or not self.packed
+        )
         transformer_features = model.project_hid(hidden)
         # 4. Quantize all extracted features with the gumbel temperature given as a tensor.
         quantized, perplexity, code_perplexity = self._quantize(
-            model.dropout_features(features.extract), mask, temperature)
+            model.dropout_features(features.extract), mask, temperature
+        )
         quantized = model.project_q(quantized.to(model.project_q.weight.dtype))
         # 5. Contrastive logits against the positive and K negatives: (K+1, B, T).
         size = quantized.shape[-1]
@@ -319,8 +398,7 @@ class PretrainingObjective(nn.Module):
         logits = torch.cosine_similarity(transformer_features.float(), targets.float(), dim=-1)
         logits = logits / config.contrastive_logits_temperature
         neg_is_pos = (quantized[None] == negatives).all(-1)
-        logits = torch.cat([logits[:1],
-                            torch.where(neg_is_pos, NEGATIVE_IS_POSITIVE, logits[1:])])
+        logits = torch.cat([logits[:1], torch.where(neg_is_pos, NEGATIVE_IS_POSITIVE, logits[1:])])
         # 6. Losses, summed over masked frames (the penalty scaled by them, as fairseq does).
         logits = logits.permute(1, 2, 0).reshape(-1, logits.shape[0])  # (B*T, K+1)
         target = torch.where(mask.reshape(-1), 0, -100)
@@ -329,17 +407,31 @@ class PretrainingObjective(nn.Module):
         codevectors = config.num_codevectors_per_group * config.num_codevector_groups
         diversity = (codevectors - perplexity) / codevectors * num_masked
         penalty = features.penalty * num_masked
-        loss = (contrastive + config.diversity_loss_weight * diversity
-                + self.feature_penalty_weight * penalty)
+        loss = (
+            contrastive
+            + config.diversity_loss_weight * diversity
+            + self.feature_penalty_weight * penalty
+        )
         # fairseq's accuracy: the positive strictly above every negative.
         correct = (logits[:, :1] > logits[:, 1:]).all(-1) & mask.reshape(-1)
-        return {"loss": loss, "contrastive_loss": contrastive, "diversity_loss": diversity,
-                "feature_penalty": penalty.detach(), "num_correct": correct.sum(),
-                "codevector_perplexity": perplexity, "code_perplexity": code_perplexity,
-                "num_masked": num_masked, "num_frames": valid.sum()}
+        return {
+            "loss": loss,
+            "contrastive_loss": contrastive,
+            "diversity_loss": diversity,
+            "feature_penalty": penalty.detach(),
+            "num_correct": correct.sum(),
+            "codevector_perplexity": perplexity,
+            "code_perplexity": code_perplexity,
+            "num_masked": num_masked,
+            "num_frames": valid.sum(),
+        }
 
-    def encode(self, input_values: torch.Tensor, attention_mask: torch.Tensor,
-               segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(
+        self,
+        input_values: torch.Tensor,
+        attention_mask: torch.Tensor,
+        segment_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """(B, L) audio → (B, T, H): the context network's output, before ``project_hid``.
 
         ``segment_ids``: (B, L) integers per sample: 1..n for the row's n utterances in order,
@@ -353,11 +445,16 @@ class PretrainingObjective(nn.Module):
         128), else its neighbours see each other.
         """
         features = self._features(input_values, attention_mask, segment_ids)
-        return self._context(features.hidden, features.segments,
-                             one_per_row=segment_ids is None or not self.packed)
+        return self._context(
+            features.hidden, features.segments, one_per_row=segment_ids is None or not self.packed
+        )
 
-    def _features(self, input_values: torch.Tensor, attention_mask: torch.Tensor,
-                  segment_ids: torch.Tensor | None) -> Features:
+    def _features(
+        self,
+        input_values: torch.Tensor,
+        attention_mask: torch.Tensor,
+        segment_ids: torch.Tensor | None,
+    ) -> Features:
         """Conv feature encoder, gradient scaled by feature_grad_mult, and projection."""
         w2v = self.model.wav2vec2
         layers = w2v.feature_extractor.conv_layers
@@ -367,7 +464,7 @@ class PretrainingObjective(nn.Module):
             ids = _conv_segment_ids(ids, layer.conv)
             if isinstance(getattr(layer, "layer_norm", None), nn.GroupNorm):
                 # A block of this layer's outputs spans one total stride of samples.
-                block = math.prod([later.conv.stride[0] for later in layers[i + 1:]])
+                block = math.prod([later.conv.stride[0] for later in layers[i + 1 :]])
                 hidden = _segment_group_norm(layer.layer_norm, layer.conv(hidden), ids, block)
                 hidden = layer.activation(hidden)
             else:
@@ -380,12 +477,14 @@ class PretrainingObjective(nn.Module):
             features = fixed + (features - fixed) * self.feature_grad_mult
         real = (ids > 0)[..., None].to(torch.float32)  # (B, T, 1)
         penalty = (features.float().square() * real).sum() / (
-            real.sum() * features.shape[-1]).clamp(min=1)
+            real.sum() * features.shape[-1]
+        ).clamp(min=1)
         hidden, extract = w2v.feature_projection(features)
         return Features(extract=extract, hidden=hidden, segments=ids, penalty=penalty)
 
-    def _context(self, hidden: torch.Tensor, segments: torch.Tensor,
-                 one_per_row: bool) -> torch.Tensor:
+    def _context(
+        self, hidden: torch.Tensor, segments: torch.Tensor, one_per_row: bool
+    ) -> torch.Tensor:
         """Transformer over (B, T, H) frames, each frame attending to its own utterance."""
         encoder = self.model.wav2vec2.encoder
         config = self.model.config
@@ -403,8 +502,9 @@ class PretrainingObjective(nn.Module):
         hidden = encoder.dropout(hidden)
         for layer in encoder.layers:
             if self.gradient_checkpointing and self.training:
-                out = torch.utils.checkpoint.checkpoint(_encoder_layer, layer, hidden, key_mask,
-                                                        use_reentrant=False)
+                out = torch.utils.checkpoint.checkpoint(
+                    _encoder_layer, layer, hidden, key_mask, use_reentrant=False
+                )
             else:
                 out = _encoder_layer(layer, hidden, key_mask)
             if self.training and config.layerdrop > 0.0:
@@ -415,8 +515,9 @@ class PretrainingObjective(nn.Module):
             hidden = encoder.layer_norm(hidden)
         return hidden
 
-    def _positions(self, hidden: torch.Tensor, segments: torch.Tensor,
-                   one_per_row: bool) -> torch.Tensor:
+    def _positions(
+        self, hidden: torch.Tensor, segments: torch.Tensor, one_per_row: bool
+    ) -> torch.Tensor:
         """The positional convolution of (B, T, H) frames with padding and gap frames zeroed,
         each utterance seeing only its own frames: with several utterances per row, one
         convolution over the odd-numbered utterances and one over the even-numbered ones
@@ -425,11 +526,15 @@ class PretrainingObjective(nn.Module):
         if one_per_row:
             return convolution(hidden)
         odd = (segments % 2 == 1)[..., None]  # (B, T, 1)
-        return torch.where(odd, convolution(hidden * odd.to(hidden.dtype)),
-                           convolution(hidden * (~odd).to(hidden.dtype)))
+        return torch.where(
+            odd,
+            convolution(hidden * odd.to(hidden.dtype)),
+            convolution(hidden * (~odd).to(hidden.dtype)),
+        )
 
-    def _quantize(self, extract: torch.Tensor, mask: torch.Tensor,
-                  temperature: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _quantize(
+        self, extract: torch.Tensor, mask: torch.Tensor, temperature: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         quantizer = self.model.quantizer
         batch, frames, _ = extract.shape
         groups = quantizer.num_groups
@@ -446,6 +551,7 @@ class PretrainingObjective(nn.Module):
         code = _perplexity(hard.detach().view(batch * frames, groups, -1), mask)
         # The codebook lookup as one matrix product per group: (N, G, V) x (G, V, D).
         book = quantizer.codevectors.view(groups, quantizer.num_vars, -1)
-        codevectors = torch.einsum("ngv,gvd->ngd",
-                                   probs.view(batch * frames, groups, -1).to(book.dtype), book)
+        codevectors = torch.einsum(
+            "ngv,gvd->ngd", probs.view(batch * frames, groups, -1).to(book.dtype), book
+        )
         return codevectors.reshape(batch, frames, -1), perplexity, code

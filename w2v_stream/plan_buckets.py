@@ -35,8 +35,9 @@ def read_lengths(source: str) -> tuple[list[list[int]], int]:
                 try:
                     lengths.append(int(line.split("\t")[-1].split()[-1]))
                 except ValueError:
-                    raise ValueError(f"{source}:{number}: expected id<TAB>num_samples, got "
-                                     f"{line[:60]!r}") from None
+                    raise ValueError(
+                        f"{source}:{number}: expected id<TAB>num_samples, got {line[:60]!r}"
+                    ) from None
         return [lengths], 16_000
     shard_list = sources.resolve(source)
     return [list(shard) for shard in shard_list.lengths], shard_list.sample_rate
@@ -51,50 +52,86 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--length_policy", choices=buckets.POLICIES, default="pad")
     p.add_argument("--min_duration_in_seconds", type=float, default=2.0)
     p.add_argument("--max_duration_in_seconds", type=float, default=20.0)
-    p.add_argument("--per_device_train_batch_size", type=int, default=8,
-                   help="rows of the longest bucket; sets the per-batch sample budget")
-    p.add_argument("--max_tokens", type=int, default=None,
-                   help="samples per batch (overrides per_device_train_batch_size)")
-    p.add_argument("--backend", default="auto", choices=["auto", "cpu", "cuda", "ipu"],
-                   help="ipu: each batch is one update of replicas x accumulation micro-batches")
-    p.add_argument("--ipu_config_name", type=Path, default=None,
-                   help="ipu: optimum-graphcore's ipu_config.json (replicas, accumulation)")
-    p.add_argument("--ipu_replicas", type=int, default=None,
-                   help="ipu: replicas (default: the ipu_config's, else 1)")
-    p.add_argument("--gradient_accumulation_steps", type=int, default=None,
-                   help="ipu: micro-batches per update (default: the ipu_config's, else 1)")
+    p.add_argument(
+        "--per_device_train_batch_size",
+        type=int,
+        default=8,
+        help="rows of the longest bucket; sets the per-batch sample budget",
+    )
+    p.add_argument(
+        "--max_tokens",
+        type=int,
+        default=None,
+        help="samples per batch (overrides per_device_train_batch_size)",
+    )
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "cpu", "cuda", "ipu"],
+        help="ipu: each batch is one update of replicas x accumulation micro-batches",
+    )
+    p.add_argument(
+        "--ipu_config_name",
+        type=Path,
+        default=None,
+        help="ipu: optimum-graphcore's ipu_config.json (replicas, accumulation)",
+    )
+    p.add_argument(
+        "--ipu_replicas",
+        type=int,
+        default=None,
+        help="ipu: replicas (default: the ipu_config's, else 1)",
+    )
+    p.add_argument(
+        "--gradient_accumulation_steps",
+        type=int,
+        default=None,
+        help="ipu: micro-batches per update (default: the ipu_config's, else 1)",
+    )
 
 
-def plan_from_args(args, shard_lengths: list[list[int]], sample_rate: int
-                   ) -> buckets.ShapePlan:
+def plan_from_args(args, shard_lengths: list[list[int]], sample_rate: int) -> buckets.ShapePlan:
     config = resolve_config(args.preset, args.model_name_or_path, {})
     split = 1
     if args.backend == "ipu":  # each batch is one update: replicas x accumulation rows apart
         from .backends import ipu_config
 
-        settings = ipu_config.resolve(args.ipu_config_name,
-                                      replication_factor=args.ipu_replicas,
-                                      gradient_accumulation_steps=args.gradient_accumulation_steps)
+        settings = ipu_config.resolve(
+            args.ipu_config_name,
+            replication_factor=args.ipu_replicas,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+        )
         split = settings.replication_factor * settings.gradient_accumulation_steps
     return buckets.plan_for_shards(
-        shard_lengths, sample_rate, config.conv_kernel, config.conv_stride,
-        policy=args.length_policy, num_buckets=args.num_buckets,
-        batch_size=args.per_device_train_batch_size, max_tokens=args.max_tokens,
-        min_seconds=args.min_duration_in_seconds, max_seconds=args.max_duration_in_seconds,
-        split=split)
+        shard_lengths,
+        sample_rate,
+        config.conv_kernel,
+        config.conv_stride,
+        policy=args.length_policy,
+        num_buckets=args.num_buckets,
+        batch_size=args.per_device_train_batch_size,
+        max_tokens=args.max_tokens,
+        min_seconds=args.min_duration_in_seconds,
+        max_seconds=args.max_duration_in_seconds,
+        split=split,
+    )
 
 
 def format_plan(plan: buckets.ShapePlan, stats: dict) -> str:
     rate = plan.sample_rate
-    lines = [f"policy {plan.policy}: {plan.num_buckets} shape(s), "
-             f"{plan.min_samples / rate:.1f}-{plan.max_samples / rate:.1f} s, "
-             f"{stats['dropped']} utterances dropped as too short",
-             f"{'bucket':>6} {'padded s':>9} {'frames':>7} {'batch':>6} {'share':>7} "
-             f"{'batches':>8} {'efficiency':>10}"]
+    lines = [
+        f"policy {plan.policy}: {plan.num_buckets} shape(s), "
+        f"{plan.min_samples / rate:.1f}-{plan.max_samples / rate:.1f} s, "
+        f"{stats['dropped']} utterances dropped as too short",
+        f"{'bucket':>6} {'padded s':>9} {'frames':>7} {'batch':>6} {'share':>7} "
+        f"{'batches':>8} {'efficiency':>10}",
+    ]
     for k in range(plan.num_buckets):
-        lines.append(f"{k:>6} {plan.lengths[k] / rate:>9.2f} {plan.frames[k]:>7} "
-                     f"{plan.batch_sizes[k]:>6} {stats['share'][k]:>7.1%} "
-                     f"{stats['batches'][k]:>8} {stats['bucket_efficiency'][k]:>10.3f}")
+        lines.append(
+            f"{k:>6} {plan.lengths[k] / rate:>9.2f} {plan.frames[k]:>7} "
+            f"{plan.batch_sizes[k]:>6} {stats['share'][k]:>7.1%} "
+            f"{stats['batches'][k]:>8} {stats['bucket_efficiency'][k]:>10.3f}"
+        )
     if plan.policy != "pad":
         lines.append(f"audio kept: {stats['audio_kept']:.3f}")
     lines.append(f"padding efficiency: {stats['efficiency']:.3f}")
@@ -102,8 +139,11 @@ def format_plan(plan: buckets.ShapePlan, stats: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="w2v-plan-buckets", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="w2v-plan-buckets",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("source", help="shard folder/URL with index.json, or an id<TAB>num_samples file")
     add_plan_arguments(p)
     args = p.parse_args(argv)

@@ -14,8 +14,14 @@ from .metrics import clock as _clock
 class Progress:
     """``update(n, hours=0.0)`` as work is done; ``close()`` prints the final count."""
 
-    def __init__(self, desc: str, total: int | None = None, unit: str = "utt",
-                 stream: TextIO | None = None, every_seconds: float = 30.0):
+    def __init__(
+        self,
+        desc: str,
+        total: int | None = None,
+        unit: str = "utt",
+        stream: TextIO | None = None,
+        every_seconds: float = 30.0,
+    ):
         self.desc, self.total, self.unit = desc, total, unit
         self.stream = stream or sys.stderr
         self.every = every_seconds
@@ -25,8 +31,7 @@ class Progress:
         if self.stream.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(desc=desc, total=total, unit=unit, dynamic_ncols=True,
-                            file=self.stream)
+            self.bar = tqdm(desc=desc, total=total, unit=unit, dynamic_ncols=True, file=self.stream)
 
     def update(self, n: int, hours: float = 0.0) -> None:
         self.count += n
@@ -45,8 +50,11 @@ class Progress:
         if self.total and self.count and not final:
             eta = f", ETA {_clock(elapsed * (self.total - self.count) / self.count)}"
         audio = f", {self.hours:.2f} h audio" if self.hours else ""
-        print(f"{self.desc}: {done} {self.unit}{audio}, {_clock(elapsed)} elapsed{eta}",
-              file=self.stream, flush=True)
+        print(
+            f"{self.desc}: {done} {self.unit}{audio}, {_clock(elapsed)} elapsed{eta}",
+            file=self.stream,
+            flush=True,
+        )
 
     def close(self) -> None:
         if self.bar is not None:

@@ -76,10 +76,11 @@ def read_metrics(output_dir: Path) -> RunMetrics:
             elif "eval_loss" in record:
                 evals.append(record)
     if not train:
-        raise ReportError(f"{path}: no train record (a line with \"loss\"); the run has not "
-                          "logged its first step yet, or this is not a metrics file")
-    return RunMetrics(output_dir, train, evals, _codevector_groups(output_dir),
-                      unreadable)
+        raise ReportError(
+            f'{path}: no train record (a line with "loss"); the run has not '
+            "logged its first step yet, or this is not a metrics file"
+        )
+    return RunMetrics(output_dir, train, evals, _codevector_groups(output_dir), unreadable)
 
 
 def _codevector_groups(output_dir: Path) -> int:
@@ -89,10 +90,11 @@ def _codevector_groups(output_dir: Path) -> int:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ReportError(f"{path}: not valid JSON ({exc}); restore it or remove it to draw "
-                          f"with {DEFAULT_CODEVECTOR_GROUPS} codevector groups") from exc
-    return int(config.get("model", {}).get("num_codevector_groups",
-                                           DEFAULT_CODEVECTOR_GROUPS))
+        raise ReportError(
+            f"{path}: not valid JSON ({exc}); restore it or remove it to draw "
+            f"with {DEFAULT_CODEVECTOR_GROUPS} codevector groups"
+        ) from exc
+    return int(config.get("model", {}).get("num_codevector_groups", DEFAULT_CODEVECTOR_GROUPS))
 
 
 def series(records: list[dict], key: str) -> Series:
@@ -119,13 +121,27 @@ def _draw(ax, line: Series, label: str | None = None, **style) -> bool:
     if line.nulls:
         text += f" ({line.nulls} null, not drawn)"
     few = len(line.values) <= 60  # markers show single records and sparse evals
-    ax.plot(line.steps, line.values, label=text, marker="o" if few else None,
-            markersize=3, linewidth=1.4, **style)
+    ax.plot(
+        line.steps,
+        line.values,
+        label=text,
+        marker="o" if few else None,
+        markersize=3,
+        linewidth=1.4,
+        **style,
+    )
     return True
 
 
-def _draw_all(ax, records: list[dict], keys: tuple[str, ...], ylabel: str, log: bool = False,
-              from_zero: bool = False, absent: str | None = None) -> bool:
+def _draw_all(
+    ax,
+    records: list[dict],
+    keys: tuple[str, ...],
+    ylabel: str,
+    log: bool = False,
+    from_zero: bool = False,
+    absent: str | None = None,
+) -> bool:
     """One panel's curves, with room above them for the legend; a panel with nothing logged
     says so (`absent`) instead of staying blank."""
     lines = [series(records, key) for key in keys]
@@ -138,9 +154,9 @@ def _draw_all(ax, records: list[dict], keys: tuple[str, ...], ylabel: str, log: 
     if not any(drawn):
         nulls = sum(line.nulls for line in lines)
         absent = absent or f"{' / '.join(keys)}\n" + (
-            f"null in all {nulls} records" if nulls else "not logged by this run")
-        ax.text(0.5, 0.5, absent, ha="center", va="center", transform=ax.transAxes,
-                color="0.4")
+            f"null in all {nulls} records" if nulls else "not logged by this run"
+        )
+        ax.text(0.5, 0.5, absent, ha="center", va="center", transform=ax.transAxes, color="0.4")
         return False
     if from_zero:
         ax.set_ylim(bottom=0.0)
@@ -163,8 +179,9 @@ def _legend(ax, handles: list | None = None, loc: str = "best") -> None:
     """A small legend, by default where it covers the least of this axes' curves; two columns
     keep a long one short."""
     handles = handles if handles is not None else ax.get_legend_handles_labels()[0]
-    ax.legend(handles=handles, loc=loc, fontsize=8, framealpha=0.8,
-              ncols=2 if len(handles) > 2 else 1)
+    ax.legend(
+        handles=handles, loc=loc, fontsize=8, framealpha=0.8, ncols=2 if len(handles) > 2 else 1
+    )
 
 
 def _plain_log_formatter():
@@ -181,14 +198,20 @@ def _plain_log_formatter():
 
 def _loss_panel(ax, run: RunMetrics) -> None:
     ax.set_title("Loss and its terms (train)")
-    _draw_all(ax, run.train, ("loss", "contrastive_loss", "diversity_loss", "feature_penalty"),
-              "per masked frame (log scale)", log=True)
+    _draw_all(
+        ax,
+        run.train,
+        ("loss", "contrastive_loss", "diversity_loss", "feature_penalty"),
+        "per masked frame (log scale)",
+        log=True,
+    )
 
 
 def _accuracy_panel(ax, run: RunMetrics) -> None:
     ax.set_title("Contrastive accuracy")
-    if _draw_all(ax, run.train + run.eval, ("accuracy", "eval_accuracy"),
-                 "fraction of masked frames"):
+    if _draw_all(
+        ax, run.train + run.eval, ("accuracy", "eval_accuracy"), "fraction of masked frames"
+    ):
         ax.set_ylim(0.0, 1.0)
 
 
@@ -196,17 +219,32 @@ def _eval_panel(ax, run: RunMetrics) -> None:
     ax.set_title("Eval loss (train loss faint)")
     if series(run.eval, "eval_loss").values:
         _draw(ax, series(run.train, "loss"), "train loss", color="0.6", alpha=0.6)
-    _draw_all(ax, run.eval, ("eval_loss",), "per masked frame",
-              absent="no eval records\n(train with --eval_shards)")
+    _draw_all(
+        ax,
+        run.eval,
+        ("eval_loss",),
+        "per masked frame",
+        absent="no eval records\n(train with --eval_shards)",
+    )
 
 
 def _perplexity_panel(ax, run: RunMetrics) -> None:
     ax.set_title("Codevector perplexity")
     groups = run.num_codevector_groups
-    ax.axhline(groups, color="tab:red", linestyle="--", linewidth=1.2,
-               label=f"collapse level = {groups} groups")
-    _draw_all(ax, run.train, ("code_perplexity", "prob_perplexity"),
-              "codevectors in use (log scale)", log=True)
+    ax.axhline(
+        groups,
+        color="tab:red",
+        linestyle="--",
+        linewidth=1.2,
+        label=f"collapse level = {groups} groups",
+    )
+    _draw_all(
+        ax,
+        run.train,
+        ("code_perplexity", "prob_perplexity"),
+        "codevectors in use (log scale)",
+        log=True,
+    )
     low, high = ax.get_ylim()
     ax.set_ylim(min(low, 0.7 * groups), high)
 
@@ -243,21 +281,30 @@ def _padding_panel(ax, run: RunMetrics) -> None:
 
 def _throughput_panel(ax, run: RunMetrics) -> None:
     ax.set_title("Throughput")
-    _draw_all(ax, run.train, ("audio_seconds_per_second",), "audio seconds / wall second",
-              from_zero=True)
+    _draw_all(
+        ax, run.train, ("audio_seconds_per_second",), "audio seconds / wall second", from_zero=True
+    )
 
 
 def _skipped_panel(ax, run: RunMetrics) -> None:
     ax.set_title("Skipped updates and utterances (cumulative)")
-    if _draw_all(ax, run.train, ("skipped_updates", "skipped_utterances"), "count",
-                 from_zero=True):
+    if _draw_all(ax, run.train, ("skipped_updates", "skipped_utterances"), "count", from_zero=True):
         top = max(ax.get_ylim()[1], 1.0)
         ax.set_ylim(-0.04 * top, top)  # a count of 0 stays visible above the axis
         ax.yaxis.get_major_locator().set_params(integer=True)
 
 
-PANELS = (_loss_panel, _accuracy_panel, _eval_panel, _perplexity_panel, _schedule_panel,
-          _grad_norm_panel, _padding_panel, _throughput_panel, _skipped_panel)
+PANELS = (
+    _loss_panel,
+    _accuracy_panel,
+    _eval_panel,
+    _perplexity_panel,
+    _schedule_panel,
+    _grad_norm_panel,
+    _padding_panel,
+    _throughput_panel,
+    _skipped_panel,
+)
 
 
 def report_figure(run: RunMetrics):
@@ -279,8 +326,10 @@ def report_figure(run: RunMetrics):
         ax.set_xlim(first, last if last > first else first + 1)
         ax.grid(True, alpha=0.3)
     evals = f", {len(run.eval)} evals" if run.eval else ", no eval"
-    figure.suptitle(f"{run.folder.resolve()} — step {run.last_step} "
-                    f"({len(run.train)} train records{evals})", fontsize=14)
+    figure.suptitle(
+        f"{run.folder.resolve()} — step {run.last_step} ({len(run.train)} train records{evals})",
+        fontsize=14,
+    )
     return figure
 
 
@@ -297,19 +346,27 @@ def save_report(run: RunMetrics, output: Path | None = None) -> Path:
     try:
         figure.savefig(output, format="png")
     except OSError as exc:
-        raise ReportError(f"{output}: cannot write the report ({exc.strerror}); pass --output "
-                          "a path in a writable folder") from exc
+        raise ReportError(
+            f"{output}: cannot write the report ({exc.strerror}); pass --output "
+            "a path in a writable folder"
+        ) from exc
     return output
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="w2v-report", description="Draw a training run's metrics.jsonl as one PNG: "
+        prog="w2v-report",
+        description="Draw a training run's metrics.jsonl as one PNG: "
         "losses, accuracy, eval loss, perplexity, schedule, gradient norm, padding, "
-        "throughput and skips.")
+        "throughput and skips.",
+    )
     parser.add_argument("output_dir", type=Path, help="the --output_dir of a training run")
-    parser.add_argument("--output", type=Path, default=None,
-                        help="where to write the PNG (default OUTPUT_DIR/report.png)")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="where to write the PNG (default OUTPUT_DIR/report.png)",
+    )
     args = parser.parse_args(argv)
     try:
         run = read_metrics(args.output_dir)
@@ -317,8 +374,7 @@ def main(argv=None) -> int:
     except (ReportError, ImportError) as exc:
         print(f"w2v-report: error: {exc}", file=sys.stderr)
         return 1
-    skipped = f"; skipped {run.unreadable_lines} unreadable line(s)" \
-        if run.unreadable_lines else ""
+    skipped = f"; skipped {run.unreadable_lines} unreadable line(s)" if run.unreadable_lines else ""
     print(f"wrote {path} (step {run.last_step}{skipped})")
     return 0
 

@@ -45,9 +45,13 @@ class BatchRing:
         check_shared_memory(num_workers * slots * sum(nbytes.values()))
         # busy[w, s] is 1 while worker w's slot s holds a batch the trainer has not copied.
         self.busy = torch.zeros(num_workers, slots, dtype=torch.int32).share_memory_()
-        self.buffers = [[{name: torch.UntypedStorage._new_shared(max(n, 1))
-                          for name, n in nbytes.items()} for _ in range(slots)]
-                        for _ in range(num_workers)]
+        self.buffers = [
+            [
+                {name: torch.UntypedStorage._new_shared(max(n, 1)) for name, n in nbytes.items()}
+                for _ in range(slots)
+            ]
+            for _ in range(num_workers)
+        ]
 
     def writer(self, worker: int) -> SlotWriter:
         return SlotWriter(self, worker)
@@ -57,7 +61,7 @@ class BatchRing:
         storage = self.buffers[worker][slot][name]
         flat = torch.empty(0, dtype=torch.uint8).set_(storage).numpy()  # the whole buffer
         dtype = self.dtypes[name]
-        return flat[:int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
+        return flat[: int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
 
     def take(self, batch: SlotBatch, pin_memory: bool = False) -> dict:
         """The batch copied out of its slot, which goes back to its worker."""
@@ -79,8 +83,10 @@ class BatchRing:
 
 def slot_bytes(layouts: list[Layout]) -> dict[str, int]:
     """Bytes of each array of a slot: enough for that array in a batch of any layout."""
-    return {name: max(int(np.prod(layout[name][0])) for layout in layouts)
-            * np.dtype(dtype).itemsize for name, (_, dtype) in layouts[0].items()}
+    return {
+        name: max(int(np.prod(layout[name][0])) for layout in layouts) * np.dtype(dtype).itemsize
+        for name, (_, dtype) in layouts[0].items()
+    }
 
 
 def check_shared_memory(needed: int, folder: str = "/dev/shm") -> None:
@@ -95,7 +101,8 @@ def check_shared_memory(needed: int, folder: str = "/dev/shm") -> None:
         raise RuntimeError(
             f"the loader's batch buffers need {needed / 2**20:.0f} MiB of shared memory but "
             f"{folder} has {free / 2**20:.0f} MiB free; give the container more (docker run "
-            f"--shm-size=...), or lower --num_workers or the batch budget")
+            f"--shm-size=...), or lower --num_workers or the batch budget"
+        )
 
 
 class SlotWriter:

@@ -69,13 +69,21 @@ def lock_output_dir(output_dir: Path) -> OutputDirLock:
         holder = os.pread(fd, 4096, 0).decode(errors="replace").split()
         os.close(fd)
         if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise OSError(err.errno, f"{path}: cannot lock it ({err.strerror}); the filesystem "
-                                     f"refuses flock (Lustre needs the 'flock' mount option): "
-                                     f"choose an --output_dir on one that allows it") from err
-        who = (f"host {holder[0]} pid {holder[1]}, started {holder[2]}" if len(holder) == 3
-               else "a process that has not written its name yet")
-        raise OutputDirBusy(f"{output_dir} is in use by another trainer ({who}); wait for it "
-                            f"to end, stop it, or choose another --output_dir") from None
+            raise OSError(
+                err.errno,
+                f"{path}: cannot lock it ({err.strerror}); the filesystem "
+                f"refuses flock (Lustre needs the 'flock' mount option): "
+                f"choose an --output_dir on one that allows it",
+            ) from err
+        who = (
+            f"host {holder[0]} pid {holder[1]}, started {holder[2]}"
+            if len(holder) == 3
+            else "a process that has not written its name yet"
+        )
+        raise OutputDirBusy(
+            f"{output_dir} is in use by another trainer ({who}); wait for it "
+            f"to end, stop it, or choose another --output_dir"
+        ) from None
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{socket.gethostname()} {os.getpid()} {started}\n".encode(), 0)

@@ -105,8 +105,9 @@ class Mapper:
 
     def __init__(self, num_workers: int):
         self.num_workers = num_workers
-        self.pool = (multiprocessing.get_context("fork").Pool(num_workers)
-                     if num_workers > 1 else None)
+        self.pool = (
+            multiprocessing.get_context("fork").Pool(num_workers) if num_workers > 1 else None
+        )
 
     def map(self, fn: Callable, jobs: Sequence, chunksize: int | None = None) -> Iterator:
         if self.pool is None:
@@ -123,6 +124,7 @@ class Mapper:
 
 # ---------------------------------------------------------------- worker functions (picklable)
 
+
 def _probe(event: AudioFound, options: ProbeOptions) -> Probe:
     """Probe one utterance's audio, from its file (``event.path``) or its bytes
     (``event.data``); decode, and cut it into pieces, when it is an excerpt or longer than
@@ -130,8 +132,10 @@ def _probe(event: AudioFound, options: ProbeOptions) -> Probe:
     path, data, rule = event.path, event.data, options.rule
     try:
         info = audio.probe(path if data is None else data, full_decode=options.full_decode)
-        long = (rule is not None
-                and info.num_samples * audio.SAMPLE_RATE > rule.max_samples * info.sample_rate)
+        long = (
+            rule is not None
+            and info.num_samples * audio.SAMPLE_RATE > rule.max_samples * info.sample_rate
+        )
         if event.excerpt is None and not long:
             if info.is_target:
                 size = os.stat(path).st_size if data is None else len(data)
@@ -142,10 +146,19 @@ def _probe(event: AudioFound, options: ProbeOptions) -> Probe:
         pieces = segment.cut(signal, rule) if rule is not None else None
         if pieces is None or len(pieces.kept) + len(pieces.dropped) == 1:
             return Probe(info, True, len(audio.encode_flac(signal)), signal.shape[0], None)
-        kept = tuple(Piece(span, len(audio.encode_flac(signal[span.start:span.stop])))
-                     for span in pieces.kept)
-        return Probe(info, True, sum(p.flac_size for p in kept), signal.shape[0], None, kept,
-                     tuple(pieces.dropped))
+        kept = tuple(
+            Piece(span, len(audio.encode_flac(signal[span.start : span.stop])))
+            for span in pieces.kept
+        )
+        return Probe(
+            info,
+            True,
+            sum(p.flac_size for p in kept),
+            signal.shape[0],
+            None,
+            kept,
+            tuple(pieces.dropped),
+        )
     except (audio.AudioError, OSError) as exc:
         return Probe(None, False, 0, 0, str(exc))
 
@@ -172,15 +185,24 @@ def _walk_probe_job(job: tuple[Source, object, ProbeOptions]) -> _WalkedPiece:
     made = []
     for event, probe in zip(audio_events, probes):
         text = event.text if event.text is not None else texts.get(event.utt_id)
-        made.append(None if probe.error is not None or probe.pieces
-                    else Made(text, metadata(event, text, probe)))
+        made.append(
+            None
+            if probe.error is not None or probe.pieces
+            else Made(text, metadata(event, text, probe))
+        )
     return _WalkedPiece(events, probes, made)
 
 
 # ---------------------------------------------------------------- the pass
 
-def scan(sources: Sequence[Source], full_decode: bool, mapper: Mapper,
-         progress: Callable[[int, int], None], rule: segment.Rule | None = None) -> Scanned:
+
+def scan(
+    sources: Sequence[Source],
+    full_decode: bool,
+    mapper: Mapper,
+    progress: Callable[[int, int], None],
+    rule: segment.Rule | None = None,
+) -> Scanned:
     """Read every source once; probe audio in the workers; keep only small facts.
 
     Utterances longer than ``rule`` allows are cut into pieces (``Probe.pieces``).
@@ -250,8 +272,7 @@ def _note(event: TranscriptFound | Problem, scanned: Scanned) -> None:
         scanned.problems.append(event)
 
 
-def select(scanned: Scanned, min_seconds: float | None,
-           max_seconds: float | None) -> list[Planned]:
+def select(scanned: Scanned, min_seconds: float | None, max_seconds: float | None) -> list[Planned]:
     """Join transcripts, drop bad, duplicate and out-of-range utterances (and pieces); say
     why for each in ``scanned.problems``."""
     planned: list[Planned] = []
@@ -269,22 +290,39 @@ def select(scanned: Scanned, min_seconds: float | None,
             _note_converted(found, problems)
             planned += _plan_pieces(found, seen, min_seconds, max_seconds, problems)
             continue
-        if not _within(utt_id, event.location, probe.num_samples, min_seconds, max_seconds,
-                       problems):
+        if not _within(
+            utt_id, event.location, probe.num_samples, min_seconds, max_seconds, problems
+        ):
             continue
         text = event.text if event.text is not None else scanned.transcripts.get(utt_id)
         if text is None and event.source is None:  # a layout that keeps transcripts
-            problems.append(Problem("no_transcript", utt_id, event.location,
-                                    "no transcript line; kept with text null"))
+            problems.append(
+                Problem(
+                    "no_transcript",
+                    utt_id,
+                    event.location,
+                    "no transcript line; kept with text null",
+                )
+            )
         _note_converted(found, problems)
         # A walking worker made it ahead from the same facts; only the text may differ (a
         # transcript line elsewhere that came first).
         made = found.made
-        meta = made.meta if made is not None and made.text == text else metadata(event, text,
-                                                                                  probe)
-        planned.append(Planned(utt_id, found.source, event.split, event.location, event.path,
-                               probe.convert, probe.flac_size, probe.num_samples, meta,
-                               event.excerpt))
+        meta = made.meta if made is not None and made.text == text else metadata(event, text, probe)
+        planned.append(
+            Planned(
+                utt_id,
+                found.source,
+                event.split,
+                event.location,
+                event.path,
+                probe.convert,
+                probe.flac_size,
+                probe.num_samples,
+                meta,
+                event.excerpt,
+            )
+        )
     for utt_id in sorted(set(scanned.transcripts) - seen):
         problems.append(Problem("transcript_without_audio", utt_id, "", "no audio file found"))
     return planned
@@ -298,26 +336,50 @@ def _new_id(utt_id: str, location: str, seen: set[str], problems: list[Problem])
         problems.append(Problem("unsafe_id", None, location, str(exc)))
         return False
     if utt_id in seen:
-        problems.append(Problem("duplicate_id", utt_id, location,
-                                "an utterance with this id came earlier; the first is kept"))
+        problems.append(
+            Problem(
+                "duplicate_id",
+                utt_id,
+                location,
+                "an utterance with this id came earlier; the first is kept",
+            )
+        )
         return False
     seen.add(utt_id)
     return True
 
 
-def _within(utt_id: str, location: str, num_samples: int, min_seconds: float | None,
-            max_seconds: float | None, problems: list[Problem]) -> bool:
+def _within(
+    utt_id: str,
+    location: str,
+    num_samples: int,
+    min_seconds: float | None,
+    max_seconds: float | None,
+    problems: list[Problem],
+) -> bool:
     """True when the duration limits keep it; else False, with the problem."""
     seconds = num_samples / audio.SAMPLE_RATE
     if min_seconds is not None and seconds < min_seconds:
-        problems.append(Problem("too_short", utt_id, location,
-                                f"{seconds:.2f} s < --min_duration_in_seconds {min_seconds}",
-                                seconds))
+        problems.append(
+            Problem(
+                "too_short",
+                utt_id,
+                location,
+                f"{seconds:.2f} s < --min_duration_in_seconds {min_seconds}",
+                seconds,
+            )
+        )
         return False
     if max_seconds is not None and seconds > max_seconds:
-        problems.append(Problem("too_long", utt_id, location,
-                                f"{seconds:.2f} s > --max_duration_in_seconds {max_seconds}",
-                                seconds))
+        problems.append(
+            Problem(
+                "too_long",
+                utt_id,
+                location,
+                f"{seconds:.2f} s > --max_duration_in_seconds {max_seconds}",
+                seconds,
+            )
+        )
         return False
     return True
 
@@ -327,43 +389,82 @@ def _note_converted(found: Found, problems: list[Problem]) -> None:
         info = found.probe.info
         why = "" if info.length_in_header else " (no length in its header)"
         part = " (a part of it)" if found.event.excerpt is not None else ""
-        problems.append(Problem("converted", found.event.utt_id, found.event.location,
-                                f"{info.format} {info.sample_rate} Hz {info.channels} ch"
-                                f"{why}{part} → FLAC 16000 Hz mono"))
+        problems.append(
+            Problem(
+                "converted",
+                found.event.utt_id,
+                found.event.location,
+                f"{info.format} {info.sample_rate} Hz {info.channels} ch"
+                f"{why}{part} → FLAC 16000 Hz mono",
+            )
+        )
 
 
-def _plan_pieces(found: Found, seen: set[str], min_seconds: float | None,
-                 max_seconds: float | None, problems: list[Problem]) -> list[Planned]:
+def _plan_pieces(
+    found: Found,
+    seen: set[str],
+    min_seconds: float | None,
+    max_seconds: float | None,
+    problems: list[Problem],
+) -> list[Planned]:
     """A long recording's pieces, numbered in order from 0 (kept and dropped alike, so a
     piece's id does not depend on the others)."""
     event, probe = found.event, found.probe
     rate = audio.SAMPLE_RATE
     spans = sorted([(p.span, p) for p in probe.pieces] + [(s, None) for s in probe.dropped])
-    problems.append(Problem("segmented", event.utt_id, event.location,
-                            f"{probe.num_samples / rate:.2f} s cut into {len(probe.pieces)} "
-                            f"pieces ({len(probe.dropped)} too short, dropped)"))
+    problems.append(
+        Problem(
+            "segmented",
+            event.utt_id,
+            event.location,
+            f"{probe.num_samples / rate:.2f} s cut into {len(probe.pieces)} "
+            f"pieces ({len(probe.dropped)} too short, dropped)",
+        )
+    )
     planned = []
     for number, (span, piece) in enumerate(spans):
         piece_id = f"{event.utt_id}-{number:05d}"
         seconds = (span.stop - span.start) / rate
         if piece is None:
-            problems.append(Problem("short_piece", piece_id, event.location,
-                                    f"{seconds:.2f} s from {span.start / rate:.2f} s < "
-                                    f"--min_duration_in_seconds {min_seconds}", seconds))
+            problems.append(
+                Problem(
+                    "short_piece",
+                    piece_id,
+                    event.location,
+                    f"{seconds:.2f} s from {span.start / rate:.2f} s < "
+                    f"--min_duration_in_seconds {min_seconds}",
+                    seconds,
+                )
+            )
             continue
-        if not (_new_id(piece_id, event.location, seen, problems)
-                and _within(piece_id, event.location, span.stop - span.start, min_seconds,
-                            max_seconds, problems)):
+        if not (
+            _new_id(piece_id, event.location, seen, problems)
+            and _within(
+                piece_id, event.location, span.stop - span.start, min_seconds, max_seconds, problems
+            )
+        ):
             continue
-        planned.append(Planned(piece_id, found.source, event.split, event.location, event.path,
-                               True, piece.flac_size, span.stop - span.start,
-                               metadata(replace(event, utt_id=piece_id), None, probe, piece),
-                               event.excerpt, span))
+        planned.append(
+            Planned(
+                piece_id,
+                found.source,
+                event.split,
+                event.location,
+                event.path,
+                True,
+                piece.flac_size,
+                span.stop - span.start,
+                metadata(replace(event, utt_id=piece_id), None, probe, piece),
+                event.excerpt,
+                span,
+            )
+        )
     return planned
 
 
-def metadata(event: AudioFound, text: str | None, probe: Probe,
-             piece: Piece | None = None) -> bytes:
+def metadata(
+    event: AudioFound, text: str | None, probe: Probe, piece: Piece | None = None
+) -> bytes:
     """A sample's JSON member: canonical bytes, the same whichever process makes them.
 
     For a ``piece`` of a long recording, ``event`` carries the piece's id. ``source`` names
@@ -372,19 +473,30 @@ def metadata(event: AudioFound, text: str | None, probe: Probe,
     """
     rate = audio.SAMPLE_RATE
     num_samples = probe.num_samples if piece is None else piece.span.stop - piece.span.start
-    meta = {"id": event.utt_id, "speaker_id": event.speaker_id,
-            "chapter_id": event.chapter_id, "split": event.split, "text": text,
-            "sample_rate": rate, "num_samples": num_samples,
-            "duration": round(num_samples / rate, 6), "converted": probe.convert}
+    meta = {
+        "id": event.utt_id,
+        "speaker_id": event.speaker_id,
+        "chapter_id": event.chapter_id,
+        "split": event.split,
+        "text": text,
+        "sample_rate": rate,
+        "num_samples": num_samples,
+        "duration": round(num_samples / rate, 6),
+        "converted": probe.convert,
+    }
     if event.source is not None or piece is not None:
         meta["source"] = event.source or event.location
     if event.excerpt is not None or piece is not None:
-        meta["source_offset"] = ((round(event.excerpt.start * rate) if event.excerpt else 0)
-                                 + (piece.span.start if piece else 0))
+        meta["source_offset"] = (round(event.excerpt.start * rate) if event.excerpt else 0) + (
+            piece.span.start if piece else 0
+        )
     if probe.convert:
         info = probe.info
-        meta["original"] = {"format": info.format, "sample_rate": info.sample_rate,
-                            "channels": info.channels}
+        meta["original"] = {
+            "format": info.format,
+            "sample_rate": info.sample_rate,
+            "channels": info.channels,
+        }
         if not info.length_in_header:
             meta["original"]["length_in_header"] = False
     return encode_metadata(meta)

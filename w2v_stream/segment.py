@@ -75,7 +75,7 @@ def _next_cut(cumulative: np.ndarray, start: int, total: int, rule: Rule) -> int
 def _cumulative_energy(samples: np.ndarray) -> np.ndarray:
     """Cumulative sum of each hop's energy, with a leading 0: (hops + 1,) float64."""
     hops = samples.shape[0] // HOP
-    power = np.square(samples[:hops * HOP].astype(np.float64)).reshape(hops, HOP).sum(axis=1)
+    power = np.square(samples[: hops * HOP].astype(np.float64)).reshape(hops, HOP).sum(axis=1)
     return np.concatenate([[0.0], np.cumsum(power)])
 
 

@@ -31,8 +31,16 @@ FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
 AUDIO_EXT = "flac"
 META_EXT = "json"
-REQUIRED_META = ("id", "speaker_id", "chapter_id", "split", "text", "sample_rate",
-                 "num_samples", "duration")
+REQUIRED_META = (
+    "id",
+    "speaker_id",
+    "chapter_id",
+    "split",
+    "text",
+    "sample_rate",
+    "num_samples",
+    "duration",
+)
 BLOCK = tarfile.BLOCKSIZE  # 512
 RECORD = tarfile.RECORDSIZE  # 10240: tarfile pads archives to whole records
 
@@ -48,8 +56,7 @@ class ShardFormatError(ValueError):
 def check_id(utt_id: str) -> str:
     """Return ``utt_id`` if it is safe as a member name and WebDataset key, else raise."""
     if not isinstance(utt_id, str) or not _SAFE_ID.fullmatch(utt_id):
-        raise ShardFormatError(
-            f"unsafe utterance id {utt_id!r}: ids must match {_SAFE_ID.pattern}")
+        raise ShardFormatError(f"unsafe utterance id {utt_id!r}: ids must match {_SAFE_ID.pattern}")
     return utt_id
 
 
@@ -86,9 +93,18 @@ def archive_bytes(members: int) -> int:
 def tar_header(name: str, size: int) -> bytes:
     """The ustar header tarfile writes for a regular file with mode 0644, owner 0, mtime 0
     and no user names: built directly because tarfile's TarInfo costs more than the copy."""
-    fields = (name.encode().ljust(100, b"\0") + b"0000644\0" + b"0000000\0" * 2
-              + b"%011o\0" % size + b"00000000000\0" + b" " * 8 + b"0" + bytes(100)
-              + b"ustar\x0000" + bytes(32 + 32 + 8 + 8 + 155 + 12))
+    fields = (
+        name.encode().ljust(100, b"\0")
+        + b"0000644\0"
+        + b"0000000\0" * 2
+        + b"%011o\0" % size
+        + b"00000000000\0"
+        + b" " * 8
+        + b"0"
+        + bytes(100)
+        + b"ustar\x0000"
+        + bytes(32 + 32 + 8 + 8 + 155 + 12)
+    )
     checksum = b"%06o\0 " % sum(fields)
     return fields[:148] + checksum + fields[156:]
 
@@ -105,13 +121,19 @@ class ShardRecord:
     num_samples: list[int]
 
     def to_json(self) -> dict:
-        return {"file": self.file, "num_utterances": self.num_utterances,
-                "seconds": round(self.seconds, 3), "bytes": self.bytes,
-                "sha256": self.sha256, "num_samples": self.num_samples}
+        return {
+            "file": self.file,
+            "num_utterances": self.num_utterances,
+            "seconds": round(self.seconds, 3),
+            "bytes": self.bytes,
+            "sha256": self.sha256,
+            "num_samples": self.num_samples,
+        }
 
 
-def write_shard(path: Path, samples: Iterator[tuple[str, bytes, bytes, int]],
-                sample_rate: int) -> ShardRecord:
+def write_shard(
+    path: Path, samples: Iterator[tuple[str, bytes, bytes, int]], sample_rate: int
+) -> ShardRecord:
     """Write ``(id, flac_bytes, json_bytes, num_samples)`` samples to ``path`` atomically.
 
     The tar goes to ``<path>.tmp`` and is renamed only once complete, so a killed run never
@@ -123,6 +145,7 @@ def write_shard(path: Path, samples: Iterator[tuple[str, bytes, bytes, int]],
     digest = hashlib.sha256()
     size = 0
     with open(tmp, "wb") as f:
+
         def put(chunk: bytes) -> None:
             nonlocal size
             digest.update(chunk)
@@ -138,13 +161,25 @@ def write_shard(path: Path, samples: Iterator[tuple[str, bytes, bytes, int]],
             num_samples.append(length)
         put(bytes(archive_bytes(size) - size))  # two zero blocks, padded to a whole record
     os.replace(tmp, path)
-    return ShardRecord(path.name, len(num_samples), sum(num_samples) / sample_rate, size,
-                       digest.hexdigest(), num_samples)
+    return ShardRecord(
+        path.name,
+        len(num_samples),
+        sum(num_samples) / sample_rate,
+        size,
+        digest.hexdigest(),
+        num_samples,
+    )
 
 
 def record_for(path: Path, num_samples: list[int], sample_rate: int) -> ShardRecord:
-    return ShardRecord(path.name, len(num_samples), sum(num_samples) / sample_rate,
-                       path.stat().st_size, file_sha256(path), num_samples)
+    return ShardRecord(
+        path.name,
+        len(num_samples),
+        sum(num_samples) / sample_rate,
+        path.stat().st_size,
+        file_sha256(path),
+        num_samples,
+    )
 
 
 def file_sha256(path: Path) -> str:
@@ -155,8 +190,9 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def iter_samples(fileobj: BinaryIO,
-                 name: str = "<shard>") -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_samples(
+    fileobj: BinaryIO, name: str = "<shard>"
+) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield ``(id, {ext: bytes})`` per sample from a shard read as a stream.
 
     Members of one sample are adjacent; a member with an unsafe name raises ShardFormatError
@@ -232,6 +268,7 @@ _ZERO_BLOCK = bytes(BLOCK)
 def _full_reader(fileobj: BinaryIO):
     """``read(n)`` that returns n bytes unless the stream ends: a network stream may return
     fewer at a time, which must not look like a truncated shard."""
+
     def read(n: int) -> bytes:
         data = fileobj.read(n)
         if len(data) == n or not data:
@@ -283,7 +320,7 @@ def _header_name(header: bytes) -> str:
 def _pax_records(data: bytes, name: str) -> dict[str, str]:
     records = {}
     pos = 0
-    while pos < len(data) and data[pos:pos + 1] != b"\0":
+    while pos < len(data) and data[pos : pos + 1] != b"\0":
         try:
             space = data.index(b" ", pos)
             length = int(data[pos:space])
@@ -291,7 +328,7 @@ def _pax_records(data: bytes, name: str) -> dict[str, str]:
             length = 0
         if length <= space - pos:
             raise ShardFormatError(f"{name}: bad pax header")
-        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
         records[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
         pos += length
     return records
@@ -324,8 +361,10 @@ def check_sample(parts: dict[str, bytes] | None, expected_samples: int) -> bytes
         raise BadSample("bad_metadata", str(exc)) from None
     if not isinstance(meta, dict) or meta.get("num_samples") != expected_samples:
         got = meta.get("num_samples") if isinstance(meta, dict) else meta
-        raise BadSample("index_mismatch", f"metadata says {got} samples, index.json "
-                        f"{expected_samples}; re-run make_shards")
+        raise BadSample(
+            "index_mismatch",
+            f"metadata says {got} samples, index.json {expected_samples}; re-run make_shards",
+        )
     return parts[AUDIO_EXT]
 
 
@@ -334,8 +373,14 @@ def check_sample(parts: dict[str, bytes] | None, expected_samples: int) -> bytes
 MAX_LISTED = 1000  # problem items listed per reason in index.json; counts are always complete
 # A shard entry's file is a plain name in the index's folder: nothing that climbs out of it.
 _SAFE_FILE = re.compile(r"(?!\.\.?$)[^/\\\0]+")
-_SHARD_KEYS = {"file": str, "num_utterances": int, "seconds": (int, float), "bytes": int,
-               "sha256": str, "num_samples": list}
+_SHARD_KEYS = {
+    "file": str,
+    "num_utterances": int,
+    "seconds": (int, float),
+    "bytes": int,
+    "sha256": str,
+    "num_samples": list,
+}
 
 
 class SplitTotal(NamedTuple):
@@ -354,9 +399,14 @@ class ListedProblem(Protocol):
     seconds: float | None  # audio it left out, when known
 
 
-def build_index(records: Sequence[ShardRecord], splits: Mapping[str, SplitTotal],
-                problems: Mapping[str, Sequence[ListedProblem]], options: Mapping,
-                kept_reasons: frozenset[str], sample_rate: int) -> dict:
+def build_index(
+    records: Sequence[ShardRecord],
+    splits: Mapping[str, SplitTotal],
+    problems: Mapping[str, Sequence[ListedProblem]],
+    options: Mapping,
+    kept_reasons: frozenset[str],
+    sample_rate: int,
+) -> dict:
     """The content of index.json for shards ``records`` (in shard order).
 
     ``problems`` maps a reason to its problems; those in ``kept_reasons`` are notes on
@@ -367,8 +417,11 @@ def build_index(records: Sequence[ShardRecord], splits: Mapping[str, SplitTotal]
     lengths = [n for r in records for n in r.num_samples]
     bins = Counter(int(n // sample_rate) for n in lengths)
     seconds = sum(lengths) / sample_rate
-    dropped = {reason: sum(p.seconds or 0.0 for p in items)
-               for reason, items in problems.items() if reason not in kept_reasons}
+    dropped = {
+        reason: sum(p.seconds or 0.0 for p in items)
+        for reason, items in problems.items()
+        if reason not in kept_reasons
+    }
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -376,23 +429,36 @@ def build_index(records: Sequence[ShardRecord], splits: Mapping[str, SplitTotal]
         "sample_rate": sample_rate,
         "options": dict(options),
         "shards": [r.to_json() for r in records],
-        "totals": {"shards": len(records), "utterances": len(lengths),
-                   "seconds": round(seconds, 3), "hours": round(seconds / 3600, 4),
-                   "hours_dropped": round(sum(dropped.values()) / 3600, 4),
-                   "bytes": sum(r.bytes for r in records),
-                   "min_seconds": round(min(lengths) / sample_rate, 4),
-                   "max_seconds": round(max(lengths) / sample_rate, 4)},
-        "splits": {name: {"utterances": total.utterances,
-                          "hours": round(total.seconds / 3600, 4)}
-                   for name, total in sorted(splits.items())},
-        "duration_histogram": {"bin_seconds": 1,
-                               "counts": [bins.get(b, 0) for b in range(max(bins) + 1)]},
-        "problems": {reason: {"count": len(items), "kept": reason in kept_reasons,
-                              **({"hours": round(dropped[reason] / 3600, 4)}
-                                 if dropped.get(reason) else {}),
-                              "items": [{"id": p.utt_id, "location": p.location,
-                                         "detail": p.detail} for p in items[:MAX_LISTED]]}
-                     for reason, items in sorted(problems.items())},
+        "totals": {
+            "shards": len(records),
+            "utterances": len(lengths),
+            "seconds": round(seconds, 3),
+            "hours": round(seconds / 3600, 4),
+            "hours_dropped": round(sum(dropped.values()) / 3600, 4),
+            "bytes": sum(r.bytes for r in records),
+            "min_seconds": round(min(lengths) / sample_rate, 4),
+            "max_seconds": round(max(lengths) / sample_rate, 4),
+        },
+        "splits": {
+            name: {"utterances": total.utterances, "hours": round(total.seconds / 3600, 4)}
+            for name, total in sorted(splits.items())
+        },
+        "duration_histogram": {
+            "bin_seconds": 1,
+            "counts": [bins.get(b, 0) for b in range(max(bins) + 1)],
+        },
+        "problems": {
+            reason: {
+                "count": len(items),
+                "kept": reason in kept_reasons,
+                **({"hours": round(dropped[reason] / 3600, 4)} if dropped.get(reason) else {}),
+                "items": [
+                    {"id": p.utt_id, "location": p.location, "detail": p.detail}
+                    for p in items[:MAX_LISTED]
+                ],
+            }
+            for reason, items in sorted(problems.items())
+        },
     }
 
 
@@ -403,13 +469,15 @@ def check_index(index: object, where: str) -> dict:
     loader; it also checks the keys any of them reads, so a reader never meets a KeyError.
     """
     if not isinstance(index, dict):
-        raise ShardFormatError(f"{where}: not a shard index (a JSON {type(index).__name__}, "
-                               f"expected an object)")
+        raise ShardFormatError(
+            f"{where}: not a shard index (a JSON {type(index).__name__}, expected an object)"
+        )
     name, version = index.get("format"), index.get("format_version")
     if name != FORMAT_NAME or version != FORMAT_VERSION:
         raise ShardFormatError(
             f"{where}: format {name!r} version {version!r}, expected {FORMAT_NAME!r} version "
-            f"{FORMAT_VERSION}; re-run tools/make_shards.py with this w2v_stream")
+            f"{FORMAT_VERSION}; re-run tools/make_shards.py with this w2v_stream"
+        )
     rate, shards, totals = index.get("sample_rate"), index.get("shards"), index.get("totals")
     if not isinstance(rate, int) or rate < 1:
         raise ShardFormatError(f"{where}: sample_rate {rate!r} is not a positive integer")
@@ -434,8 +502,9 @@ def _check_shard_entry(entry: object, where: str) -> None:
     if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in lengths):
         raise ShardFormatError(f"{where}: num_samples holds something other than counts")
     if len(lengths) != entry["num_utterances"]:
-        raise ShardFormatError(f"{where}: {len(lengths)} num_samples for "
-                               f"{entry['num_utterances']} utterances")
+        raise ShardFormatError(
+            f"{where}: {len(lengths)} num_samples for {entry['num_utterances']} utterances"
+        )
 
 
 def parse_index(data: bytes | str, where: str) -> dict:
@@ -443,8 +512,9 @@ def parse_index(data: bytes | str, where: str) -> dict:
     try:
         index = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ShardFormatError(f"{where}: not valid JSON ({exc}); re-run "
-                               f"tools/make_shards.py") from None
+        raise ShardFormatError(
+            f"{where}: not valid JSON ({exc}); re-run tools/make_shards.py"
+        ) from None
     return check_index(index, where)
 
 

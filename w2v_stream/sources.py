@@ -60,8 +60,10 @@ def open_url(url: str, allow_pipe: bool = False, s3_endpoint_url: str | None = N
     """A readable binary stream for a local path, http(s)://, s3:// or (opt-in) pipe: URL."""
     if url.startswith(PIPE):
         if not allow_pipe:
-            raise SourceError(f"{url}: pipe: URLs run a command and are refused; pass "
-                              f"--allow_pipe_urls if you trust this source")
+            raise SourceError(
+                f"{url}: pipe: URLs run a command and are refused; pass "
+                f"--allow_pipe_urls if you trust this source"
+            )
         return PipeStream(url)
     if url.startswith(("http://", "https://")):
         return _retry(url, lambda: urllib.request.urlopen(url, timeout=60))
@@ -85,7 +87,7 @@ class PipeStream:
     def __init__(self, url: str):
         self.url = url
         try:
-            args = shlex.split(url[len(PIPE):])
+            args = shlex.split(url[len(PIPE) :])
         except ValueError as exc:
             raise SourceError(f"{url}: cannot split the command ({exc})") from None
         if not args:
@@ -93,12 +95,12 @@ class PipeStream:
         # Read and closed in close(), when the command has ended.
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
         try:
-            self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL,
-                                          stdout=subprocess.PIPE, stderr=self._stderr)
+            self._proc = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._stderr
+            )
         except OSError as exc:
             self._stderr.close()
-            raise SourceError(f"{url}: cannot start {args[0]!r} "
-                              f"({exc.strerror or exc})") from None
+            raise SourceError(f"{url}: cannot start {args[0]!r} ({exc.strerror or exc})") from None
 
     def read(self, n: int = -1) -> bytes:
         data = self._proc.stdout.read(n)
@@ -111,8 +113,9 @@ class PipeStream:
         if code != 0:
             self._stderr.seek(0)
             tail = self._stderr.read().decode("utf-8", "replace").strip()[-STDERR_TAIL:]
-            raise SourceError(f"{self.url}: the command exited with status {code}"
-                              + (f": {tail}" if tail else ""))
+            raise SourceError(
+                f"{self.url}: the command exited with status {code}" + (f": {tail}" if tail else "")
+            )
 
     def close(self) -> None:
         if self._proc.poll() is None:
@@ -153,13 +156,14 @@ def _is_missing(exc: Exception) -> bool:
 def _open_s3(url: str, endpoint_url: str | None):
     import boto3  # only s3:// sources need it
 
-    bucket, _, key = url[len("s3://"):].partition("/")
+    bucket, _, key = url[len("s3://") :].partition("/")
     client = boto3.client("s3", endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL"))
     return client.get_object(Bucket=bucket, Key=key)["Body"]
 
 
-def resolve(spec: str | list[str], allow_pipe: bool = False,
-            s3_endpoint_url: str | None = None) -> ShardList:
+def resolve(
+    spec: str | list[str], allow_pipe: bool = False, s3_endpoint_url: str | None = None
+) -> ShardList:
     """Shards and their lengths from a folder/URL holding index.json, an index.json itself,
     shard paths/URLs and brace patterns (``shard-{000000..000009}.tar``) whose folder holds
     index.json, or a ``pipe:`` command template (every shard its index lists). Lengths
@@ -172,8 +176,10 @@ def resolve(spec: str | list[str], allow_pipe: bool = False,
     indexes: dict[str, dict] = {}
     for item in specs:
         if item.startswith(PIPE) and "{}" not in item:
-            raise SourceError(f"{item}: a pipe: source is a command with {{}} where a file "
-                              f"name goes, e.g. 'pipe:aws s3 cp s3://bucket/shards/{{}} -'")
+            raise SourceError(
+                f"{item}: a pipe: source is a command with {{}} where a file "
+                f"name goes, e.g. 'pipe:aws s3 cp s3://bucket/shards/{{}} -'"
+            )
         expanded = [item] if item.startswith(PIPE) else list(braceexpand.braceexpand(item))
         for url in expanded:
             if url.startswith(PIPE):
@@ -190,14 +196,17 @@ def resolve(spec: str | list[str], allow_pipe: bool = False,
             by_name = {e["file"]: e for e in index["shards"]}
             for name in names or [e["file"] for e in index["shards"]]:
                 if name not in by_name:
-                    raise SourceError(f"{_join(base, name)}: not listed in "
-                                      f"{_join(base, INDEX_NAME)}")
+                    raise SourceError(
+                        f"{_join(base, name)}: not listed in {_join(base, INDEX_NAME)}"
+                    )
                 urls.append(url if names else _join(base, name))
                 lengths.append(tuple(int(n) for n in by_name[name]["num_samples"]))
             if rate not in (None, index["sample_rate"]):
-                raise SourceError(f"{_join(base, INDEX_NAME)}: sample rate "
-                                  f"{index['sample_rate']} differs from "
-                                  f"the other shards' {rate}")
+                raise SourceError(
+                    f"{_join(base, INDEX_NAME)}: sample rate "
+                    f"{index['sample_rate']} differs from "
+                    f"the other shards' {rate}"
+                )
             rate = index["sample_rate"]
     if not urls:
         raise SourceError(f"{spec}: no shards")
@@ -206,15 +215,14 @@ def resolve(spec: str | list[str], allow_pipe: bool = False,
 
 def _local_path(url: str) -> str:
     """The file path of a local shard URL: a plain path or a file:// URL."""
-    return url[len("file://"):] if url.startswith("file://") else url
+    return url[len("file://") :] if url.startswith("file://") else url
 
 
 def _load_index(url: str, open_args: dict) -> dict:
     """The checked index at ``url`` (shards.parse_index: the converter's own check)."""
     local = not url.startswith((*REMOTE_SCHEMES, PIPE))
     if local and not Path(_local_path(url)).exists():
-        raise SourceError(f"{url}: no index.json; shards need one (tools/make_shards.py "
-                          f"writes it)")
+        raise SourceError(f"{url}: no index.json; shards need one (tools/make_shards.py writes it)")
     with open_url(url, **open_args) as f:
         data = f.read()
     return parse_index(data, url)

@@ -68,16 +68,26 @@ class StreamConfig:
     def __post_init__(self):
         stride = math.prod(self.conv_stride)
         if self.plan.policy == "pack" and self.plan.align % stride:
-            raise ValueError(f"the pack plan starts utterances at multiples of "
-                             f"{self.plan.align} samples but the feature encoder's stride is "
-                             f"{stride}: make the plan with buckets.plan_for_shards for this "
-                             f"conv stack")
+            raise ValueError(
+                f"the pack plan starts utterances at multiples of "
+                f"{self.plan.align} samples but the feature encoder's stride is "
+                f"{stride}: make the plan with buckets.plan_for_shards for this "
+                f"conv stack"
+            )
 
     def epoch_plan(self, epoch: int, num_workers: int) -> EpochPlan:
         streams = self.world_size * max(num_workers, 1)
-        return plan_epoch(self.shards.lengths, self.plan, streams, epoch, self.seed,
-                          int(self.shuffle_seconds * self.plan.sample_rate), self.round_items,
-                          self.passes(streams), self.bucket_runs)
+        return plan_epoch(
+            self.shards.lengths,
+            self.plan,
+            streams,
+            epoch,
+            self.seed,
+            int(self.shuffle_seconds * self.plan.sample_rate),
+            self.round_items,
+            self.passes(streams),
+            self.bucket_runs,
+        )
 
     def passes(self, streams: int) -> int:
         if self.passes_per_epoch:
@@ -87,8 +97,9 @@ class StreamConfig:
         return -(-16 * streams // virtual)
 
 
-def decode_piece(flac: bytes, out: np.ndarray, start: int, num_samples: int,
-                 sample_rate: int) -> None:
+def decode_piece(
+    flac: bytes, out: np.ndarray, start: int, num_samples: int, sample_rate: int
+) -> None:
     """Decode ``len(out)`` samples from ``start`` into ``out`` and normalise them in place."""
     try:
         read_into(flac, out, start, sample_rate, num_samples)
@@ -143,8 +154,7 @@ class Piece:
     key: str
 
 
-def read_stream(config: StreamConfig, reads, needed: set[tuple[int, int]]
-                ) -> Iterator[ReadSample]:
+def read_stream(config: StreamConfig, reads, needed: set[tuple[int, int]]) -> Iterator[ReadSample]:
     """Yield each needed sample of these virtual shards once (``needed`` holds ``(read,
     pos)``; ``read`` indexes ``reads``: a shard may be read once per pass).
 
@@ -175,12 +185,21 @@ def read_stream(config: StreamConfig, reads, needed: set[tuple[int, int]]
         except (ShardFormatError, tarfile.TarError, OSError, EOFError) as exc:
             error = BadUtterance("broken_shard", str(exc))
         for pos in sorted(want - got):
-            yield ReadSample(read, pos, f"#{pos}", error or BadUtterance(
-                "missing_sample", f"the shard has no sample #{pos}"))
+            yield ReadSample(
+                read,
+                pos,
+                f"#{pos}",
+                error or BadUtterance("missing_sample", f"the shard has no sample #{pos}"),
+            )
 
 
-def assemble(config: StreamConfig, batch: Batch, rows: list[list[Piece]],
-             rng: np.random.Generator, alloc=None) -> dict:
+def assemble(
+    config: StreamConfig,
+    batch: Batch,
+    rows: list[list[Piece]],
+    rng: np.random.Generator,
+    alloc=None,
+) -> dict:
     """Rows of utterances → the fixed-shape arrays of one batch.
 
     ``rows[i]`` holds the utterances of row i (empty for a dummy row). Each is cropped as the
@@ -200,8 +219,9 @@ def assemble(config: StreamConfig, batch: Batch, rows: list[list[Piece]],
     stride = int(np.prod(config.conv_stride))
     field = frames_to_min_samples(1, config.conv_kernel, config.conv_stride)
     alloc = alloc or _fresh
-    arrays = {name: alloc(name, shape, dtype)
-              for name, (shape, dtype) in batch_arrays(config, k).items()}
+    arrays = {
+        name: alloc(name, shape, dtype) for name, (shape, dtype) in batch_arrays(config, k).items()
+    }
     values, attention = arrays["input_values"], arrays["attention_mask"]
     segment_ids = arrays["segment_ids"]
     segment_ids.fill(0)
@@ -224,8 +244,7 @@ def assemble(config: StreamConfig, batch: Batch, rows: list[list[Piece]],
             start = int(rng.integers(0, num_samples - take + 1)) if num_samples > take else 0
             end = begin + take
             try:
-                decode_piece(piece.flac, values[i, begin:end], start, num_samples,
-                             plan.sample_rate)
+                decode_piece(piece.flac, values[i, begin:end], start, num_samples, plan.sample_rate)
             except BadUtterance as bad:  # the next piece (or the zeros below) goes here
                 skipped[bad.reason] += 1
                 bad_records.append(BadRecord(piece.shard, piece.key, str(bad)))
@@ -242,33 +261,49 @@ def assemble(config: StreamConfig, batch: Batch, rows: list[list[Piece]],
         values[i, offset:] = 0.0  # exact zeros after the row's audio
         np.greater(segment_ids[i], 0, out=attention[i])
         segments.append(row_segments)
-    mask = compute_mask(segments, frames, config.mask_time_prob, config.mask_time_length,
-                        config.mask_time_min_masks, rng, out=arrays["mask_time_indices"])
-    sample_negatives(mask, segments, config.num_negatives, rng,
-                     out=arrays["sampled_negative_indices"])
+    mask = compute_mask(
+        segments,
+        frames,
+        config.mask_time_prob,
+        config.mask_time_length,
+        config.mask_time_min_masks,
+        rng,
+        out=arrays["mask_time_indices"],
+    )
+    sample_negatives(
+        mask, segments, config.num_negatives, rng, out=arrays["sampled_negative_indices"]
+    )
     frame_mask = arrays["frame_mask"]
     frame_mask.fill(False)
     for i, row_segments in enumerate(segments):
         for first, last in row_segments:
             frame_mask[i, first:last] = True
-    return {**arrays, "bucket": k, "num_utterances": utterances,
-            "audio_samples": audio_samples, "padded_samples": size * length,
-            "skipped": dict(skipped), "bad": bad_records}
+    return {
+        **arrays,
+        "bucket": k,
+        "num_utterances": utterances,
+        "audio_samples": audio_samples,
+        "padded_samples": size * length,
+        "skipped": dict(skipped),
+        "bad": bad_records,
+    }
 
 
 def batch_arrays(config: StreamConfig, bucket: int) -> dict[str, tuple[tuple[int, ...], type]]:
     """Name → (shape, dtype) of each array of a batch of ``bucket``: the batch layout."""
     plan = config.plan
     rows, length, frames = plan.batch_sizes[bucket], plan.lengths[bucket], plan.frames[bucket]
-    return {"input_values": ((rows, length), np.float32),
-            # 1 byte a sample; transformers only sums it
-            "attention_mask": ((rows, length), np.bool_),
-            "mask_time_indices": ((rows, frames), np.bool_),
-            # int32 halves what crosses from the workers; the device widens it for indexing
-            "sampled_negative_indices": ((rows, frames, config.num_negatives), np.int32),
-            "frame_mask": ((rows, frames), np.bool_),
-            # per sample: the row's n-th utterance is n, padding and gaps 0 (see model.encode)
-            "segment_ids": ((rows, length), np.int32)}
+    return {
+        "input_values": ((rows, length), np.float32),
+        # 1 byte a sample; transformers only sums it
+        "attention_mask": ((rows, length), np.bool_),
+        "mask_time_indices": ((rows, frames), np.bool_),
+        # int32 halves what crosses from the workers; the device widens it for indexing
+        "sampled_negative_indices": ((rows, frames, config.num_negatives), np.int32),
+        "frame_mask": ((rows, frames), np.bool_),
+        # per sample: the row's n-th utterance is n, padding and gaps 0 (see model.encode)
+        "segment_ids": ((rows, length), np.int32),
+    }
 
 
 def _fresh(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -279,9 +314,15 @@ def batch_seed(seed: int, epoch: int, stream: int, index: int) -> np.ndarray:
     return np.random.SeedSequence([seed, epoch, stream, index]).generate_state(4)
 
 
-def stream_batches(config: StreamConfig, num_workers: int, worker: int, start_epoch: int,
-                   start_position: int, alloc=None, end_epoch: int | None = None
-                   ) -> Iterator[dict]:
+def stream_batches(
+    config: StreamConfig,
+    num_workers: int,
+    worker: int,
+    start_epoch: int,
+    start_position: int,
+    alloc=None,
+    end_epoch: int | None = None,
+) -> Iterator[dict]:
     """The batch stream of one loader worker: endless, or until ``end_epoch`` begins.
 
     The DataLoader takes a rank's workers in turn, so worker w's first batch is the one at
@@ -305,8 +346,9 @@ def stream_batches(config: StreamConfig, num_workers: int, worker: int, start_ep
         index = 0
 
 
-def _epoch_batches(config: StreamConfig, eplan: EpochPlan, stream: int, epoch: int,
-                   first: int, alloc) -> Iterator[dict]:
+def _epoch_batches(
+    config: StreamConfig, eplan: EpochPlan, stream: int, epoch: int, first: int, alloc
+) -> Iterator[dict]:
     batches = eplan.streams[stream][first:]
     needed = {(it.read, it.pos) for b in batches for row in b.rows for it in row}
     reader = read_stream(config, eplan.reads[stream], needed)

@@ -62,12 +62,25 @@ class Backend(Protocol):
     precision: str
     loader_needs: LoaderNeeds
 
-    def prepare(self, objective: torch.nn.Module, param_groups: list, lr: float,
-                betas: tuple, eps: float, max_grad_norm: float | None) -> Any:
+    def prepare(
+        self,
+        objective: torch.nn.Module,
+        param_groups: list,
+        lr: float,
+        betas: tuple,
+        eps: float,
+        max_grad_norm: float | None,
+    ) -> Any:
         """Place and wrap the objective; return its optimizer."""
 
-    def update(self, batches: Iterator[dict], upcoming: Callable[[int], list],
-               step: int, limit: int, schedule: Schedule) -> UpdateResult:
+    def update(
+        self,
+        batches: Iterator[dict],
+        upcoming: Callable[[int], list],
+        step: int,
+        limit: int,
+        schedule: Schedule,
+    ) -> UpdateResult:
         """Run the next optimizer update(s) from ``batches``: at least one, at most up to
         update ``limit`` (the next log, eval or checkpoint). ``upcoming(n)`` gives the
         buckets of the next n batches without reading them."""
@@ -98,12 +111,20 @@ def resolve_backend(name: str) -> str:
     return name
 
 
-def create_backend(name: str, *, precision: str = "auto", compile_backend: str | None = None,
-                   gradient_accumulation_steps: int | None = None,
-                   ipu_replicas: int | None = None, ipu_device_iterations: int | None = None,
-                   ipu_executable_cache: str | None = None,
-                   ipu_config_name: str | None = None, ipu_conv_layers: int = 0,
-                   ipu_encoder_layers: int = 0, seed: int = 0) -> Backend:
+def create_backend(
+    name: str,
+    *,
+    precision: str = "auto",
+    compile_backend: str | None = None,
+    gradient_accumulation_steps: int | None = None,
+    ipu_replicas: int | None = None,
+    ipu_device_iterations: int | None = None,
+    ipu_executable_cache: str | None = None,
+    ipu_config_name: str | None = None,
+    ipu_conv_layers: int = 0,
+    ipu_encoder_layers: int = 0,
+    seed: int = 0,
+) -> Backend:
     """The backend for ``--backend NAME`` (auto, cpu, cuda, ipu), set up and ready.
 
     The IPU's settings are ``ipu_config_name``'s (optimum's format, or its defaults without
@@ -116,14 +137,18 @@ def create_backend(name: str, *, precision: str = "auto", compile_backend: str |
         from .ipu import IpuBackend
 
         settings = ipu_config.resolve(
-            ipu_config_name, replication_factor=ipu_replicas,
+            ipu_config_name,
+            replication_factor=ipu_replicas,
             gradient_accumulation_steps=gradient_accumulation_steps,
-            device_iterations=ipu_device_iterations, executable_cache_dir=ipu_executable_cache)
+            device_iterations=ipu_device_iterations,
+            executable_cache_dir=ipu_executable_cache,
+        )
         try:
             return IpuBackend(settings, ipu_conv_layers, ipu_encoder_layers, seed, precision)
         except ipu_config.IpuConfigError as exc:
-            raise ipu_config.IpuConfigError(f"{ipu_config_name or 'the IPU defaults'}: {exc}") \
-                from None
+            raise ipu_config.IpuConfigError(
+                f"{ipu_config_name or 'the IPU defaults'}: {exc}"
+            ) from None
     from .torch_backend import TorchBackend
 
     return TorchBackend(kind, precision, compile_backend, gradient_accumulation_steps or 1)

@@ -61,11 +61,13 @@ from .ipu_config import IpuConfig, describe, placement
 # update (tens of thousands for BASE's 128 utterances of up to 15.6 s per update), so its
 # gradients are that many times smaller than those of optimum's unnormalised per-micro-batch
 # loss, which trains in fp16 with a scale of 1; 2**15 brings them back to that range.
-LOSS_SCALING = 2.0 ** 15
+LOSS_SCALING = 2.0**15
 
-INSTALL_HINT = ("poptorch is not installed. It ships with Graphcore's Poplar SDK, not PyPI: "
-                "install the SDK (https://www.graphcore.ai/downloads), source its enable.sh, "
-                "then `pip install $POPLAR_SDK_ENABLED/../poptorch-*.whl` in this environment.")
+INSTALL_HINT = (
+    "poptorch is not installed. It ships with Graphcore's Poplar SDK, not PyPI: "
+    "install the SDK (https://www.graphcore.ai/downloads), source its enable.sh, "
+    "then `pip install $POPLAR_SDK_ENABLED/../poptorch-*.whl` in this environment."
+)
 
 
 def import_poptorch():
@@ -84,17 +86,39 @@ class _IpuStep(torch.nn.Module):
         self.objective = objective
         self.poptorch = poptorch
 
-    def forward(self, input_values, attention_mask, mask_time_indices,
-                sampled_negative_indices, temperature, normaliser, segment_ids):
-        out = self.objective(input_values, attention_mask, mask_time_indices,
-                             sampled_negative_indices, temperature[0], segment_ids)
+    def forward(
+        self,
+        input_values,
+        attention_mask,
+        mask_time_indices,
+        sampled_negative_indices,
+        temperature,
+        normaliser,
+        segment_ids,
+    ):
+        out = self.objective(
+            input_values,
+            attention_mask,
+            mask_time_indices,
+            sampled_negative_indices,
+            temperature[0],
+            segment_ids,
+        )
         loss = self.poptorch.identity_loss(out["loss"] / normaliser[0], reduction="sum")
         return (loss,) + tuple(out[name].detach() for name in STEP_OUTPUTS)
 
 
 # The objective's outputs a host call returns (summed), after the loss it trains on.
-STEP_OUTPUTS = ("loss", "contrastive_loss", "diversity_loss", "feature_penalty", "num_correct",
-                "codevector_perplexity", "code_perplexity", "num_frames")
+STEP_OUTPUTS = (
+    "loss",
+    "contrastive_loss",
+    "diversity_loss",
+    "feature_penalty",
+    "num_correct",
+    "codevector_perplexity",
+    "code_perplexity",
+    "num_frames",
+)
 
 
 def micro_batch_negatives(negatives: torch.Tensor, split: int) -> torch.Tensor:
@@ -111,9 +135,13 @@ def micro_batch_negatives(negatives: torch.Tensor, split: int) -> torch.Tensor:
     return (negatives.long() - (first_row * frames).view(rows, 1, 1)).int()
 
 
-def host_batch(batches: list[dict], split: int, temperatures: list[float],
-               normalisers: list[float],
-               input_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+def host_batch(
+    batches: list[dict],
+    split: int,
+    temperatures: list[float],
+    normalisers: list[float],
+    input_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, ...]:
     """The inputs of one host call: ``len(batches)`` updates' loader batches stacked in order
     (poptorch gives each device iteration the next block of rows), the audio in the model's
     ``input_dtype``, negatives moved into each micro-batch's own frames, and one temperature
@@ -124,24 +152,30 @@ def host_batch(batches: list[dict], split: int, temperatures: list[float],
         raise ValueError(f"one host call takes one shape, got {sorted(shapes)}")
     rows = next(iter(shapes))[0]
     if rows % split:
-        raise ValueError(f"batch of {rows} rows does not split over replicas x "
-                         f"accumulation = {split}")
+        raise ValueError(
+            f"batch of {rows} rows does not split over replicas x accumulation = {split}"
+        )
 
     def per_row(values):
         return torch.cat([torch.full((rows,), float(v)) for v in values])
 
-    return (torch.cat([b["input_values"] for b in batches]).to(input_dtype),
-            torch.cat([b["attention_mask"] for b in batches]),
-            torch.cat([b["mask_time_indices"] for b in batches]),
-            torch.cat([micro_batch_negatives(b["sampled_negative_indices"], split)
-                       for b in batches]),
-            per_row(temperatures), per_row(normalisers),
-            torch.cat([b["segment_ids"] if "segment_ids" in b
-                       else b["attention_mask"].to(torch.int32) for b in batches]))
+    return (
+        torch.cat([b["input_values"] for b in batches]).to(input_dtype),
+        torch.cat([b["attention_mask"] for b in batches]),
+        torch.cat([b["mask_time_indices"] for b in batches]),
+        torch.cat([micro_batch_negatives(b["sampled_negative_indices"], split) for b in batches]),
+        per_row(temperatures),
+        per_row(normalisers),
+        torch.cat(
+            [
+                b["segment_ids"] if "segment_ids" in b else b["attention_mask"].to(torch.int32)
+                for b in batches
+            ]
+        ),
+    )
 
 
-def call_size(upcoming: list[int], update: int, device_iterations: int,
-              next_event: int) -> int:
+def call_size(upcoming: list[int], update: int, device_iterations: int, next_event: int) -> int:
     """Updates in the next host call: all ``device_iterations`` when the next that many
     batches (their buckets in ``upcoming``) share a shape and the call ends at or before
     ``next_event`` (the next log, eval, checkpoint or the last update); else 1."""
@@ -152,9 +186,20 @@ def call_size(upcoming: list[int], update: int, device_iterations: int,
 
 
 # UpdateResult fields that add up over host calls.
-_SUMMED = ("updates", "masked_frames", "loss", "contrastive_loss", "diversity_loss",
-           "feature_penalty", "correct", "prob_perplexity", "code_perplexity", "num_frames",
-           "micro_batches", "audio_samples")
+_SUMMED = (
+    "updates",
+    "masked_frames",
+    "loss",
+    "contrastive_loss",
+    "diversity_loss",
+    "feature_penalty",
+    "correct",
+    "prob_perplexity",
+    "code_perplexity",
+    "num_frames",
+    "micro_batches",
+    "audio_samples",
+)
 
 
 def pipeline_modules(objective: torch.nn.Module) -> list[torch.nn.Module]:
@@ -165,9 +210,14 @@ def pipeline_modules(objective: torch.nn.Module) -> list[torch.nn.Module]:
     encoder = model.wav2vec2.encoder
     # A conv layer's conv: the objective calls it directly where it normalises the output
     # per utterance (the first layer's group norm), and through the layer elsewhere.
-    return [*(layer.conv for layer in model.wav2vec2.feature_extractor.conv_layers),
-            encoder.pos_conv_embed,
-            *encoder.layers, model.project_hid, model.quantizer.weight_proj, model.project_q]
+    return [
+        *(layer.conv for layer in model.wav2vec2.feature_extractor.conv_layers),
+        encoder.pos_conv_embed,
+        *encoder.layers,
+        model.project_hid,
+        model.quantizer.weight_proj,
+        model.project_q,
+    ]
 
 
 class IpuBackend:
@@ -177,25 +227,36 @@ class IpuBackend:
     rank, world_size = 0, 1  # data parallel is poptorch replication inside this process
     device = torch.device("cpu")  # where the host keeps weights, and where eval runs
 
-    def __init__(self, settings: IpuConfig, num_conv_layers: int, num_encoder_layers: int,
-                 seed: int, precision: str = "auto"):
+    def __init__(
+        self,
+        settings: IpuConfig,
+        num_conv_layers: int,
+        num_encoder_layers: int,
+        seed: int,
+        precision: str = "auto",
+    ):
         self.poptorch = import_poptorch()  # fails first, with how to get the Poplar SDK
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ValueError("--backend ipu runs as one process: data parallel comes from "
-                             "--ipu_replicas (poptorch replication), not torchrun")
+            raise ValueError(
+                "--backend ipu runs as one process: data parallel comes from "
+                "--ipu_replicas (poptorch replication), not torchrun"
+            )
         if precision not in ("auto", "fp16", "fp32"):
             raise ValueError(f"--precision {precision!r}: choose fp16 or fp32 on the IPU")
         self.precision = "fp16" if precision == "auto" else precision
         self.dtype = torch.half if self.precision == "fp16" else torch.float32
         self.settings, self.seed = settings, seed
         self.placement = placement(settings, num_conv_layers, num_encoder_layers)
-        print(f"IPU placement ({settings.ipus_per_replica} IPUs per replica, "
-              f"{settings.replication_factor} replicas):\n{describe(self.placement)}",
-              flush=True)
+        print(
+            f"IPU placement ({settings.ipus_per_replica} IPUs per replica, "
+            f"{settings.replication_factor} replicas):\n{describe(self.placement)}",
+            flush=True,
+        )
         self.device_iterations = settings.device_iterations
         self.split = settings.replication_factor * settings.gradient_accumulation_steps
-        self.loader_needs = LoaderNeeds(split=self.split, bucket_runs=True,
-                                        multiprocessing_context="fork", pin_memory=False)
+        self.loader_needs = LoaderNeeds(
+            split=self.split, bucket_runs=True, multiprocessing_context="fork", pin_memory=False
+        )
         self.models: dict[tuple[int, ...], object] = {}
         self.current = None
         self.objective = self.optimizer = None
@@ -212,14 +273,15 @@ class IpuBackend:
         if settings.executable_cache_dir != "disabled":
             options.enableExecutableCaching(settings.executable_cache_dir)
         if settings.pipelined:
-            options.setExecutionStrategy(
-                poptorch.PipelinedExecution(poptorch.AutoStage.SameAsIpu))
+            options.setExecutionStrategy(poptorch.PipelinedExecution(poptorch.AutoStage.SameAsIpu))
         options.setAvailableMemoryProportion(settings.memory_proportions())
         options.TensorLocations.setOptimizerLocation(
             poptorch.TensorLocationSettings()
             .useOnChipStorage(not settings.optimizer_state_offchip)
-            .useReplicatedTensorSharding(settings.replicated_tensor_sharding and
-                                         settings.replication_factor > 1))
+            .useReplicatedTensorSharding(
+                settings.replicated_tensor_sharding and settings.replication_factor > 1
+            )
+        )
         if settings.enable_half_partials:
             options.Precision.setPartialsType(torch.half)
         if self.precision == "fp16":
@@ -229,8 +291,10 @@ class IpuBackend:
     def prepare(self, objective, param_groups, lr, betas, eps, max_grad_norm):
         modules = pipeline_modules(objective)
         if len(modules) != len(self.placement):
-            raise ValueError(f"the objective has {len(modules)} pipeline blocks, the placement "
-                             f"{len(self.placement)}: build the backend for this model")
+            raise ValueError(
+                f"the objective has {len(modules)} pipeline blocks, the placement "
+                f"{len(self.placement)}: build the backend for this model"
+            )
         if self.settings.pipelined:
             for module, (block, ipu) in zip(modules, self.placement):
                 self.poptorch.BeginBlock(module, block, ipu)
@@ -241,16 +305,21 @@ class IpuBackend:
         if max_grad_norm:
             accepted = inspect.signature(self.poptorch.optim.AdamW).parameters
             if "max_grad_norm" not in accepted:
-                raise ValueError("--max_grad_norm: this poptorch's AdamW cannot clip; leave "
-                                 "it unset on the IPU")
+                raise ValueError(
+                    "--max_grad_norm: this poptorch's AdamW cannot clip; leave it unset on the IPU"
+                )
             kwargs["max_grad_norm"] = max_grad_norm
         if self.precision == "fp16":
-            kwargs.update(loss_scaling=LOSS_SCALING, accum_type=torch.half,
-                          first_order_momentum_accum_type=torch.half,
-                          second_order_momentum_accum_type=torch.float32)
+            kwargs.update(
+                loss_scaling=LOSS_SCALING,
+                accum_type=torch.half,
+                first_order_momentum_accum_type=torch.half,
+                second_order_momentum_accum_type=torch.float32,
+            )
         self.objective = objective.to(self.dtype)
-        self.optimizer = self.poptorch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps,
-                                                   **kwargs)
+        self.optimizer = self.poptorch.optim.AdamW(
+            param_groups, lr=lr, betas=betas, eps=eps, **kwargs
+        )
         return self.optimizer
 
     def _checkpoint_output(self, module, inputs, output):
@@ -258,23 +327,34 @@ class IpuBackend:
         pass (a tensor, or a tuple whose tensors are)."""
         if isinstance(output, torch.Tensor):
             return self.poptorch.recomputationCheckpoint(output)
-        return tuple(self.poptorch.recomputationCheckpoint(x) if isinstance(x, torch.Tensor)
-                     else x for x in output)
+        return tuple(
+            self.poptorch.recomputationCheckpoint(x) if isinstance(x, torch.Tensor) else x
+            for x in output
+        )
 
     def update(self, batches, upcoming, step, limit, schedule) -> UpdateResult:
         """``d`` optimizer updates in one host call (``call_size``); the learning rate of the
         first holds for the call, each update gets its own temperature and normaliser. When
         the loader held back a batch (every utterance in it bad), the next batches can differ
         in shape from what the plan said: they then run one update per call."""
-        d = call_size(upcoming(self.device_iterations) if self.device_iterations > 1 else [],
-                      step, self.device_iterations, limit)
+        d = call_size(
+            upcoming(self.device_iterations) if self.device_iterations > 1 else [],
+            step,
+            self.device_iterations,
+            limit,
+        )
         group = [next(batches) for _ in range(d)]
         if len({tuple(b["input_values"].shape) for b in group}) == 1:
             return self._call(group, step, schedule)
         results = [self._call([b], step + i, schedule) for i, b in enumerate(group)]
         sums = {name: sum(getattr(r, name) for r in results) for name in _SUMMED}
-        return UpdateResult(**sums, temperature=results[-1].temperature, grad_norm=None,
-                            finite=all(r.finite for r in results), applied=True)
+        return UpdateResult(
+            **sums,
+            temperature=results[-1].temperature,
+            grad_norm=None,
+            finite=all(r.finite for r in results),
+            applied=True,
+        )
 
     def _call(self, group: list[dict], step: int, schedule) -> UpdateResult:
         d = len(group)
@@ -287,26 +367,39 @@ class IpuBackend:
         model = self._activate((d,) + tuple(inputs[0].shape))
         model.setOptimizer(self.optimizer)  # the same object: only the changed lr is sent
         # Outputs come back summed over iterations and accumulation (one per replica).
-        sums = dict(zip(STEP_OUTPUTS, (float(torch.as_tensor(x).sum())
-                                       for x in model(*inputs)[1:])))
+        sums = dict(
+            zip(STEP_OUTPUTS, (float(torch.as_tensor(x).sum()) for x in model(*inputs)[1:]))
+        )
         loss = sums["loss"]
         return UpdateResult(
-            updates=d, masked_frames=sum(normalisers), loss=loss,
-            contrastive_loss=sums["contrastive_loss"], diversity_loss=sums["diversity_loss"],
-            feature_penalty=sums["feature_penalty"], correct=sums["num_correct"],
+            updates=d,
+            masked_frames=sum(normalisers),
+            loss=loss,
+            contrastive_loss=sums["contrastive_loss"],
+            diversity_loss=sums["diversity_loss"],
+            feature_penalty=sums["feature_penalty"],
+            correct=sums["num_correct"],
             prob_perplexity=sums["codevector_perplexity"],
-            code_perplexity=sums["code_perplexity"], num_frames=sums["num_frames"],
+            code_perplexity=sums["code_perplexity"],
+            num_frames=sums["num_frames"],
             micro_batches=self.split * d,
             audio_samples=sum(int(b["audio_samples"]) for b in group),
-            temperature=temperatures[-1], grad_norm=None, finite=math.isfinite(loss),
-            applied=True)
+            temperature=temperatures[-1],
+            grad_norm=None,
+            finite=math.isfinite(loss),
+            applied=True,
+        )
 
     def eval_forward(self, batch: dict, temperature: float) -> dict:
         with torch.no_grad():
-            return self.objective(batch["input_values"].to(self.dtype), batch["attention_mask"],
-                                  batch["mask_time_indices"],
-                                  batch["sampled_negative_indices"].long(),
-                                  torch.tensor(temperature), batch.get("segment_ids"))
+            return self.objective(
+                batch["input_values"].to(self.dtype),
+                batch["attention_mask"],
+                batch["mask_time_indices"],
+                batch["sampled_negative_indices"].long(),
+                torch.tensor(temperature),
+                batch.get("segment_ids"),
+            )
 
     def all_sum(self, values: list) -> list:
         return [float(v) for v in values]
@@ -327,9 +420,11 @@ class IpuBackend:
             self.current.detachFromDevice()
             self.optimizer.load_state_dict(state)  # the host state the next one starts from
         if model is None:  # compiled (or loaded from the cache) on its first call
-            model = self.poptorch.trainingModel(_IpuStep(self.objective, self.poptorch),
-                                                options=self._options(key[0]),
-                                                optimizer=self.optimizer)
+            model = self.poptorch.trainingModel(
+                _IpuStep(self.objective, self.poptorch),
+                options=self._options(key[0]),
+                optimizer=self.optimizer,
+            )
             self.models[key] = model
         else:
             model.setOptimizer(self.optimizer)

@@ -13,8 +13,13 @@ import torch.distributed as dist
 
 from . import LoaderNeeds, UpdateResult
 
-_BATCH_KEYS = ("input_values", "attention_mask", "mask_time_indices",
-               "sampled_negative_indices", "segment_ids")
+_BATCH_KEYS = (
+    "input_values",
+    "attention_mask",
+    "mask_time_indices",
+    "sampled_negative_indices",
+    "segment_ids",
+)
 
 
 def init_processes() -> tuple[int, int]:
@@ -30,8 +35,13 @@ def init_processes() -> tuple[int, int]:
 
 
 class TorchBackend:
-    def __init__(self, device: str, precision: str = "auto", compile_backend: str | None = None,
-                 gradient_accumulation_steps: int = 1):
+    def __init__(
+        self,
+        device: str,
+        precision: str = "auto",
+        compile_backend: str | None = None,
+        gradient_accumulation_steps: int = 1,
+    ):
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("--backend cuda: no CUDA device is visible to torch")
         if precision == "auto":  # bf16 autocast where the hardware has it fast
@@ -40,17 +50,22 @@ class TorchBackend:
             raise ValueError(f"--precision {precision!r}: choose fp32 or bf16 on {device}")
         self.name = device
         self.rank, self.world_size = init_processes()
-        self.device = torch.device(device, torch.cuda.current_device()) if device == "cuda" \
+        self.device = (
+            torch.device(device, torch.cuda.current_device())
+            if device == "cuda"
             else torch.device("cpu")
+        )
         self.precision = precision
         # Eager on the CPU, where compiling costs more than it saves on small models.
         self.compile_backend = compile_backend or ("inductor" if device == "cuda" else None)
         self.accumulation = gradient_accumulation_steps
         self.loader_needs = LoaderNeeds(
-            split=1, bucket_runs=False,
+            split=1,
+            bucket_runs=False,
             # Forking a process that runs a process group's threads can deadlock at exit.
             multiprocessing_context="forkserver" if self.world_size > 1 else "fork",
-            pin_memory=device == "cuda")
+            pin_memory=device == "cuda",
+        )
         self.objective = self.step_module = self.optimizer = None
         self.max_grad_norm = None
 
@@ -62,8 +77,9 @@ class TorchBackend:
         if self.compile_backend:
             # dynamic=False: each plan shape is its own graph; fullgraph=True: a graph break
             # is an error, not a slow path.
-            module = torch.compile(module, backend=self.compile_backend, dynamic=False,
-                                   fullgraph=True)
+            module = torch.compile(
+                module, backend=self.compile_backend, dynamic=False, fullgraph=True
+            )
         self.step_module = module
         self.max_grad_norm = max_grad_norm
         self.optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps)
@@ -93,38 +109,65 @@ class TorchBackend:
         # DDP averages gradients over ranks; scaling by world / global masked frames makes
         # the update the gradient of (sum of losses) / (masked frames of the whole update).
         scale = self.world_size / max(masked, 1.0)
-        sums = dict.fromkeys(("loss", "contrastive_loss", "diversity_loss", "feature_penalty",
-                              "num_correct", "codevector_perplexity", "code_perplexity",
-                              "num_frames"), 0.0)
+        sums = dict.fromkeys(
+            (
+                "loss",
+                "contrastive_loss",
+                "diversity_loss",
+                "feature_penalty",
+                "num_correct",
+                "codevector_perplexity",
+                "code_perplexity",
+                "num_frames",
+            ),
+            0.0,
+        )
         for i, batch in enumerate(micro):
             last = i == len(micro) - 1
-            context = (self.step_module.no_sync() if not last and self.world_size > 1
-                       else contextlib.nullcontext())
+            context = (
+                self.step_module.no_sync()
+                if not last and self.world_size > 1
+                else contextlib.nullcontext()
+            )
             with context:
                 with self.autocast():
                     out = self.step_module(**self.to_device(batch), temperature=temp)
                 (out["loss"] * scale).backward()
             for key in sums:
                 sums[key] += float(out[key].detach())
-        norm = float(torch.nn.utils.clip_grad_norm_(self.objective.parameters(),
-                                                    self.max_grad_norm or float("inf")))
+        norm = float(
+            torch.nn.utils.clip_grad_norm_(
+                self.objective.parameters(), self.max_grad_norm or float("inf")
+            )
+        )
         finite = math.isfinite(norm) and math.isfinite(sums["loss"])
         if finite:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return UpdateResult(
-            updates=1, masked_frames=masked, loss=sums["loss"],
-            contrastive_loss=sums["contrastive_loss"], diversity_loss=sums["diversity_loss"],
-            feature_penalty=sums["feature_penalty"], correct=sums["num_correct"],
+            updates=1,
+            masked_frames=masked,
+            loss=sums["loss"],
+            contrastive_loss=sums["contrastive_loss"],
+            diversity_loss=sums["diversity_loss"],
+            feature_penalty=sums["feature_penalty"],
+            correct=sums["num_correct"],
             prob_perplexity=sums["codevector_perplexity"],
-            code_perplexity=sums["code_perplexity"], num_frames=sums["num_frames"],
-            micro_batches=len(micro), audio_samples=sum(int(b["audio_samples"]) for b in micro),
-            temperature=temperature, grad_norm=norm, finite=finite, applied=finite)
+            code_perplexity=sums["code_perplexity"],
+            num_frames=sums["num_frames"],
+            micro_batches=len(micro),
+            audio_samples=sum(int(b["audio_samples"]) for b in micro),
+            temperature=temperature,
+            grad_norm=norm,
+            finite=finite,
+            applied=finite,
+        )
 
     def eval_forward(self, batch: dict, temperature: float) -> dict:
         with torch.no_grad(), self.autocast():
-            return self.objective(**self.to_device(batch),
-                                  temperature=torch.tensor(temperature, device=self.device))
+            return self.objective(
+                **self.to_device(batch), temperature=torch.tensor(temperature, device=self.device)
+            )
 
     def weights_to_host(self) -> None:
         pass  # the weights are the host model's own

@@ -116,10 +116,13 @@ class Options:
         self.memory = dict(proportions)
 
     def describe(self) -> dict:
-        return {"strategy": self.strategy and self.strategy.describe(), "memory": self.memory,
-                "partials": self.Precision.partials,
-                "stochastic_rounding": self.Precision.stochastic_rounding,
-                "optimizer_location": self.TensorLocations.optimizer}
+        return {
+            "strategy": self.strategy and self.strategy.describe(),
+            "memory": self.memory,
+            "partials": self.Precision.partials,
+            "stochastic_rounding": self.Precision.stochastic_rounding,
+            "optimizer_location": self.TensorLocations.optimizer,
+        }
 
     def randomSeed(self, seed):
         # Poplar seeds the device's generator; here the draws come from the host process's
@@ -144,8 +147,9 @@ def identity_loss(x, reduction):
     return x
 
 
-def BeginBlock(layer_to_call: torch.nn.Module, user_id: str | None = None,
-               ipu_id: int | None = None):
+def BeginBlock(
+    layer_to_call: torch.nn.Module, user_id: str | None = None, ipu_id: int | None = None
+):
     if any(getattr(h, "block", None) for h in layer_to_call._forward_pre_hooks.values()):
         raise RuntimeError("module has already been assigned to a block.")
 
@@ -166,21 +170,39 @@ def recomputationCheckpoint(*tensors):
 class _AdamW(torch.optim.AdamW):
     """poptorch.optim.AdamW's arguments over an fp32 update (see the module docstring)."""
 
-    def __init__(self, params, lr, betas, eps, weight_decay=0.01, loss_scaling=None,
-                 max_grad_norm=None, accum_type=None, first_order_momentum_accum_type=None,
-                 second_order_momentum_accum_type=None, bias_correction=None):
+    def __init__(
+        self,
+        params,
+        lr,
+        betas,
+        eps,
+        weight_decay=0.01,
+        loss_scaling=None,
+        max_grad_norm=None,
+        accum_type=None,
+        first_order_momentum_accum_type=None,
+        second_order_momentum_accum_type=None,
+        bias_correction=None,
+    ):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         self.loss_scaling = 1.0 if loss_scaling is None else loss_scaling
         self.max_grad_norm = math.inf if max_grad_norm is None else max_grad_norm
-        self.types = [str(t) for t in (accum_type, first_order_momentum_accum_type,
-                                       second_order_momentum_accum_type)]
+        self.types = [
+            str(t)
+            for t in (accum_type, first_order_momentum_accum_type, second_order_momentum_accum_type)
+        ]
 
     @torch.no_grad()
     def step(self):
-        grads = {p: p.grad.float() / self.loss_scaling for group in self.param_groups
-                 for p in group["params"] if p.grad is not None}
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g)
-                                                     for g in grads.values()]))
+        grads = {
+            p: p.grad.float() / self.loss_scaling
+            for group in self.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        }
+        norm = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g) for g in grads.values()])
+        )
         clip = min(1.0, self.max_grad_norm / (float(norm) + 1e-6))
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
@@ -190,16 +212,18 @@ class _AdamW(torch.optim.AdamW):
                 grad = grads[p] * clip
                 state = self.state[p]
                 if not state:
-                    state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(grad),
-                                 exp_avg_sq=torch.zeros_like(grad))
+                    state.update(
+                        step=torch.tensor(0.0),
+                        exp_avg=torch.zeros_like(grad),
+                        exp_avg_sq=torch.zeros_like(grad),
+                    )
                 state["step"] += 1
                 step = float(state["step"])
                 weight = p.float().mul_(1 - group["lr"] * group["weight_decay"])
                 state["exp_avg"].lerp_(grad, 1 - beta1)
                 state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** step)).add_(
-                    group["eps"])
-                weight.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** step))
+                denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**step)).add_(group["eps"])
+                weight.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1**step))
                 p.copy_(weight)
 
     def load_state_dict(self, state_dict):
@@ -238,7 +262,8 @@ class _Executor:
         if isinstance(self.options.strategy, PipelinedExecution) and stages > 1:
             needed = 2 * stages - 1
             assert self.options.Training.accumulation >= needed, (
-                f"gradient accumulation {self.options.Training.accumulation} < {needed}")
+                f"gradient accumulation {self.options.Training.accumulation} < {needed}"
+            )
 
     def __call__(self, *inputs):
         assert self in _attached
@@ -258,7 +283,7 @@ class _Executor:
             for start in range(it * per_iteration, (it + 1) * per_iteration, micro):
                 FIRED.clear()
                 CHECKPOINTS.clear()
-                out = self.module(*(x[start:start + micro] for x in inputs))
+                out = self.module(*(x[start : start + micro] for x in inputs))
                 self._check_pipeline()
                 fired, checkpoints = list(FIRED), len(CHECKPOINTS)
                 (out[0] * scale).backward()
@@ -268,14 +293,25 @@ class _Executor:
         if LOG:
             weights = {str(p.dtype) for p in self.module.parameters()}
             with open(LOG, "a") as f:
-                f.write(json.dumps({"iterations": o.iterations, "shape": self.shape,
-                                    "compiled": new, "replicas": o.replicas,
-                                    "accumulation": o.Training.accumulation,
-                                    "blocks": BLOCKS, "fired": fired,
-                                    "checkpoints": checkpoints, "weights": sorted(weights),
-                                    "loss_scaling": scale,
-                                    "optimizer_types": getattr(self.optimizer, "types", None),
-                                    **o.describe()}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "iterations": o.iterations,
+                            "shape": self.shape,
+                            "compiled": new,
+                            "replicas": o.replicas,
+                            "accumulation": o.Training.accumulation,
+                            "blocks": BLOCKS,
+                            "fired": fired,
+                            "checkpoints": checkpoints,
+                            "weights": sorted(weights),
+                            "loss_scaling": scale,
+                            "optimizer_types": getattr(self.optimizer, "types", None),
+                            **o.describe(),
+                        }
+                    )
+                    + "\n"
+                )
         return tuple(s.float() for s in sums)
 
     def copyWeightsToHost(self):
