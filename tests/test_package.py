@@ -3,6 +3,8 @@ outside the checkout."""
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import os
 import subprocess
 import sys
@@ -113,3 +115,22 @@ def test_a_tiny_training_run_from_the_installed_wheel(installed, shard_dir, tmp_
     assert (tmp_path / "run" / "checkpoint-2" / "model.safetensors").exists()
     report = outside(installed, [installed / "bin" / "w2v-report", tmp_path / "run"], tmp_path)
     assert report.returncode == 0 and (tmp_path / "run" / "report.png").exists()
+
+
+@pytest.mark.parametrize("module", ["train", "make_shards", "plan_buckets", "report"])
+def test_every_flag_of_every_command_says_what_it_does(module, monkeypatch):
+    """The README leaves flags to --help, so each one has help text."""
+
+    class Parsed(Exception):
+        pass
+
+    def capture(parser, args=None, namespace=None):
+        raise Parsed(parser)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    command = importlib.import_module(f"w2v_stream.{module}")
+    with pytest.raises(Parsed) as parsed:
+        getattr(command, "parse_args", command.main)([])
+    actions = parsed.value.args[0]._actions
+    assert len(actions) > 2
+    assert [a.option_strings or a.dest for a in actions if not a.help] == []

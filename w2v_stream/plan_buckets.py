@@ -48,10 +48,25 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--preset", choices=sorted(PRESETS), help="the trainer's model preset")
     model.add_argument("--model_name_or_path", help="local folder with config.json")
-    p.add_argument("--num_buckets", type=int, default=8)
-    p.add_argument("--length_policy", choices=buckets.POLICIES, default="pad")
-    p.add_argument("--min_duration_in_seconds", type=float, default=2.0)
-    p.add_argument("--max_duration_in_seconds", type=float, default=20.0)
+    p.add_argument("--num_buckets", type=int, default=8, help="batch shapes (pad/crop policies)")
+    p.add_argument(
+        "--length_policy",
+        choices=buckets.POLICIES,
+        default="pad",
+        help="pad to a bucket, crop to a bucket, or pack into rows of the longest length",
+    )
+    p.add_argument(
+        "--min_duration_in_seconds",
+        type=float,
+        default=2.0,
+        help="shorter utterances are left out",
+    )
+    p.add_argument(
+        "--max_duration_in_seconds",
+        type=float,
+        default=20.0,
+        help="longer utterances are cropped to this",
+    )
     p.add_argument(
         "--per_device_train_batch_size",
         type=int,
