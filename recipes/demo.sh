@@ -42,8 +42,10 @@ import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 evals = [r for r in map(json.loads, open(out / "metrics.jsonl")) if "eval_loss" in r]
-print(f"eval loss: {evals[0]['eval_loss']:.3f} at step {evals[0]['step']} -> "
-      f"{evals[-1]['eval_loss']:.3f} at step {evals[-1]['step']}")
+first, last = evals[0], evals[-1]
+print(f"eval loss: {first['eval_loss']:.3f} at step {first['step']} -> "
+      f"{last['eval_loss']:.3f} at step {last['step']}; contrastive accuracy "
+      f"{first['eval_accuracy']:.1%} -> {last['eval_accuracy']:.1%} (chance: about 1%)")
 ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
 print(f"model saved in {ckpts[-1]} (Wav2Vec2ForPreTraining.from_pretrained loads it)")
 print(f"training report: {out / 'report.png'}")

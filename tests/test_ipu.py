@@ -22,25 +22,12 @@ from w2v_stream.model import PretrainingObjective, build_model, resolve_config
 from conftest import CPU_HALF_CONV, REPO, read_records
 
 SIM = REPO / "tests" / "sim_poptorch"
-FAST = [
-    "--preset",
-    "demo",
-    "--per_device_train_batch_size",
-    "2",
-    "--max_duration_in_seconds",
-    "4",
-    "--min_duration_in_seconds",
-    "1",
-    "--num_buckets",
-    "2",
-    "--num_workers",
-    "1",
-    "--learning_rate",
-    "1e-3",
-    "--num_warmup_steps",
-    "2",
-    "--no_tensorboard",
-]
+FAST = (
+    "--preset demo --per_device_train_batch_size 2 "
+    "--max_duration_in_seconds 4 --min_duration_in_seconds 1 "
+    "--num_buckets 2 --num_workers 1 --learning_rate 1e-3 "
+    "--num_warmup_steps 2 --no_tensorboard"
+).split()
 
 # Graphcore's BASE pipeline: [6, 5, 5, 7] over optimum's 23 wav2vec2 blocks.
 GRAPHCORE_BASE = (

@@ -26,13 +26,7 @@ def installed(tmp_path_factory) -> Path:
     subprocess.run(
         [
             sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
+            *"-m pip wheel --no-deps --no-build-isolation -q -w".split(),
             str(out),
             str(REPO),
         ],
@@ -44,17 +38,7 @@ def installed(tmp_path_factory) -> Path:
     assert "w2v_stream/backends/ipu.py" in names and "w2v_stream/backends/ipu_config.py" in names
     target = out / "site"
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--no-deps",
-            "-q",
-            "--target",
-            str(target),
-            str(wheel),
-        ],
+        [sys.executable, *"-m pip install --no-deps -q --target".split(), str(target), str(wheel)],
         check=True,
         capture_output=True,
     )

@@ -1,5 +1,5 @@
-"""The recipes as a user runs them: continued pre-training on a folder of your own audio from a
-saved model, and the shared script's data-parallel launch."""
+"""The recipes as a user runs them: the demo, continued pre-training on a folder of your own audio
+from a saved model, and the shared script's data-parallel launch."""
 
 from __future__ import annotations
 
@@ -17,27 +17,12 @@ from w2v_stream.model import build_model, resolve_config
 
 from conftest import REPO, read_records
 
-TINY = [
-    "--max_train_steps",
-    "2",
-    "--num_warmup_steps",
-    "0",
-    "--gradient_accumulation_steps",
-    "1",
-    "--per_device_train_batch_size",
-    "2",
-    "--max_duration_in_seconds",
-    "4",
-    "--num_buckets",
-    "2",
-    "--num_workers",
-    "0",
-    "--no_tensorboard",
-    "--saving_steps",
-    "2",
-    "--logging_steps",
-    "1",
-]
+TINY = (
+    "--max_train_steps 2 --num_warmup_steps 0 "
+    "--gradient_accumulation_steps 1 --per_device_train_batch_size 2 "
+    "--max_duration_in_seconds 4 --num_buckets 2 --num_workers 0 "
+    "--no_tensorboard --saving_steps 2 --logging_steps 1"
+).split()
 
 
 def speech_like(seconds: float, seed: int) -> np.ndarray:
@@ -114,3 +99,20 @@ def test_pretrain_launches_torchrun_when_nproc_is_above_one(my_audio, tmp_path):
     assert "rank 0 finished at update 2" in text and "rank 1 finished at update 2" in text
     state = json.loads((work / "model" / "checkpoint-2" / "trainer_state.json").read_text())
     assert set(state["loader"]) == {"0", "1"}
+
+
+@pytest.mark.slow
+def test_demo_recipe_ends_with_eval_numbers_and_the_report_picture(tmp_path):
+    work = tmp_path / "demo"
+    env = {"WORK": str(work), "NUM_SPEAKERS": "2", "UTTERANCES_PER_CHAPTER": "3", "STEPS": "4"}
+    flags = "--num_warmup_steps 1 --logging_steps 2 --saving_steps 2 --num_workers 0".split()
+    proc = recipe("demo.sh", env, *flags)
+    last = proc.stdout.strip().splitlines()[-3:]
+    assert last[0].startswith("eval loss: ") and "at step 0 -> " in last[0], last
+    assert "at step 4; contrastive accuracy" in last[0], last
+    assert last[1].startswith(f"model saved in {work / 'model' / 'checkpoint-4'}"), last
+    assert last[2] == f"training report: {work / 'model' / 'report.png'}"
+    assert (work / "model" / "report.png").stat().st_size > 10_000
+    records = read_records(work / "model" / "metrics.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == [2, 4]
+    assert [r["step"] for r in records if "eval_loss" in r] == [0, 2, 4]

@@ -24,25 +24,12 @@ from w2v_stream.model import PretrainingObjective, build_model, resolve_config
 
 from conftest import CPU_HALF_CONV, REPO, read_records
 
-FAST = [
-    "--preset",
-    "demo",
-    "--per_device_train_batch_size",
-    "2",
-    "--max_duration_in_seconds",
-    "4",
-    "--min_duration_in_seconds",
-    "1",
-    "--num_buckets",
-    "2",
-    "--num_workers",
-    "1",
-    "--learning_rate",
-    "1e-3",
-    "--num_warmup_steps",
-    "2",
-    "--no_tensorboard",
-]
+FAST = (
+    "--preset demo --per_device_train_batch_size 2 "
+    "--max_duration_in_seconds 4 --min_duration_in_seconds 1 "
+    "--num_buckets 2 --num_workers 1 --learning_rate 1e-3 "
+    "--num_warmup_steps 2 --no_tensorboard"
+).split()
 
 
 def train_cmd(shards, out, *extra) -> list[str]:
@@ -332,21 +319,13 @@ def test_two_ranks_take_the_same_steps_and_end_identical(shard_dir, tmp_path):
     logs = tmp_path / "logs"  # one stdout file per rank: printed together, lines interleave
     cmd = [
         sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
+        *(
+            "-m torch.distributed.run --nproc_per_node 2 --master_addr 127.0.0.1 --master_port"
+        ).split(),
         port,
         "--log_dir",
         logs,
-        "--redirects",
-        "1",
-        "-m",
-        "w2v_stream.train",
-        "--train_shards",
+        *"--redirects 1 -m w2v_stream.train --train_shards".split(),
         str(shard_dir),
         "--output_dir",
         str(out),
@@ -380,20 +359,11 @@ def test_accelerate_launch_runs_the_same_data_parallel_job(shard_dir, tmp_path):
         port = free.getsockname()[1]
     cmd = [
         sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_ip",
-        "127.0.0.1",
-        "--main_process_port",
+        *(
+            "-m accelerate.commands.launch --multi_gpu --num_processes 2 "
+            "--num_machines 1 --mixed_precision no --dynamo_backend no "
+            "--main_process_ip 127.0.0.1 --main_process_port"
+        ).split(),
         port,
         "-m",
         "w2v_stream.train",
@@ -530,16 +500,7 @@ def test_a_preset_sets_the_training_values_it_implies_and_flags_override_them():
 def test_each_bad_value_exits_2_with_a_one_line_reason(flag, value, capsys):
     from w2v_stream.train import parse_args
 
-    argv = [
-        "--train_shards",
-        "s",
-        "--output_dir",
-        "o",
-        "--preset",
-        "demo",
-        "--max_train_steps",
-        "3",
-    ]
+    argv = "--train_shards s --output_dir o --preset demo --max_train_steps 3".split()
     with pytest.raises(SystemExit) as exit_:
         parse_args(argv + [flag, value])
     last = capsys.readouterr().err.strip().splitlines()[-1]
@@ -568,24 +529,12 @@ def test_ipu_host_batches_are_whole_updates_of_one_shape_in_runs(shard_dir, tmp_
             str(shard_dir),
             "--output_dir",
             str(tmp_path),
-            "--preset",
-            "demo",
-            "--max_train_steps",
-            "1",
-            "--backend",
-            "ipu",
-            "--ipu_replicas",
-            "2",
-            "--gradient_accumulation_steps",
-            "3",
-            "--per_device_train_batch_size",
-            "2",
-            "--max_duration_in_seconds",
-            "4",
-            "--min_duration_in_seconds",
-            "1",
-            "--num_buckets",
-            "2",
+            *(
+                "--preset demo --max_train_steps 1 --backend ipu --ipu_replicas 2 "
+                "--gradient_accumulation_steps 3 --per_device_train_batch_size 2 "
+                "--max_duration_in_seconds 4 --min_duration_in_seconds 1 "
+                "--num_buckets 2"
+            ).split(),
         ]
     )
     config = resolve_config("demo", None, {})
@@ -601,12 +550,7 @@ def test_ipu_host_batches_are_whole_updates_of_one_shape_in_runs(shard_dir, tmp_
                 str(shard_dir),
                 "--output_dir",
                 str(tmp_path),
-                "--preset",
-                "demo",
-                "--max_train_steps",
-                "1",
-                "--ipu_replicas",
-                "2",
+                *"--preset demo --max_train_steps 1 --ipu_replicas 2".split(),
             ]
         )
 

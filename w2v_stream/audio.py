@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import soxr
-from miniaudio import (
-    ffi as _ffi,  # dr_flac: the loader's FLAC decoder
-    lib as _drflac,
-)
+
+# dr_flac, inside miniaudio's wheel: the loader's FLAC decoder
+from miniaudio import ffi as _ffi, lib as _drflac
 
 from . import flac
 
