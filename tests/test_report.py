@@ -220,9 +220,11 @@ def test_an_unwritable_output_exits_1_naming_it(tmp_path):
     proc = report_cmd(folder, "--output", tmp_path / "missing" / "report.png")
     assert proc.returncode == 1
     assert proc.stderr.splitlines() == [
-        f"w2v-report: error: {tmp_path / 'missing' / 'report.png'}"
-        ": cannot write the report (No such file or directory);"
-        " pass --output a path in a writable folder"
+        (
+            f"w2v-report: error: {tmp_path / 'missing' / 'report.png'}"
+            ": cannot write the report (No such file or directory);"
+            " pass --output a path in a writable folder"
+        )
     ]
 
 

@@ -539,8 +539,10 @@ def format_summary(summary: ConversionSummary) -> str:
         ("output", str(summary.output_dir)),
         (
             "shards",
-            f"{summary.shards_written + summary.shards_kept} "
-            f"({summary.shards_written} written, {summary.shards_kept} kept)",
+            (
+                f"{summary.shards_written + summary.shards_kept} "
+                f"({summary.shards_written} written, {summary.shards_kept} kept)"
+            ),
         ),
         ("utterances", f"{summary.utterances}"),
         ("audio", f"{summary.seconds / 3600:.3f} h"),

@@ -135,11 +135,15 @@ def plan_from_args(args, shard_lengths: list[list[int]], sample_rate: int) -> bu
 def format_plan(plan: buckets.ShapePlan, stats: dict) -> str:
     rate = plan.sample_rate
     lines = [
-        f"policy {plan.policy}: {plan.num_buckets} shape(s), "
-        f"{plan.min_samples / rate:.1f}-{plan.max_samples / rate:.1f} s, "
-        f"{stats['dropped']} utterances dropped as too short",
-        f"{'bucket':>6} {'padded s':>9} {'frames':>7} {'batch':>6} {'share':>7} "
-        f"{'batches':>8} {'efficiency':>10}",
+        (
+            f"policy {plan.policy}: {plan.num_buckets} shape(s), "
+            f"{plan.min_samples / rate:.1f}-{plan.max_samples / rate:.1f} s, "
+            f"{stats['dropped']} utterances dropped as too short"
+        ),
+        (
+            f"{'bucket':>6} {'padded s':>9} {'frames':>7} {'batch':>6} {'share':>7} "
+            f"{'batches':>8} {'efficiency':>10}"
+        ),
     ]
     for k in range(plan.num_buckets):
         lines.append(

@@ -666,9 +666,29 @@ def agree(backend, error: str | None) -> None:
         raise RuntimeError(errors[0])
 
 
-def save_checkpoint(args, backend, model, optimizer, loader, at: int, state: dict) -> None:
-    """``OUTPUT_DIR/checkpoint-AT`` with every rank's loader position, written by the main
-    rank; a save that fails (a non-finite weight, a full disk) stops every rank with why."""
+def open_metrics(args, main: bool, update: int, resumed_from: str | None) -> MetricsLogger:
+    """metrics.jsonl and TensorBoard (records after a resumed checkpoint dropped), opened with
+    a ``run`` record: where this process's run began, and from what."""
+    logger = MetricsLogger(
+        args.output_dir,
+        main,
+        tensorboard=not args.no_tensorboard,
+        resume_step=update if resumed_from else None,
+    )
+    run = {
+        "init_from": args.init_from,
+        "resumed_from": resumed_from,
+        "preset": args.preset,
+        "model_name_or_path": args.model_name_or_path,
+    }
+    logger.log({"step": update, "run": run})
+    return logger
+
+
+def save_checkpoint(args, backend, model, optimizer, loader, at: int, state: dict, config) -> None:
+    """``OUTPUT_DIR/checkpoint-AT`` with every rank's loader position and the model's
+    configuration beside ``state``, written by the main rank; a save that fails (a non-finite
+    weight, a full disk) stops every rank with why."""
     backend.weights_to_host()  # the optimizer state comes back through state_dict()
     states = backend.all_gather(loader.state_dict())
     error = None
@@ -679,7 +699,11 @@ def save_checkpoint(args, backend, model, optimizer, loader, at: int, state: dic
                 at,
                 model,
                 optimizer,
-                {"loader": {str(r): s for r, s in enumerate(states)}, **state},
+                {
+                    "loader": {str(r): s for r, s in enumerate(states)},
+                    "model_config": config.to_dict(),
+                    **state,
+                },
                 args.save_total_limit,
             )
             print(f"saved {path}", flush=True)
@@ -845,11 +869,8 @@ def log_update(logger, record: dict, main: bool, num_groups: int) -> None:
 def train(args: argparse.Namespace) -> None:
     # 1. Backend and processes, configuration.
     stop = StopRequest()
-    overrides = {
-        "mask_time_prob": args.mask_time_prob,
-        "mask_time_length": args.mask_time_length,
-        "num_negatives": args.num_negatives,
-    }
+    masking = ("mask_time_prob", "mask_time_length", "num_negatives")
+    overrides = {name: getattr(args, name) for name in masking}
     config = resolve_config(args.preset, args.model_name_or_path, overrides, args.init_from)
     backend = backend_for(args, config)
     rank, world, main = backend.rank, backend.world_size, backend.rank == 0
@@ -906,23 +927,7 @@ def train(args: argparse.Namespace) -> None:
         multiprocessing_context=needs.multiprocessing_context,
         pin_memory=needs.pin_memory,
     )
-    logger = MetricsLogger(
-        args.output_dir,
-        main,
-        tensorboard=not args.no_tensorboard,
-        resume_step=update if resumed_from else None,
-    )
-    logger.log(
-        {
-            "step": update,
-            "run": {  # where this process's run began, and from what
-                "init_from": args.init_from,
-                "resumed_from": resumed_from,
-                "preset": args.preset,
-                "model_name_or_path": args.model_name_or_path,
-            },
-        }
-    )
+    logger = open_metrics(args, main, update, resumed_from)
     schedule = schedule_for(args)
 
     def run_eval(at: int, temperature: float) -> None:
@@ -934,6 +939,10 @@ def train(args: argparse.Namespace) -> None:
                 f"{record['eval_utterances']} utterances",
                 flush=True,
             )
+
+    def save(at: int) -> None:
+        state = {"skipped_updates": skips.total, "config": resolved}
+        save_checkpoint(args, backend, model, optimizer, loader, at, state, config)
 
     # 4. The loop: one backend update (one optimizer update, or several on the IPU) per turn.
     batches = iter(loader)
@@ -964,19 +973,7 @@ def train(args: argparse.Namespace) -> None:
         if eval_config and (update % eval_every == 0 or last):
             run_eval(update, result.temperature)
         if update % args.saving_steps == 0 or last or stopping:
-            save_checkpoint(
-                args,
-                backend,
-                model,
-                optimizer,
-                loader,
-                update,
-                {
-                    "skipped_updates": skips.total,
-                    "config": resolved,
-                    "model_config": config.to_dict(),
-                },
-            )
+            save(update)
         if stopping:
             if main:
                 print(

@@ -72,8 +72,9 @@ IGNORED = {
     "parallelize_kwargs": "the placement comes from layers_per_ipu alone",
     "output_mode": "the trainer always sums outputs over a host call",
     "seed": "--seed seeds the device",
-    "enable_half_first_order_momentum": "deprecated in optimum; the optimizer's types follow "
-    "--precision",
+    "enable_half_first_order_momentum": (
+        "deprecated in optimum; the optimizer's types follow --precision"
+    ),
     "optimum_version": "provenance",
     "transformers_version": "provenance",
 }
