@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from . import buckets, checkpoint, rundir, sources
-from .backends import UpdateResult, create_backend
+from .backends import SUMMED_OUTPUTS, UpdateResult, create_backend
 from .backends.ipu_config import IpuConfigError, resolve as resolve_ipu_config
 from .loader import StreamingLoader
 from .metrics import MetricsLogger, collapse_warning, format_line
@@ -523,17 +523,7 @@ def update_record(
     """The per-update record: losses per masked frame of the update, all ranks summed.
     ``clock`` is (seconds since this process began training, the update it began at, the
     last update)."""
-    names = (
-        "loss",
-        "contrastive_loss",
-        "diversity_loss",
-        "feature_penalty",
-        "correct",
-        "prob_perplexity",
-        "code_perplexity",
-        "num_frames",
-        "micro_batches",
-    )
+    names = (*SUMMED_OUTPUTS.values(), "micro_batches")
     total = dict(zip(names, backend.all_sum([float(getattr(result, n)) for n in names])))
     (audio,) = backend.all_sum([float(loader.counters.audio_samples)])
     elapsed, first, last = clock

@@ -40,6 +40,26 @@ class UpdateResult:
     applied: bool  # of the update: the CPU/CUDA path skips it, the IPU has already applied it
 
 
+# The objective's outputs that add up over an update's micro-batches (and ranks, replicas and
+# device iterations), and the UpdateResult field each becomes.
+SUMMED_OUTPUTS = {
+    "loss": "loss",
+    "contrastive_loss": "contrastive_loss",
+    "diversity_loss": "diversity_loss",
+    "feature_penalty": "feature_penalty",
+    "num_correct": "correct",
+    "codevector_perplexity": "prob_perplexity",
+    "code_perplexity": "code_perplexity",
+    "num_frames": "num_frames",
+}
+
+
+def summed_result(sums: dict[str, float], **rest) -> UpdateResult:
+    """The UpdateResult of the objective's outputs ``sums`` (keyed as ``SUMMED_OUTPUTS``) and
+    the fields only the backend knows (``rest``)."""
+    return UpdateResult(**{SUMMED_OUTPUTS[name]: sums[name] for name in SUMMED_OUTPUTS}, **rest)
+
+
 @dataclass(frozen=True)
 class LoaderNeeds:
     """How a backend wants its batches from the loader."""

@@ -54,7 +54,7 @@ import os
 
 import torch
 
-from . import LoaderNeeds, UpdateResult
+from . import SUMMED_OUTPUTS, LoaderNeeds, UpdateResult, summed_result
 from .ipu_config import IpuConfig, describe, placement
 
 # fp16's loss scale. Each micro-batch's loss is divided by the masked frames of its whole
@@ -109,16 +109,7 @@ class _IpuStep(torch.nn.Module):
 
 
 # The objective's outputs a host call returns (summed), after the loss it trains on.
-STEP_OUTPUTS = (
-    "loss",
-    "contrastive_loss",
-    "diversity_loss",
-    "feature_penalty",
-    "num_correct",
-    "codevector_perplexity",
-    "code_perplexity",
-    "num_frames",
-)
+STEP_OUTPUTS = tuple(SUMMED_OUTPUTS)
 
 
 def micro_batch_negatives(negatives: torch.Tensor, split: int) -> torch.Tensor:
@@ -186,20 +177,7 @@ def call_size(upcoming: list[int], update: int, device_iterations: int, next_eve
 
 
 # UpdateResult fields that add up over host calls.
-_SUMMED = (
-    "updates",
-    "masked_frames",
-    "loss",
-    "contrastive_loss",
-    "diversity_loss",
-    "feature_penalty",
-    "correct",
-    "prob_perplexity",
-    "code_perplexity",
-    "num_frames",
-    "micro_batches",
-    "audio_samples",
-)
+_SUMMED = ("updates", "masked_frames", *SUMMED_OUTPUTS.values(), "micro_batches", "audio_samples")
 
 
 def pipeline_modules(objective: torch.nn.Module) -> list[torch.nn.Module]:
@@ -370,23 +348,15 @@ class IpuBackend:
         sums = dict(
             zip(STEP_OUTPUTS, (float(torch.as_tensor(x).sum()) for x in model(*inputs)[1:]))
         )
-        loss = sums["loss"]
-        return UpdateResult(
+        return summed_result(
+            sums,
             updates=d,
             masked_frames=sum(normalisers),
-            loss=loss,
-            contrastive_loss=sums["contrastive_loss"],
-            diversity_loss=sums["diversity_loss"],
-            feature_penalty=sums["feature_penalty"],
-            correct=sums["num_correct"],
-            prob_perplexity=sums["codevector_perplexity"],
-            code_perplexity=sums["code_perplexity"],
-            num_frames=sums["num_frames"],
             micro_batches=self.split * d,
             audio_samples=sum(int(b["audio_samples"]) for b in group),
             temperature=temperatures[-1],
             grad_norm=None,
-            finite=math.isfinite(loss),
+            finite=math.isfinite(sums["loss"]),
             applied=True,
         )
 

@@ -11,7 +11,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from . import LoaderNeeds, UpdateResult
+from . import SUMMED_OUTPUTS, LoaderNeeds, UpdateResult, summed_result
 
 _BATCH_KEYS = (
     "input_values",
@@ -109,19 +109,7 @@ class TorchBackend:
         # DDP averages gradients over ranks; scaling by world / global masked frames makes
         # the update the gradient of (sum of losses) / (masked frames of the whole update).
         scale = self.world_size / max(masked, 1.0)
-        sums = dict.fromkeys(
-            (
-                "loss",
-                "contrastive_loss",
-                "diversity_loss",
-                "feature_penalty",
-                "num_correct",
-                "codevector_perplexity",
-                "code_perplexity",
-                "num_frames",
-            ),
-            0.0,
-        )
+        sums = dict.fromkeys(SUMMED_OUTPUTS, 0.0)
         for i, batch in enumerate(micro):
             last = i == len(micro) - 1
             context = (
@@ -144,17 +132,10 @@ class TorchBackend:
         if finite:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return UpdateResult(
+        return summed_result(
+            sums,
             updates=1,
             masked_frames=masked,
-            loss=sums["loss"],
-            contrastive_loss=sums["contrastive_loss"],
-            diversity_loss=sums["diversity_loss"],
-            feature_penalty=sums["feature_penalty"],
-            correct=sums["num_correct"],
-            prob_perplexity=sums["codevector_perplexity"],
-            code_perplexity=sums["code_perplexity"],
-            num_frames=sums["num_frames"],
             micro_batches=len(micro),
             audio_samples=sum(int(b["audio_samples"]) for b in micro),
             temperature=temperature,
