@@ -109,7 +109,7 @@ def test_demo_recipe_ends_with_eval_numbers_and_the_report_picture(tmp_path):
     proc = recipe("demo.sh", env, *flags)
     last = proc.stdout.strip().splitlines()[-3:]
     assert last[0].startswith("eval loss: ") and "at step 0 -> " in last[0], last
-    assert "at step 4; contrastive accuracy" in last[0], last
+    assert "at step 4; its contrastive term " in last[0] and "; accuracy " in last[0], last
     assert last[1].startswith(f"model saved in {work / 'model' / 'checkpoint-4'}"), last
     assert last[2] == f"training report: {work / 'model' / 'report.png'}"
     assert (work / "model" / "report.png").stat().st_size > 10_000

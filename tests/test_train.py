@@ -106,6 +106,10 @@ def test_train_eval_checkpoint_and_load_with_transformers(shard_dir, tmp_path):
     )  # every utterance of the held-out set, each eval
     assert all(0 <= r["accuracy"] <= 1 and r["feature_penalty"] > 0 for r in train)
     assert all(0 <= r["eval_accuracy"] <= 1 for r in evals)
+    for r in evals:  # the terms add up to the loss, as in training (diversity weight 0.1)
+        terms = r["eval_contrastive_loss"] + 0.1 * r["eval_diversity_loss"]
+        assert r["eval_loss"] == pytest.approx(terms + 10.0 * r["eval_feature_penalty"])
+        assert r["eval_feature_penalty"] > 0
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-6"]  # rotated
     from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2ForPreTraining, Wav2Vec2Model
 

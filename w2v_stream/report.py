@@ -222,7 +222,7 @@ def _eval_panel(ax, run: RunMetrics) -> None:
     _draw_all(
         ax,
         run.eval,
-        ("eval_loss",),
+        ("eval_loss", "eval_contrastive_loss"),
         "per masked frame",
         absent="no eval records\n(train with --eval_shards)",
     )

@@ -469,26 +469,29 @@ def make_stream_config(
 def evaluate(
     objective, backend, stream_config, eval_batches: int | None, temperature: float
 ) -> dict:
-    """Loss per masked frame over one pass of the held-out set (or its first ``eval_batches``
-    batches), eval mode. Unreadable utterances are counted and named; an eval that read
-    nothing stops the run."""
+    """Loss and its terms per masked frame, and the contrastive accuracy, over one pass of the
+    held-out set (or its first ``eval_batches`` batches), eval mode. Unreadable utterances are
+    counted and named; an eval that read nothing stops the run."""
     backend.weights_to_host()
     objective.eval()
-    loss = masked = correct = 0.0
+    terms = ("loss", "contrastive_loss", "diversity_loss", "feature_penalty", "num_correct")
+    sums = dict.fromkeys(terms, 0.0)
+    masked = 0.0
     # Every bad utterance is counted here, none stops the eval: the whole set is read.
     loader = StreamingLoader(stream_config, num_workers=0, max_bad_fraction=1.0, max_epochs=1)
     for i, batch in enumerate(loader):
         if i == eval_batches:
             break
         out = backend.eval_forward(batch, temperature)
-        loss += float(out["loss"])
+        for name in terms:
+            sums[name] += float(out[name])
         masked += float(out["num_masked"])
-        correct += float(out["num_correct"])
     objective.train()
     counters = loader.counters
-    loss, masked, correct, read, bad = backend.all_sum(
-        [loss, masked, correct, float(counters.utterances), float(sum(counters.skipped.values()))]
+    *totals, masked, read, bad = backend.all_sum(
+        [*sums.values(), masked, float(counters.utterances), float(sum(counters.skipped.values()))]
     )
+    per_frame = dict(zip(terms, (total / max(masked, 1.0) for total in totals)))
     examples = [e for found in backend.all_gather(counters.bad_examples) for e in found]
     if not read:
         raise RuntimeError(
@@ -503,8 +506,11 @@ def evaluate(
             flush=True,
         )
     return {
-        "eval_loss": loss / max(masked, 1.0),
-        "eval_accuracy": correct / max(masked, 1.0),
+        "eval_loss": per_frame["loss"],
+        "eval_contrastive_loss": per_frame["contrastive_loss"],
+        "eval_diversity_loss": per_frame["diversity_loss"],
+        "eval_feature_penalty": per_frame["feature_penalty"],
+        "eval_accuracy": per_frame["num_correct"],
         "eval_utterances": int(read),
         "eval_bad_utterances": int(bad),
     }
@@ -925,7 +931,8 @@ def train(args: argparse.Namespace) -> None:
         logger.log({"step": at, **record})
         if main:
             print(
-                f"step {at:>7d} | eval_loss {record['eval_loss']:.4f} | "
+                f"step {at:>7d} | eval_loss {record['eval_loss']:.4f} | contrastive "
+                f"{record['eval_contrastive_loss']:.4f} | acc {record['eval_accuracy']:.3f} | "
                 f"{record['eval_utterances']} utterances",
                 flush=True,
             )
